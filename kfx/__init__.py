@@ -1,0 +1,30 @@
+"""kfx: exact and fast occlusion heat maps for PyTorch CNNs (KRYPTON as a torch.fx compiler pass).
+
+>>> import kfx  # doctest: +SKIP
+>>> engine = kfx.compile(model.eval(), (3, 224, 224), kfx.Patch(16, stride=4))  # doctest: +SKIP
+>>> heatmap = engine(image)  # heatmap.values[i, j]: P(target) with the patch at (4i, 4j)  # doctest: +SKIP
+"""
+
+from kfx.cost import CostReport, LayerCost
+from kfx.engine import DenseNode, Engine, Heatmap, compile
+from kfx.errors import InputError, KfxError, ModelError, PatchError, TraceError
+from kfx.patch import Patch, grid_positions, occlude
+
+__all__ = [
+    "compile",
+    "Engine",
+    "Heatmap",
+    "Patch",
+    "occlude",
+    "grid_positions",
+    "CostReport",
+    "LayerCost",
+    "DenseNode",
+    "KfxError",
+    "InputError",
+    "ModelError",
+    "PatchError",
+    "TraceError",
+]
+
+__version__ = "0.1.0"

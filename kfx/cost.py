@@ -1,0 +1,102 @@
+"""The static cost model (DESIGN 2.4): FMAs per layer, full vs incremental, with no inference.
+
+Q_l = (C_in/groups * k_h * k_w) * (C_out * H_out * W_out) for every conv ([TR] Eq. 9); the
+incremental cost Q_inc,l uses the changed box instead of the full output ([TR] Eq. 11). Layers that
+run densely (the global tail: Linear, and any conv after the projection to full) count fully in both,
+as the paper counts its FC layers. Pools and point-wise ops count zero, as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from kfx.passes.ops import local_spec
+from kfx.passes.patch_prop import META_KEY, State, spatial_size
+
+__all__ = ["LayerCost", "CostReport", "static_cost"]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """FMAs of one layer for one patch position: full inference vs incremental."""
+
+    node: str
+    op: str
+    full: int
+    incremental: int
+    box: tuple[int, int] | None  # changed box (h, w) of the output; None if the layer runs densely
+    out: tuple[int, int] | None  # full output (H, W)
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """Per-layer FMAs and the theoretical speedup of incremental inference."""
+
+    layers: tuple[LayerCost, ...]
+
+    @property
+    def full_fmas(self) -> int:
+        return sum(layer.full for layer in self.layers)
+
+    @property
+    def incremental_fmas(self) -> int:
+        return sum(layer.incremental for layer in self.layers)
+
+    @property
+    def theoretical_speedup(self) -> float:
+        """(sum Q + dense tail) / (sum Q_inc + dense tail), DESIGN 2.4."""
+        return self.full_fmas / max(self.incremental_fmas, 1)
+
+    def __str__(self) -> str:
+        rows = [f"{'node':<28} {'op':<18} {'box':>9} {'out':>9} {'full MFMA':>11} {'inc MFMA':>10}"]
+        for layer in self.layers:
+            box = "dense" if layer.box is None else f"{layer.box[0]}x{layer.box[1]}"
+            out = "" if layer.out is None else f"{layer.out[0]}x{layer.out[1]}"
+            rows.append(
+                f"{layer.node:<28} {layer.op:<18} {box:>9} {out:>9} {layer.full / 1e6:>11.2f} {layer.incremental / 1e6:>10.2f}"
+            )
+        rows.append(
+            f"total {self.full_fmas / 1e9:.3f} GFMA full, {self.incremental_fmas / 1e9:.3f} GFMA incremental: "
+            f"theoretical speedup {self.theoretical_speedup:.2f}x"
+        )
+        return "\n".join(rows)
+
+
+def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def static_cost(gm: fx.GraphModule) -> CostReport:
+    """Cost of every conv and linear layer of an annotated graph (kfx.passes.patch_prop)."""
+    modules = dict(gm.named_modules())
+    layers = []
+    for node in gm.graph.nodes:
+        meta = node.meta.get(META_KEY)
+        if meta is None or meta.state is State.CONST or node.op not in ("call_module", "call_function"):
+            continue
+        out_hw = spatial_size(node)
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
+            linear = modules[node.target]
+            rows = math.prod(node.meta["tensor_meta"].shape[:-1])
+            fmas = rows * linear.in_features * linear.out_features
+            layers.append(LayerCost(node.name, "Linear", fmas, fmas, None, None))
+            continue
+        source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        in_hw = spatial_size(source) if source is not None else None
+        spec = local_spec(node, modules, in_hw) if (in_hw and out_hw) else None
+        if spec is None or spec.kind != "conv":
+            continue
+        full = spec.fmas_per_output * out_hw[0] * out_hw[1]
+        if meta.state is State.PATCH:
+            box = (meta.box[0].width, meta.box[1].width)
+            incremental = spec.fmas_per_output * box[0] * box[1]
+        else:
+            box, incremental = None, full
+        layers.append(LayerCost(node.name, _op_name(node, modules), full, incremental, box, out_hw))
+    return CostReport(tuple(layers))
+

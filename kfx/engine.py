@@ -1,0 +1,228 @@
+"""``kfx.compile``: turn a CNN into an engine that computes occlusion heat maps incrementally."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from kfx.cost import CostReport, static_cost
+from kfx.errors import InputError, ModelError, PatchError
+from kfx.passes import META_KEY, State, build_program, propagate_patches, propagate_shapes, trace
+from kfx.patch import Patch, check_positions, grid_positions
+
+__all__ = ["compile", "Engine", "Heatmap", "DenseNode"]
+
+DEFAULT_BATCH_SIZE = 64  # positions per batch when none is given
+
+
+@dataclass
+class Heatmap:
+    """An occlusion heat map.
+
+    ``values[i, j]`` is the softmax probability of class ``target`` when the patch's top-left corner
+    sits at ``(i * stride_h, j * stride_w)``; ``base`` is that class's probability on the
+    unoccluded image. Low values mark regions the prediction relies on.
+    """
+
+    values: torch.Tensor
+    target: int
+    base: float
+    patch: Patch
+    image_size: tuple[int, int] = field(default=(0, 0))
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return self.patch.stride
+
+
+@dataclass(frozen=True)
+class DenseNode:
+    """A node where incremental execution stops and the rest of the graph runs densely."""
+
+    node: str
+    reason: str
+
+
+def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.dtype.is_floating_point:
+            return tensor.dtype, tensor.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def _base_program(gm: fx.GraphModule, sources: list[str]) -> fx.GraphModule:
+    """A copy of the model that also returns the activations the incremental program reads."""
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(gm.graph, value_map)
+    by_name = {node.name: node for node in gm.graph.nodes}
+    graph.output((output, tuple(value_map[by_name[name]] for name in sources)))
+    return fx.GraphModule(gm, graph, class_name="BaseProgram")
+
+
+class Engine:
+    """A compiled occlusion engine for one (model, image shape, patch). Build it with :func:`compile`."""
+
+    def __init__(self, model: nn.Module, image_shape: tuple[int, int, int], patch: Patch, batch_size: int | None):
+        self.image_shape = image_shape
+        self.patch = patch
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+        self.dtype, self.device = _model_dtype_device(model)
+        channels, height, width = image_shape
+        patch.check_fits((height, width))
+
+        self.graph_module = trace(model)
+        propagate_shapes(self.graph_module, torch.zeros(1, *image_shape, dtype=self.dtype, device=self.device))
+        propagate_patches(self.graph_module, (height, width), patch.size)
+        fill = patch.fill_tensor(channels, self.dtype, self.device)
+        self._cost = static_cost(self.graph_module)
+        program = build_program(self.graph_module, fill)
+        self.program = program.module
+        self._slots = program.slots
+        self._base = _base_program(self.graph_module, [slot.source for slot in program.slots])
+        self._cached: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None
+
+    # -- reporting ------------------------------------------------------------------------------
+    @property
+    def dense_nodes(self) -> list[DenseNode]:
+        """Where the incremental path stops (the first dense nodes) and why."""
+        return [
+            DenseNode(n.name, n.meta[META_KEY].reason)
+            for n in self.graph_module.graph.nodes
+            if n.meta.get(META_KEY) is not None and n.meta[META_KEY].reason
+        ]
+
+    def roles(self) -> dict[str, str]:
+        """Each traced node's role: input, pointwise, local, merge, const or dense."""
+        return {n.name: n.meta[META_KEY].role for n in self.graph_module.graph.nodes if n.op != "output"}
+
+    def cost(self) -> CostReport:
+        """Static cost model (DESIGN 2.4): per-layer FMAs full vs incremental; no inference."""
+        return self._cost
+
+    def __repr__(self) -> str:
+        roles = self.roles().values()
+        incremental = sum(r in ("pointwise", "local", "merge") for r in roles)
+        dense = "; ".join(f"{d.node}: {d.reason}" for d in self.dense_nodes) or "none"
+        return (
+            f"kfx.Engine(image_shape={self.image_shape}, patch={self.patch.size}, stride={self.patch.stride}, "
+            f"incremental nodes={incremental}, dense from: {dense}, "
+            f"theoretical speedup={self._cost.theoretical_speedup:.2f}x)"
+        )
+
+    # -- running --------------------------------------------------------------------------------
+    def _check_image(self, image) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor):
+            raise InputError(f"image must be a torch.Tensor [C, H, W], got {type(image).__name__}")
+        if image.dim() == 4 and image.shape[0] == 1:
+            image = image[0]
+        if tuple(image.shape) != tuple(self.image_shape):
+            raise InputError(
+                f"image has shape {list(image.shape)} but the engine was compiled for {list(self.image_shape)} "
+                "([C, H, W] or [1, C, H, W]); compile another engine for this shape"
+            )
+        if image.dtype != self.dtype:
+            raise InputError(
+                f"image dtype is {image.dtype} but the model computes in {self.dtype}; "
+                f"convert it with image.to({self.dtype})"
+            )
+        if not torch.isfinite(image).all():
+            raise InputError("image holds NaN or infinite values; occlusion maps need finite pixels")
+        return image.to(self.device).unsqueeze(0)
+
+    def _prepare(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the unoccluded image once; keep (and reuse for the same image) the base activations."""
+        if self._cached is not None and torch.equal(self._cached[0], image):
+            return self._cached[1], self._cached[2]
+        from kfx import kernels
+
+        with torch.no_grad():
+            output, activations = self._base(image)
+            prepared = [
+                kernels.pad_base(act, slot.margins, slot.pad_value) for act, slot in zip(activations, self._slots)
+            ]
+        self._cached = (image.clone(), output, prepared)
+        return output, prepared
+
+    def _batches(self, image, positions: torch.Tensor, batch_size: int | None) -> Iterator[torch.Tensor]:
+        _, prepared = self._prepare(image)
+        step = batch_size or self.batch_size
+        if step < 1:
+            raise InputError(f"batch_size must be at least 1, got {step}")
+        positions = positions.to(self.device)
+        with torch.no_grad():
+            for start in range(0, positions.shape[0], step):
+                yield self.program(positions[start : start + step], *prepared)
+
+    def outputs(self, image: torch.Tensor, positions, *, batch_size: int | None = None) -> torch.Tensor:
+        """The model's raw outputs [N, ...] for ``image`` occluded at each of ``positions``.
+
+        Equal to ``model(kfx.occlude(image, positions, patch))``. ``positions`` is an integer tensor
+        [N, 2] of (y, x) top-left corners; any corner where the patch fits is allowed (interactive
+        mode), not only the heat-map grid.
+
+        >>> engine.outputs(image, torch.tensor([[0, 0], [8, 12]])).shape  # doctest: +SKIP
+        torch.Size([2, 1000])
+        """
+        image = self._check_image(image)
+        positions = check_positions(positions, self.image_shape[1:], self.patch)
+        return torch.cat(list(self._batches(image, positions, batch_size)))
+
+    def __call__(self, image: torch.Tensor, target: int | None = None, *, batch_size: int | None = None) -> Heatmap:
+        """The occlusion heat map of ``image`` for class ``target`` (default: the predicted class)."""
+        image = self._check_image(image)
+        base_output, _ = self._prepare(image)
+        if base_output.dim() != 2 or base_output.shape[0] != 1:
+            raise ModelError(
+                f"heat maps need a model that returns [1, num_classes] scores; this one returns shape "
+                f"{list(getattr(base_output, 'shape', []))}. Use engine.outputs(image, positions) instead"
+            )
+        num_classes = base_output.shape[1]
+        base_probs = torch.softmax(base_output, dim=1)[0]
+        if target is None:
+            target = int(base_probs.argmax())
+        elif isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < num_classes:
+            raise InputError(f"target must be a class index in [0, {num_classes}), got {target!r}")
+        hw = tuple(self.image_shape[1:])
+        positions = grid_positions(hw, self.patch)
+        values = torch.cat(
+            [torch.softmax(out, dim=1)[:, target] for out in self._batches(image, positions, batch_size)]
+        )
+        return Heatmap(values.view(*self.patch.grid_shape(hw)).cpu(), target, float(base_probs[target]), self.patch, hw)
+
+
+def compile(
+    model: nn.Module, image_shape: tuple[int, int, int], patch: Patch | int, *, batch_size: int | None = None
+) -> Engine:
+    """Compile ``model`` into an exact incremental occlusion engine.
+
+    Args:
+        model: a CNN in eval mode that torch.fx can trace, taking one image batch [N, C, H, W].
+        image_shape: (C, H, W) of the images to explain.
+        patch: a :class:`kfx.Patch` (or an int, for a square patch of that size with default stride
+            and fill).
+        batch_size: patch positions evaluated per batch (default 64).
+
+    Returns:
+        An :class:`Engine`; ``engine(image)`` gives the heat map, ``engine.outputs(image, positions)``
+        the raw outputs for any positions, ``engine.cost()`` the static cost model.
+
+    >>> engine = kfx.compile(model.eval(), (3, 224, 224), kfx.Patch(16, stride=4))  # doctest: +SKIP
+    >>> heatmap = engine(image)  # doctest: +SKIP
+    """
+    if isinstance(patch, int) and not isinstance(patch, bool):
+        patch = Patch(patch)
+    if not isinstance(patch, Patch):
+        raise PatchError(f"patch must be a kfx.Patch or an int, got {type(patch).__name__}")
+    try:
+        shape = tuple(int(v) for v in image_shape)
+    except (TypeError, ValueError):
+        raise InputError(f"image_shape must be (C, H, W), got {image_shape!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    return Engine(model, shape, patch, batch_size)

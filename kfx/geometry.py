@@ -1,0 +1,170 @@
+"""The paper's patch geometry, one axis at a time, as small pure integer functions.
+
+Every equation kfx relies on lives here once; the passes, the kernels, the cost model and the tests
+all call these. No torch import: these are plain integers. Coordinates start at the top-left of the
+*unpadded* tensor; height and width are handled separately by calling each function once per axis.
+
+Equation numbers refer to Nakandala et al., SIGMOD 2019 ("[TR]"), digested in shared/KRYPTON.md,
+and to sections of shared/DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = [
+    "Span",
+    "ceil_div",
+    "effective_kernel",
+    "conv_output_size",
+    "heatmap_size",
+    "captum_heatmap_size",
+    "changed_output_span",
+    "read_in_span",
+    "shift_inside",
+    "union_span",
+    "conv_fmas",
+]
+
+
+class Span(NamedTuple):
+    """A half-open interval [start, start + width) along one axis."""
+
+    start: int
+    width: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.width
+
+
+def ceil_div(a: int, b: int) -> int:
+    """Ceiling of a / b for integers (b > 0), exact for negative a too.
+
+    >>> ceil_div(7, 2), ceil_div(-3, 2)
+    (4, -1)
+    """
+    return -(-a // b)
+
+
+def effective_kernel(kernel: int, dilation: int = 1) -> int:
+    """Extent of a dilated kernel, k_eff = d * (k - 1) + 1 (DESIGN 2.3).
+
+    >>> effective_kernel(3, 2)
+    5
+    """
+    return dilation * (kernel - 1) + 1
+
+
+def conv_output_size(
+    size: int,
+    kernel: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    ceil_mode: bool = False,
+    padding_after: int | None = None,
+) -> int:
+    """Output length of a conv/pool along one axis, PyTorch's own formula (DESIGN 2.3, [TR] Eq. 8).
+
+    floor((W + p_before + p_after - k_eff) / s) + 1, or the ceiling with ``ceil_mode``, where a
+    last window that would start inside the right padding is dropped (as PyTorch does).
+
+    >>> conv_output_size(224, 3, 1, 1), conv_output_size(112, 2, 2), conv_output_size(5, 2, 2, ceil_mode=True)
+    (224, 56, 3)
+    """
+    after = padding if padding_after is None else padding_after
+    span = size + padding + after - effective_kernel(kernel, dilation)
+    out = (ceil_div(span, stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def heatmap_size(image: int, patch: int, stride: int) -> int:
+    """Number of patch positions along one axis: x = 0, S, 2S, ... while x + p <= W (DESIGN 2.1).
+
+    This is kfx's convention, floor((W - p) / S) + 1: every window lies inside the image. The paper's
+    Eq. 1 writes floor((W - p + 1) / S), one fewer at 224/16/4.
+
+    >>> heatmap_size(224, 16, 4)
+    53
+    """
+    return (image - patch) // stride + 1
+
+
+def captum_heatmap_size(image: int, patch: int, stride: int) -> int:
+    """Captum's count of windows along one axis: ceil((W - p) / S) + 1, the last one clipped (STYLE.md 7).
+
+    >>> captum_heatmap_size(10, 4, 4)
+    3
+    """
+    return ceil_div(image - patch, stride) + 1
+
+
+def shift_inside(start: int, width: int, size: int) -> int:
+    """Move a span of fixed width back inside [0, size) if it runs off the end ([TR] Eq. 31).
+
+    >>> shift_inside(6, 3, 8)
+    5
+    """
+    return min(start, size - width)
+
+
+def changed_output_span(
+    in_start: int, in_width: int, *, kernel: int, stride: int, padding: int, out_size: int
+) -> Span:
+    """Output box of a conv/pool whose input changed over [in_start, in_start + in_width).
+
+    kernel is the effective (dilated) extent, padding the padding *before* the axis.
+
+    - start  x_out = max(ceil((x_in + p - k_eff + 1) / s), 0)              ([TR] Eq. 13)
+    - width  w_out = min(ceil((w_in + k_eff - 1) / s), W_out)               ([TR] Eq. 14)
+    - shifted back inside if x_out + w_out > W_out                          ([TR] Eq. 31)
+
+    The width depends only on in_width: it is an upper bound shared by every patch position, which
+    is what lets one batched op serve all of them. The span always contains every output whose
+    window overlaps the changed input.
+
+    >>> changed_output_span(100, 16, kernel=3, stride=1, padding=1, out_size=224)
+    Span(start=99, width=18)
+    """
+    width = min(ceil_div(in_width + kernel - 1, stride), out_size)
+    start = max(ceil_div(in_start + padding - kernel + 1, stride), 0)
+    return Span(shift_inside(start, width, out_size), width)
+
+
+def read_in_span(out_start: int, out_width: int, *, kernel: int, stride: int, padding: int) -> Span:
+    """Input window needed to recompute outputs [out_start, out_start + out_width).
+
+    - start  x_rd = x_out * s - p       (may be negative: it reads from the padding)  ([TR] Eq. 15)
+    - width  w_rd = k_eff + (w_out - 1) * s                                            ([TR] Eq. 16)
+
+    >>> read_in_span(99, 18, kernel=3, stride=1, padding=1)
+    Span(start=98, width=20)
+    """
+    return Span(out_start * stride - padding, kernel + (out_width - 1) * stride)
+
+
+def union_span(spans: list[Span] | tuple[Span, ...]) -> Span:
+    """Bounding box of several spans, for merge nodes (add, concat) ([TR] Eq. 20).
+
+    >>> union_span([Span(3, 4), Span(5, 4)])
+    Span(start=3, width=6)
+    """
+    start = min(s.start for s in spans)
+    return Span(start, max(s.stop for s in spans) - start)
+
+
+def conv_fmas(
+    in_channels: int, out_channels: int, groups: int, kernel_h: int, kernel_w: int, out_h: int, out_w: int
+) -> int:
+    """Fused multiply-adds of a conv producing an out_h x out_w output ([TR] Eqs. 9 and 11).
+
+    Q = (C_in / groups * k_h * k_w) * (C_out * H_out * W_out). With the changed box's size in place
+    of the full output size this is the incremental cost Q_inc.
+
+    >>> conv_fmas(3, 64, 1, 3, 3, 224, 224)
+    86704128
+    """
+    return (in_channels // groups) * kernel_h * kernel_w * out_channels * out_h * out_w

@@ -1,0 +1,255 @@
+"""Which traced op belongs to which layer class (DESIGN 2.2), and how to run it on a window.
+
+Pure description, no graph surgery: given an fx node, say whether it is point-wise, local (conv,
+pool, constant pad), a merge (add/mul of spatial tensors, channel concat) or anything else (global:
+it runs densely after a projection to full). The table at the end of the file is the contents.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from kfx.geometry import conv_fmas, effective_kernel
+
+__all__ = ["LocalSpec", "local_spec", "is_pointwise", "is_merge", "bind_args", "INPLACE_TO_FUNCTIONAL"]
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """A local-context op reduced to what the incremental step needs.
+
+    ``apply(window, *consts)`` runs the op with no padding on a read-in window; ``consts`` are the
+    runtime values of ``const_nodes`` (weights of a functional conv). ``kernel`` is the effective
+    (dilated) extent; ``padding`` the padding before each axis; ``pad_value`` what the op's padding
+    holds (0 for conv and avg-pool, -inf for max-pool). ``divisor`` (avg-pool only) maps each output
+    element to its divisor, so windows can be summed and divided exactly as the full op does.
+    """
+
+    kind: str  # "conv" | "max_pool" | "avg_pool" | "pad"
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    pad_value: float
+    apply: Callable[..., torch.Tensor]
+    const_nodes: tuple[fx.Node, ...] = ()
+    divisor: torch.Tensor | None = None
+    fmas_per_output: int = 0  # conv only: C_in/groups * k_h * k_w * C_out, the FMAs of one output pixel
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    return (v[0], v[0]) if len(v) == 1 else (int(v[0]), int(v[1]))
+
+
+def bind_args(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
+    """Positional and keyword arguments of a call_function/call_method node, by parameter name."""
+    bound = dict(defaults)
+    bound.update(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _same_padding(kernel_eff: tuple[int, int]) -> tuple[int, int]:
+    # PyTorch's padding="same" puts total//2 before each axis and the rest after.
+    return tuple((k - 1) // 2 for k in kernel_eff)
+
+
+def _conv_spec(weight_shape, bias, stride, padding, dilation, groups, apply, const_nodes=()) -> LocalSpec | None:
+    c_out, c_in_per_group, kh, kw = weight_shape
+    dilation = _pair(dilation)
+    kernel = (effective_kernel(kh, dilation[0]), effective_kernel(kw, dilation[1]))
+    if isinstance(padding, str):
+        padding = (0, 0) if padding == "valid" else _same_padding(kernel)
+    return LocalSpec(
+        kind="conv",
+        kernel=kernel,
+        stride=_pair(stride),
+        padding=_pair(padding),
+        pad_value=0.0,
+        apply=apply,
+        const_nodes=const_nodes,
+        fmas_per_output=conv_fmas(c_in_per_group * groups, c_out, groups, kh, kw, 1, 1),
+    )
+
+
+def _avg_divisor(in_hw, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) -> torch.Tensor:
+    """Divisor of every output element of an avg-pool, computed once from the geometry alone."""
+    ones = torch.ones(1, 1, *in_hw, dtype=torch.float64)
+    if divisor_override:
+        sums = F.avg_pool2d(ones, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override=1)
+        return torch.full_like(sums[0, 0], float(divisor_override))
+    sums = F.avg_pool2d(ones, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override=1)
+    means = F.avg_pool2d(ones, kernel, stride, padding, ceil_mode, count_include_pad)
+    return torch.round(sums / means)[0, 0]
+
+
+def _pool_spec(kind, kernel_size, stride, padding, dilation, ceil_mode, in_hw, avg_flags=None) -> LocalSpec:
+    k = _pair(kernel_size)
+    s = _pair(stride if stride not in (None, ()) else kernel_size)
+    p = _pair(padding)
+    if kind == "max_pool":
+        d = _pair(dilation)
+        kernel = (effective_kernel(k[0], d[0]), effective_kernel(k[1], d[1]))
+        apply = lambda w: F.max_pool2d(w, k, s, 0, d)
+        return LocalSpec("max_pool", kernel, s, p, -math.inf, apply)
+    count_include_pad, divisor_override = avg_flags
+    divisor = _avg_divisor(in_hw, k, s, p, ceil_mode, count_include_pad, divisor_override)
+    # Sum each window (divisor 1), then divide by the full op's own divisor for that output element.
+    apply = lambda w: F.avg_pool2d(w, k, s, 0, False, True, divisor_override=1)
+    return LocalSpec("avg_pool", k, s, p, 0.0, apply, divisor=divisor)
+
+
+def _pad_spec(pads, value) -> LocalSpec | None:
+    # Constant padding shifts coordinates by the padding before each axis: a 1x1 "kernel" with that
+    # padding (negative padding crops). It runs as the identity on its read-in window.
+    if len(pads) != 4:
+        return None
+    left, _right, top, _bottom = pads
+    return LocalSpec("pad", (1, 1), (1, 1), (top, left), float(value or 0.0), lambda w: w)
+
+
+def local_spec(node: fx.Node, modules: dict[str, nn.Module], in_hw: tuple[int, int]) -> LocalSpec | None:
+    """The :class:`LocalSpec` of a conv/pool/pad node, or None if it is not one kfx runs locally."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
+            if m.padding_mode != "zeros":
+                return None
+            apply = lambda w, m=m: F.conv2d(w, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+            return _conv_spec(m.weight.shape, m.bias, m.stride, m.padding, m.dilation, m.groups, apply)
+        if isinstance(m, nn.MaxPool2d) and type(m).forward is nn.MaxPool2d.forward and not m.return_indices:
+            return _pool_spec("max_pool", m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, in_hw)
+        if isinstance(m, nn.AvgPool2d) and type(m).forward is nn.AvgPool2d.forward:
+            flags = (m.count_include_pad, m.divisor_override)
+            return _pool_spec("avg_pool", m.kernel_size, m.stride, m.padding, 1, m.ceil_mode, in_hw, flags)
+        if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
+            return _pad_spec(tuple(m.padding), m.value)
+        return None
+    if node.op != "call_function":
+        return None
+    if node.target in (F.conv2d, torch.conv2d):
+        a = bind_args(node, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+                      {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+        weight, bias = a["weight"], a["bias"]
+        if not isinstance(weight, fx.Node) or "tensor_meta" not in weight.meta:
+            return None
+        const_nodes = (weight,) + ((bias,) if isinstance(bias, fx.Node) else ())
+        stride, dilation, groups = a["stride"], a["dilation"], a["groups"]
+        if isinstance(bias, fx.Node):
+            apply = lambda w, wt, b: F.conv2d(w, wt, b, stride, 0, dilation, groups)
+        else:
+            apply = lambda w, wt: F.conv2d(w, wt, bias, stride, 0, dilation, groups)
+        return _conv_spec(weight.meta["tensor_meta"].shape, bias, stride, a["padding"], dilation, groups,
+                          apply, const_nodes)
+    if node.target in (F.max_pool2d, torch.max_pool2d):
+        a = bind_args(node, ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+                      {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
+        if a["return_indices"]:
+            return None
+        return _pool_spec("max_pool", a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"], in_hw)
+    if node.target in (F.avg_pool2d, torch.avg_pool2d):
+        a = bind_args(node, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                             "divisor_override"),
+                      {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
+                       "divisor_override": None})
+        flags = (a["count_include_pad"], a["divisor_override"])
+        return _pool_spec("avg_pool", a["kernel_size"], a["stride"], a["padding"], 1, a["ceil_mode"], in_hw, flags)
+    if node.target is F.pad:
+        a = bind_args(node, ("input", "pad", "mode", "value"), {"mode": "constant", "value": None})
+        if a["mode"] != "constant" or not all(isinstance(v, int) for v in a["pad"]):
+            return None
+        return _pad_spec(tuple(a["pad"]), a["value"])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Point-wise ops: the output element at (c, y, x) depends only on the input element at (c, y, x)
+# (and on constants that do not vary over space). They run on the changed patch alone.
+
+POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.LogSigmoid, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+POINTWISE_FUNCTIONS: frozenset = frozenset({
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.sigmoid, F.tanh, F.logsigmoid, F.prelu,
+    torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip, torch.abs, torch.neg, torch.exp,
+    torch.square, torch.sqrt, torch.rsqrt, torch.log, torch.sin, torch.cos, torch.erf,
+    operator.neg, operator.pos, operator.abs,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.floordiv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.maximum, torch.minimum,
+})
+
+POINTWISE_METHODS: frozenset = frozenset({
+    "relu", "sigmoid", "tanh", "clamp", "clip", "abs", "neg", "exp", "sqrt", "rsqrt", "square",
+    "add", "sub", "mul", "div", "pow", "contiguous", "maximum", "minimum",
+})
+
+# Binary ops whose two spatial operands may both carry changes: merge nodes (DESIGN 2.2).
+MERGE_FUNCTIONS: frozenset = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
+})
+MERGE_METHODS: frozenset = frozenset({"add", "sub", "mul", "div", "maximum", "minimum"})
+
+# In-place spellings and the functional op each stands for (the trace pass rewrites them so that
+# cached base activations can never be overwritten).
+INPLACE_TO_FUNCTIONAL: dict = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+    F.relu_: F.relu,
+    torch.relu_: torch.relu,
+    F.elu_: F.elu,
+    F.leaky_relu_: F.leaky_relu,
+    F.hardtanh_: F.hardtanh,
+}
+
+
+def is_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True if the node's op acts element by element on its spatial input (DESIGN 2.2)."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, POINTWISE_MODULES):
+            return not (m.training and isinstance(m, (nn.Dropout, nn.Dropout2d, nn.AlphaDropout)))
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and type(m).forward is nn.BatchNorm2d.forward:
+            # Eval-mode BN with running statistics is an affine map per channel; otherwise it
+            # normalises with batch statistics, which mixes every position.
+            return not m.training and m.track_running_stats and m.running_mean is not None
+        return False
+    if node.op == "call_function":
+        if node.target is F.dropout:
+            return not bind_args(node, ("input", "p", "training"), {"p": 0.5, "training": True})["training"]
+        if node.target is F.batch_norm:
+            a = bind_args(node, ("input", "running_mean", "running_var", "weight", "bias", "training"),
+                          {"weight": None, "bias": None, "training": False})
+            return not a["training"] and a["running_mean"] is not None
+        return node.target in POINTWISE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in POINTWISE_METHODS
+    return False
+
+
+def is_merge(node: fx.Node) -> bool:
+    """True for element-wise binary ops and channel concatenation (merge nodes, DESIGN 2.2)."""
+    if node.op == "call_function":
+        if node.target is torch.cat:
+            dim = bind_args(node, ("tensors", "dim"), {"dim": 0})["dim"]
+            return dim in (1, -3)
+        return node.target in MERGE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in MERGE_METHODS
+    return False

@@ -1,0 +1,163 @@
+"""Pass 2: patch propagation. Annotate each node with its layer class and changed boxes.
+
+Requires: a traced, functional graph with ``tensor_meta`` on its nodes (kfx.passes.trace).
+Ensures: every node carries ``node.meta["kfx_patch"]``, a :class:`NodePatch` saying whether its
+value is constant (independent of the image), incremental (a changed box per patch position,
+height and width separately) or dense (recomputed in full after a projection), and for local ops
+the read-in window (DESIGN 2.3). Boxes are tabulated for every patch coordinate along each axis, so
+any position (not only the heat-map grid) can be looked up at run time with one index.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from kfx.geometry import Span, changed_output_span, read_in_span, shift_inside, union_span
+from kfx.passes.ops import LocalSpec, is_merge, is_pointwise, local_spec
+
+__all__ = ["META_KEY", "State", "AxisBoxes", "NodePatch", "propagate_patches", "spatial_size"]
+
+META_KEY = "kfx_patch"
+
+
+class State(enum.Enum):
+    CONST = "const"  # does not depend on the image (weights, shapes of constants)
+    PATCH = "patch"  # differs from the base activation only inside a changed box
+    DENSE = "dense"  # recomputed in full for every position
+
+
+@dataclass(frozen=True)
+class AxisBoxes:
+    """Boxes along one axis for every patch position: [starts[x], starts[x] + width).
+
+    ``starts`` is indexed by the patch's coordinate x in the *image* (0 .. W_image - patch),
+    ``width`` is shared by all positions (the upper bound that makes batching possible).
+    """
+
+    width: int
+    starts: tuple[int, ...]
+
+    def span(self, x: int) -> Span:
+        return Span(self.starts[x], self.width)
+
+
+Box = tuple[AxisBoxes, AxisBoxes]  # (height axis, width axis)
+
+
+@dataclass(frozen=True)
+class NodePatch:
+    """What patch propagation knows about one node."""
+
+    state: State
+    role: str  # "const" | "input" | "pointwise" | "local" | "merge" | "dense"
+    box: Box | None = None  # changed box (PATCH nodes)
+    read: Box | None = None  # read-in window (local nodes)
+    local: LocalSpec | None = None
+    reason: str = ""  # dense nodes fed by incremental ones: why the incremental path stops here
+
+
+def spatial_size(node: fx.Node) -> tuple[int, int] | None:
+    """(H, W) of a node whose value is a single-image 4-D tensor [1, C, H, W], else None."""
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    if shape is None or len(shape) != 4 or shape[0] != 1:
+        return None
+    return (int(shape[2]), int(shape[3]))
+
+
+def _shape(node: fx.Node):
+    meta = node.meta.get("tensor_meta")
+    return tuple(getattr(meta, "shape", ())) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _broadcasts_over_space(node: fx.Node) -> bool:
+    """A constant operand that is the same at every spatial position (e.g. a [C, 1, 1] scale)."""
+    shape = _shape(node)
+    return shape is not None and all(d == 1 for d in shape[-2:])
+
+
+def _local_axis(inp: AxisBoxes, spec: LocalSpec, axis: int, out_size: int) -> tuple[AxisBoxes, AxisBoxes]:
+    kw = dict(kernel=spec.kernel[axis], stride=spec.stride[axis], padding=spec.padding[axis])
+    outs = [changed_output_span(s, inp.width, out_size=out_size, **kw) for s in inp.starts]
+    reads = [read_in_span(o.start, o.width, **kw) for o in outs]
+    return (
+        AxisBoxes(outs[0].width, tuple(o.start for o in outs)),
+        AxisBoxes(reads[0].width, tuple(r.start for r in reads)),
+    )
+
+
+def _merge_axis(inputs: list[AxisBoxes], size: int) -> AxisBoxes:
+    """Union box of several changed boxes ([TR] Eq. 20), made uniform in width across positions."""
+    unions = [union_span([b.span(x) for b in inputs]) for x in range(len(inputs[0].starts))]
+    width = max(u.width for u in unions)
+    return AxisBoxes(width, tuple(shift_inside(u.start, width, size) for u in unions))
+
+
+def _dense(reason: str = "") -> NodePatch:
+    return NodePatch(State.DENSE, "dense", reason=reason)
+
+
+def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"{type(modules[node.target]).__name__} ({node.target})"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return f".{node.target}()"
+
+
+def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodePatch:
+    inputs = node.all_input_nodes
+    states = [n.meta[META_KEY].state for n in inputs]
+    if State.DENSE in states:
+        return _dense()
+    if State.PATCH not in states:
+        return NodePatch(State.CONST, "const")
+    size = spatial_size(node)
+    what = _describe(node, modules)
+    if size is None:
+        return _dense(f"{what} does not produce a [1, C, H, W] tensor (global context)")
+    changed = [n for n in inputs if n.meta[META_KEY].state is State.PATCH]
+    others = [n for n in inputs if n.meta[META_KEY].state is State.CONST]
+
+    if len(changed) == 1 and node.args and node.args[0] is changed[0]:
+        spec = local_spec(node, modules, spatial_size(changed[0]))
+        if spec is not None:
+            box, read = zip(*(_local_axis(changed[0].meta[META_KEY].box[a], spec, a, size[a]) for a in (0, 1)))
+            return NodePatch(State.PATCH, "local", box=tuple(box), read=tuple(read), local=spec)
+
+    if (
+        len(changed) == 1
+        and is_pointwise(node, modules)
+        and _shape(node) == _shape(changed[0])
+        and all(_broadcasts_over_space(n) for n in others if _shape(n) is not None)
+    ):
+        return NodePatch(State.PATCH, "pointwise", box=changed[0].meta[META_KEY].box)
+
+    if is_merge(node):
+        tensors = [n for n in inputs if _shape(n) is not None]
+        if all(spatial_size(n) == size or (n in others and _broadcasts_over_space(n)) for n in tensors):
+            boxes = [n.meta[META_KEY].box for n in changed]
+            box = tuple(_merge_axis([b[a] for b in boxes], size[a]) for a in (0, 1))
+            return NodePatch(State.PATCH, "merge", box=box)
+        return _dense(f"{what} mixes tensors of different spatial sizes")
+
+    return _dense(f"{what} is not a point-wise, local or merge op kfx knows; it runs densely from here")
+
+
+def propagate_patches(gm: fx.GraphModule, image_hw: tuple[int, int], patch_hw: tuple[int, int]) -> None:
+    """Annotate every node of ``gm`` with its :class:`NodePatch` under ``node.meta["kfx_patch"]``."""
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            box = tuple(AxisBoxes(patch_hw[a], tuple(range(image_hw[a] - patch_hw[a] + 1))) for a in (0, 1))
+            node.meta[META_KEY] = NodePatch(State.PATCH, "input", box=box)
+        elif node.op in ("get_attr", "output"):
+            node.meta[META_KEY] = NodePatch(State.CONST, "const")
+        else:
+            try:
+                node.meta[META_KEY] = _classify(node, modules)
+            except Exception as exc:  # name the node, as torch.fx's own passes do
+                raise RuntimeError(f"kfx patch propagation failed at {node.format_node()}: {exc}") from exc

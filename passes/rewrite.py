@@ -1,0 +1,263 @@
+"""Pass 3: rewrite the annotated graph into the incremental program.
+
+Requires: ``node.meta["kfx_patch"]`` on every node (kfx.passes.patch_prop).
+Ensures: a GraphModule ``program(positions, *bases)`` that returns the model's outputs for the
+occluded images at ``positions`` [N, 2]; ``bases`` are the unoccluded image's activations, prepared
+as :class:`BaseSlot` says (padded once per image). Incremental nodes carry a :class:`Patches`
+(changed values + where they sit); a projection to full is inserted before the first node that
+runs densely. The steps only place data; what each computes lives in kfx.kernels.
+
+Table of contents (node role -> step): input -> InputStep, pointwise -> PointwiseStep,
+local -> LocalStep, merge -> MergeStep, PATCH value used densely -> ProjectStep, const/dense -> copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from kfx import kernels
+from kfx.passes.patch_prop import META_KEY, AxisBoxes, NodePatch, State, spatial_size
+
+__all__ = ["Patches", "BaseSlot", "Program", "build_program"]
+
+
+class Patches:
+    """A batch of changed boxes: ``values`` [N, C, h, w] at ``origin`` [N, 2] (y, x) in the node's
+    tensor, for the patch positions ``positions`` [N, 2] in the image."""
+
+    __slots__ = ("values", "positions", "origin")
+
+    def __init__(self, values: torch.Tensor, positions: torch.Tensor, origin: torch.Tensor):
+        self.values, self.positions, self.origin = values, positions, origin
+
+
+@dataclass(frozen=True)
+class BaseSlot:
+    """One prepared base activation the program reads: ``source`` node's value, padded by
+    ``margins`` (top, bottom, left, right) with ``pad_value``, as [C, H', W']."""
+
+    source: str
+    margins: tuple[int, int, int, int]
+    pad_value: float
+
+
+@dataclass
+class Program:
+    module: fx.GraphModule
+    slots: list[BaseSlot]
+
+
+def _tables(box: tuple[AxisBoxes, AxisBoxes], device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.tensor(b.starts, dtype=torch.long, device=device) for b in box)
+
+
+class _BoxedStep(nn.Module):
+    """A step that knows its output box for every patch position."""
+
+    def __init__(self, box: tuple[AxisBoxes, AxisBoxes], device):
+        super().__init__()
+        h, w = _tables(box, device)
+        self.register_buffer("starts_h", h, persistent=False)
+        self.register_buffer("starts_w", w, persistent=False)
+        self.size = (box[0].width, box[1].width)
+
+    def origin(self, positions: torch.Tensor) -> torch.Tensor:
+        return torch.stack((self.starts_h[positions[:, 0]], self.starts_w[positions[:, 1]]), dim=1)
+
+
+def _call_target(node: fx.Node, modules: dict[str, nn.Module]):
+    if node.op == "call_module":
+        return modules[node.target]
+    if node.op == "call_method":
+        name = node.target
+        return lambda self_arg, *args, **kwargs: getattr(self_arg, name)(*args, **kwargs)
+    return node.target
+
+
+class InputStep(nn.Module):
+    """The occluded image as a change: the patch's fill at each position."""
+
+    def __init__(self, fill: torch.Tensor):
+        super().__init__()
+        self.register_buffer("fill", fill, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> Patches:
+        return Patches(self.fill.expand(positions.shape[0], *self.fill.shape), positions, positions)
+
+
+class PointwiseStep(nn.Module):
+    """Apply a point-wise op to the changed values only; the box stays where it is."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+
+    def forward(self, *args, **kwargs) -> Patches:
+        leaves, _ = tree_flatten((args, kwargs))
+        patches = next(leaf for leaf in leaves if isinstance(leaf, Patches))
+        args, kwargs = tree_map(lambda a: a.values if isinstance(a, Patches) else a, (args, kwargs))
+        return Patches(self.target(*args, **kwargs), patches.positions, patches.origin)
+
+
+class LocalStep(_BoxedStep):
+    """Conv/pool/pad on read-in windows: gather from the padded base, paste the change, run the op."""
+
+    def __init__(self, meta: NodePatch, in_meta: NodePatch, offset: tuple[int, int], module, device, dtype):
+        super().__init__(meta.box, device)
+        self.spec = meta.local
+        self.op = module  # registers a conv's parameters with the program (None for functional ops)
+        read_h, read_w = _tables(meta.read, device)
+        self.register_buffer("read_h", read_h, persistent=False)
+        self.register_buffer("read_w", read_w, persistent=False)
+        self.read_size = (meta.read[0].width, meta.read[1].width)
+        self.offset = offset
+        # The patch lies inside its read-in window for every position: paste can scatter.
+        self.inside = all(
+            r <= s and s + i.width <= r + rd.width
+            for rd, i in zip(meta.read, in_meta.box)
+            for r, s in zip(rd.starts, i.starts)
+        )
+        divisor = meta.local.divisor
+        self.register_buffer(
+            "divisor", None if divisor is None else divisor.to(device=device, dtype=dtype)[None], persistent=False
+        )
+
+    def forward(self, padded_base: torch.Tensor, patches: Patches, *consts) -> Patches:
+        positions = patches.positions
+        read = torch.stack((self.read_h[positions[:, 0]], self.read_w[positions[:, 1]]), dim=1)
+        offset = torch.tensor(self.offset, device=read.device)
+        windows = kernels.gather_windows(padded_base, read + offset, self.read_size)
+        windows = kernels.paste(windows, read, patches.values, patches.origin, inside=self.inside)
+        out = self.spec.apply(windows, *consts)
+        origin = self.origin(positions)
+        if self.divisor is not None:
+            out = out / kernels.gather_windows(self.divisor, origin, self.size)
+        return Patches(out, positions, origin)
+
+
+class MergeStep(_BoxedStep):
+    """Element-wise op or channel concat over the union box: window each spatial operand."""
+
+    def __init__(self, meta: NodePatch, target, windowed: dict[int, int], device):
+        super().__init__(meta.box, device)
+        self.target = target
+        self.windowed = windowed  # flat leaf index in (args, kwargs) -> index into bases
+
+    def forward(self, bases: tuple[torch.Tensor, ...], *args, **kwargs) -> Patches:
+        leaves, spec = tree_flatten((args, kwargs))
+        positions = next(leaf.positions for leaf in leaves if isinstance(leaf, Patches))
+        origin = self.origin(positions)
+        for leaf_index, base_index in self.windowed.items():
+            window = kernels.gather_windows(bases[base_index], origin, self.size)
+            leaf = leaves[leaf_index]
+            if isinstance(leaf, Patches):
+                window = kernels.paste(window, origin, leaf.values, leaf.origin)
+            leaves[leaf_index] = window
+        args, kwargs = tree_unflatten(leaves, spec)
+        return Patches(self.target(*args, **kwargs), positions, origin)
+
+
+class ProjectStep(nn.Module):
+    """Projection to full: paint the changes into N copies of the base (DESIGN 2.2)."""
+
+    def forward(self, base: torch.Tensor, patches: Patches) -> torch.Tensor:
+        return kernels.project(base, patches.values, patches.origin)
+
+
+def _meta(node: fx.Node) -> NodePatch:
+    return node.meta[META_KEY]
+
+
+def _local_margins(meta: NodePatch, in_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    (rh, rw) = meta.read
+    top = max(0, -min(rh.starts))
+    bottom = max(0, max(rh.starts) + rh.width - in_hw[0])
+    left = max(0, -min(rw.starts))
+    right = max(0, max(rw.starts) + rw.width - in_hw[1])
+    return (top, bottom, left, right)
+
+
+def _windowed_inputs(node: fx.Node) -> list[fx.Node]:
+    """Operands of a merge that vary over space and so are read through windows."""
+    size = spatial_size(node)
+    return [n for n in node.all_input_nodes if spatial_size(n) == size]
+
+
+def build_program(gm: fx.GraphModule, fill: torch.Tensor) -> Program:
+    """Rewrite annotated ``gm`` into the incremental :class:`Program` (fill: the patch, [C, h, w])."""
+    modules = dict(gm.named_modules())
+    device, dtype = fill.device, fill.dtype
+    graph = fx.Graph()
+    positions = graph.placeholder("positions")
+    slots: dict[BaseSlot, fx.Node] = {}
+
+    unpadded = lambda n: BaseSlot(n.name, (0, 0, 0, 0), 0.0)
+
+    def needs(node: fx.Node) -> list[BaseSlot]:
+        meta = _meta(node)
+        if meta.role == "local":
+            source = node.args[0]
+            return [BaseSlot(source.name, _local_margins(meta, spatial_size(source)), meta.local.pad_value)]
+        if meta.role == "merge":
+            return [unpadded(n) for n in _windowed_inputs(node)]
+        if meta.state is State.DENSE or node.op == "output":
+            return [unpadded(n) for n in node.all_input_nodes if _meta(n).state is State.PATCH]
+        return []
+
+    for node in gm.graph.nodes:
+        for slot in needs(node):
+            if slot not in slots:
+                slots[slot] = graph.placeholder(f"base_{len(slots)}")
+
+    env: dict[fx.Node, fx.Node] = {}
+    projected: dict[fx.Node, fx.Node] = {}
+
+    def add_step(name: str, step: nn.Module, args, kwargs=None) -> fx.Node:
+        qualified = f"kfx_{name}"
+        gm.add_submodule(qualified, step)
+        return graph.call_module(qualified, args, kwargs or {})
+
+    def dense_value(n: fx.Node) -> fx.Node:
+        if _meta(n).state is not State.PATCH:
+            return env[n]
+        if n not in projected:
+            projected[n] = add_step(f"project_{n.name}", ProjectStep(), (slots[unpadded(n)], env[n]))
+        return projected[n]
+
+    for node in gm.graph.nodes:
+        meta = _meta(node)
+        if node.op == "placeholder":
+            env[node] = add_step(f"input_{node.name}", InputStep(fill), (positions,))
+        elif node.op == "output":
+            graph.output(fx.node.map_arg(node.args[0], dense_value))
+        elif meta.state is not State.PATCH:
+            env[node] = graph.node_copy(node, dense_value)
+        elif meta.role == "pointwise":
+            step = PointwiseStep(_call_target(node, modules))
+            env[node] = add_step(node.name, step, *fx.node.map_arg((node.args, node.kwargs), env.__getitem__))
+        elif meta.role == "local":
+            source = node.args[0]
+            slot = needs(node)[0]
+            module = modules[node.target] if node.op == "call_module" else None
+            step = LocalStep(meta, _meta(source), (slot.margins[0], slot.margins[2]), module, device, dtype)
+            consts = tuple(env[n] for n in meta.local.const_nodes)
+            env[node] = add_step(node.name, step, (slots[slot], env[source], *consts))
+        elif meta.role == "merge":
+            leaves, _ = tree_flatten((node.args, node.kwargs))
+            windowed_nodes = _windowed_inputs(node)
+            bases = tuple(slots[unpadded(n)] for n in windowed_nodes)
+            windowed = {
+                i: windowed_nodes.index(leaf) for i, leaf in enumerate(leaves) if leaf in windowed_nodes
+            }
+            step = MergeStep(meta, _call_target(node, modules), windowed, device)
+            mapped_args, mapped_kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+            env[node] = add_step(node.name, step, (bases, *mapped_args), mapped_kwargs)
+        else:  # pragma: no cover - patch_prop only emits the roles above for PATCH nodes
+            raise AssertionError(f"unexpected role {meta.role!r} at {node.format_node()}")
+
+    graph.lint()
+    return Program(fx.GraphModule(gm, graph, class_name="IncrementalProgram"), list(slots))
