@@ -66,11 +66,19 @@ def _base_program(gm: fx.GraphModule, sources: list[str]) -> fx.GraphModule:
 class Engine:
     """A compiled occlusion engine for one (model, image shape, patch). Build it with :func:`compile`."""
 
-    def __init__(self, model: nn.Module, image_shape: tuple[int, int, int], patch: Patch, batch_size: int | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        image_shape: tuple[int, int, int],
+        patch: Patch,
+        batch_size: int | None,
+        dtype: torch.dtype | None = None,
+    ):
         self.image_shape = image_shape
         self.patch = patch
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
-        self.dtype, self.device = _model_dtype_device(model)
+        model_dtype, self.device = _model_dtype_device(model)
+        self.dtype = dtype or model_dtype
         channels, height, width = image_shape
         patch.check_fits((height, width))
 
@@ -195,7 +203,12 @@ class Engine:
 
 
 def compile(
-    model: nn.Module, image_shape: tuple[int, int, int], patch: Patch | int, *, batch_size: int | None = None
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+    patch: Patch | int,
+    *,
+    batch_size: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Engine:
     """Compile ``model`` into an exact incremental occlusion engine.
 
@@ -205,6 +218,8 @@ def compile(
         patch: a :class:`kfx.Patch` (or an int, for a square patch of that size with default stride
             and fill).
         batch_size: patch positions evaluated per batch (default 64).
+        dtype: the images' dtype; defaults to the dtype of the model's parameters (needed only for
+            models without floating-point parameters or buffers).
 
     Returns:
         An :class:`Engine`; ``engine(image)`` gives the heat map, ``engine.outputs(image, positions)``
@@ -225,4 +240,6 @@ def compile(
         raise InputError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise InputError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    return Engine(model, shape, patch, batch_size)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InputError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    return Engine(model, shape, patch, batch_size, dtype)

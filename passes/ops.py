@@ -156,7 +156,7 @@ def local_spec(node: fx.Node, modules: dict[str, nn.Module], in_hw: tuple[int, i
         if a["return_indices"]:
             return None
         return _pool_spec("max_pool", a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"], in_hw)
-    if node.target in (F.avg_pool2d, torch.avg_pool2d):
+    if node.target is F.avg_pool2d:
         a = bind_args(node, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
                              "divisor_override"),
                       {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,

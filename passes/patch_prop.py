@@ -52,7 +52,7 @@ class NodePatch:
     """What patch propagation knows about one node."""
 
     state: State
-    role: str  # "const" | "input" | "pointwise" | "local" | "merge" | "dense"
+    role: str  # "const" | "input" | "pointwise" | "local" | "merge" | "shape" | "dense"
     box: Box | None = None  # changed box (PATCH nodes)
     read: Box | None = None  # read-in window (local nodes)
     local: LocalSpec | None = None
@@ -108,17 +108,26 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return f".{node.target}()"
 
 
+def _is_shape_query(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
+
+
 def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodePatch:
     inputs = node.all_input_nodes
     states = [n.meta[META_KEY].state for n in inputs]
     if State.DENSE in states:
-        return _dense()
+        return _dense()  # downstream of the projection: no reason to report
     if State.PATCH not in states:
         return NodePatch(State.CONST, "const")
-    size = spatial_size(node)
     what = _describe(node, modules)
+    if _is_shape_query(node):
+        # x.size(), x.shape, x.dim(): answered from the full shape, no projection needed.
+        return NodePatch(State.DENSE, "shape")
+    size = spatial_size(node)
     if size is None:
-        return _dense(f"{what} does not produce a [1, C, H, W] tensor (global context)")
+        return _dense(f"{what} is global context (its output is not a [1, C, H, W] map)")
     changed = [n for n in inputs if n.meta[META_KEY].state is State.PATCH]
     others = [n for n in inputs if n.meta[META_KEY].state is State.CONST]
 
@@ -144,7 +153,10 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodePatch:
             return NodePatch(State.PATCH, "merge", box=box)
         return _dense(f"{what} mixes tensors of different spatial sizes")
 
-    return _dense(f"{what} is not a point-wise, local or merge op kfx knows; it runs densely from here")
+    return _dense(
+        f"{what} is global context or an op kfx does not run incrementally: the change is projected to "
+        "full here and the rest runs densely (exact)"
+    )
 
 
 def propagate_patches(gm: fx.GraphModule, image_hw: tuple[int, int], patch_hw: tuple[int, int]) -> None:

@@ -8,7 +8,8 @@ as :class:`BaseSlot` says (padded once per image). Incremental nodes carry a :cl
 runs densely. The steps only place data; what each computes lives in kfx.kernels.
 
 Table of contents (node role -> step): input -> InputStep, pointwise -> PointwiseStep,
-local -> LocalStep, merge -> MergeStep, PATCH value used densely -> ProjectStep, const/dense -> copy.
+local -> LocalStep, merge -> MergeStep, shape -> ShapeStep, PATCH value used densely -> ProjectStep,
+const/dense -> copy.
 """
 
 from __future__ import annotations
@@ -161,6 +162,23 @@ class MergeStep(_BoxedStep):
         return Patches(self.target(*args, **kwargs), positions, origin)
 
 
+class ShapeStep(nn.Module):
+    """``x.size()``, ``x.shape`` or ``x.dim()`` of an incremental value: the full tensor's answer."""
+
+    def __init__(self, target, full_shape: tuple[int, ...]):
+        super().__init__()
+        self.target = target
+        self.full_shape = full_shape
+
+    def forward(self, patches: Patches, *args):
+        shape = torch.Size((patches.values.shape[0], *self.full_shape[1:]))
+        if self.target == "shape":
+            return shape
+        if self.target == "dim":
+            return len(shape)
+        return shape[args[0]] if args else shape
+
+
 class ProjectStep(nn.Module):
     """Projection to full: paint the changes into N copies of the base (DESIGN 2.2)."""
 
@@ -204,7 +222,7 @@ def build_program(gm: fx.GraphModule, fill: torch.Tensor) -> Program:
             return [BaseSlot(source.name, _local_margins(meta, spatial_size(source)), meta.local.pad_value)]
         if meta.role == "merge":
             return [unpadded(n) for n in _windowed_inputs(node)]
-        if meta.state is State.DENSE or node.op == "output":
+        if (meta.state is State.DENSE and meta.role != "shape") or node.op == "output":
             return [unpadded(n) for n in node.all_input_nodes if _meta(n).state is State.PATCH]
         return []
 
@@ -234,6 +252,12 @@ def build_program(gm: fx.GraphModule, fill: torch.Tensor) -> Program:
             env[node] = add_step(f"input_{node.name}", InputStep(fill), (positions,))
         elif node.op == "output":
             graph.output(fx.node.map_arg(node.args[0], dense_value))
+        elif meta.role == "shape":
+            source = node.args[0]
+            target = "shape" if node.op == "call_function" else node.target
+            step = ShapeStep(target, tuple(source.meta["tensor_meta"].shape))
+            extra = node.args[2:] if target == "shape" else node.args[1:]  # size(dim) keeps its dim
+            env[node] = add_step(node.name, step, (env[source], *fx.node.map_arg(extra, env.__getitem__)))
         elif meta.state is not State.PATCH:
             env[node] = graph.node_copy(node, dense_value)
         elif meta.role == "pointwise":

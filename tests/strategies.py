@@ -1,0 +1,171 @@
+"""Hypothesis strategies that draw *consistent* CNNs, images, patches and positions.
+
+Every drawn layer keeps the spatial size >= 1 (its output size is computed with kfx.geometry's
+formula, which test_geometry checks against torch), every patch fits its image, every position lets
+the patch fit. Draws are labelled so that failures read well.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import nn
+
+import kfx
+from kfx.geometry import conv_output_size
+
+
+class Functional(nn.Module):
+    """Calls a functional op, so traced graphs hold call_function / call_method nodes too."""
+
+    def __init__(self, name: str, fn):
+        super().__init__()
+        self.name, self.fn = name, fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class FunctionalConv(nn.Module):
+    """A conv whose forward calls F.conv2d on its own weight (like TF-"same" Conv2d subclasses)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+POINTWISE = [
+    ("ReLU(inplace)", lambda c: nn.ReLU(inplace=True)),
+    ("ReLU6", lambda c: nn.ReLU6()),
+    ("LeakyReLU", lambda c: nn.LeakyReLU(0.1)),
+    ("ELU", lambda c: nn.ELU()),
+    ("GELU", lambda c: nn.GELU()),
+    ("SiLU", lambda c: nn.SiLU()),
+    ("Sigmoid", lambda c: nn.Sigmoid()),
+    ("Tanh", lambda c: nn.Tanh()),
+    ("Hardswish", lambda c: nn.Hardswish()),
+    ("Hardsigmoid", lambda c: nn.Hardsigmoid()),
+    ("Dropout", lambda c: nn.Dropout(0.5)),
+    ("Identity", lambda c: nn.Identity()),
+    ("BatchNorm2d", lambda c: _random_bn(c)),
+    ("F.relu(inplace)", lambda c: Functional("F.relu(inplace)", lambda x: F.relu(x, inplace=True))),
+    ("x.relu_()", lambda c: Functional("x.relu_()", lambda x: x.relu_())),
+    ("torch.sigmoid", lambda c: Functional("torch.sigmoid", torch.sigmoid)),
+    ("scalar arith", lambda c: Functional("2*x-1", lambda x: 2.0 * x - 1.0)),
+    ("x/3+0.5", lambda c: Functional("x/3+0.5", lambda x: x / 3 + 0.5)),
+    ("F.dropout(eval)", lambda c: Functional("F.dropout", lambda x: F.dropout(x, 0.3, training=False))),
+]
+
+
+def _random_bn(channels: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+@st.composite
+def conv_layer(draw, channels: int, size: tuple[int, int]):
+    kh, kw = draw(st.integers(1, 7), label="kernel_h"), draw(st.integers(1, 7), label="kernel_w")
+    dilation = draw(st.integers(1, 2), label="dilation")
+    stride = draw(st.tuples(st.integers(1, 3), st.integers(1, 3)), label="stride")
+    groups = draw(st.sampled_from([g for g in (1, 2, 3, channels) if channels % g == 0]), label="groups")
+    out_channels = groups * draw(st.integers(1, 3), label="out_per_group")
+    same = stride == (1, 1) and draw(st.booleans(), label="padding_same")
+    padding = "same" if same else draw(st.tuples(st.integers(0, 3), st.integers(0, 3)), label="padding")
+    conv = nn.Conv2d(channels, out_channels, (kh, kw), stride, padding, dilation, groups,
+                     bias=draw(st.booleans(), label="bias"))
+    if same:
+        out = size
+    else:
+        out = tuple(conv_output_size(size[a], (kh, kw)[a], stride[a], padding[a], dilation) for a in (0, 1))
+    if min(out) < 1:
+        return None
+    if draw(st.booleans(), label="functional_conv"):
+        conv = FunctionalConv(conv)
+    return conv, out_channels, out
+
+
+@st.composite
+def pool_layer(draw, channels: int, size: tuple[int, int]):
+    kind = draw(st.sampled_from(["max", "avg", "F.max_pool2d", "pad"]), label="pool_kind")
+    if kind == "pad":
+        pads = draw(st.tuples(*[st.integers(0, 2)] * 4), label="zero_pad")
+        out = (size[0] + pads[2] + pads[3], size[1] + pads[0] + pads[1])
+        return nn.ZeroPad2d(pads), channels, out
+    k = draw(st.tuples(st.integers(1, 3), st.integers(1, 3)), label="pool_kernel")
+    s = draw(st.tuples(st.integers(1, 3), st.integers(1, 3)), label="pool_stride")
+    p = tuple(draw(st.integers(0, k[a] // 2), label=f"pool_pad{a}") for a in (0, 1))
+    ceil_mode = draw(st.booleans(), label="ceil_mode")
+    out = tuple(conv_output_size(size[a], k[a], s[a], p[a], ceil_mode=ceil_mode) for a in (0, 1))
+    if min(out) < 1:
+        return None
+    if kind == "max":
+        return nn.MaxPool2d(k, s, p, ceil_mode=ceil_mode), channels, out
+    if kind == "avg":
+        include = draw(st.booleans(), label="count_include_pad")
+        return nn.AvgPool2d(k, s, p, ceil_mode=ceil_mode, count_include_pad=include), channels, out
+    fn = lambda x: F.max_pool2d(x, k, s, p, ceil_mode=ceil_mode)
+    return Functional("F.max_pool2d", fn), channels, out
+
+
+@st.composite
+def cnn(draw, max_layers: int = 6):
+    """A random sequential CNN with a global tail, its image shape, as (model, (C, H, W))."""
+    channels = draw(st.integers(1, 4), label="in_channels")
+    image = (draw(st.integers(4, 20), label="H"), draw(st.integers(4, 20), label="W"))
+    size, c, layers = image, channels, []
+    for _ in range(draw(st.integers(1, max_layers), label="layers")):
+        kind = draw(st.sampled_from(["conv", "conv", "pool", "pointwise"]), label="layer")
+        if kind == "pointwise":
+            layers.append(draw(st.sampled_from(POINTWISE), label="pointwise")[1](c))
+            continue
+        drawn = draw(conv_layer(c, size) if kind == "conv" else pool_layer(c, size))
+        if drawn is not None:
+            layer, c, size = drawn
+            layers.append(layer)
+    tail = draw(st.sampled_from(["gap_linear", "flatten_linear", "none"]), label="tail")
+    if tail == "gap_linear":
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 3)]
+    elif tail == "flatten_linear":
+        layers += [nn.Flatten(), nn.Linear(c * size[0] * size[1], 3)]
+    model = nn.Sequential(*layers).double().eval()
+    return model, (channels, *image)
+
+
+@st.composite
+def patch_for(draw, image_hw: tuple[int, int], channels: int):
+    size = tuple(draw(st.integers(1, image_hw[a]), label=f"patch{a}") for a in (0, 1))
+    stride = tuple(draw(st.integers(1, 5), label=f"stride{a}") for a in (0, 1))
+    fill_kind = draw(st.sampled_from(["scalar", "channels", "tensor"]), label="fill_kind")
+    if fill_kind == "scalar":
+        fill = draw(st.floats(-2, 2), label="fill")
+    elif fill_kind == "channels":
+        fill = tuple(draw(st.lists(st.floats(-2, 2), min_size=channels, max_size=channels), label="fill"))
+    else:
+        seed = draw(st.integers(0, 2**16), label="fill_seed")
+        fill = torch.randn(channels, *size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return kfx.Patch(size, stride=stride, fill=fill)
+
+
+@st.composite
+def positions_for(draw, image_hw: tuple[int, int], patch: kfx.Patch, max_positions: int = 12):
+    """Positions including all four corners and the extremes of each axis."""
+    hi = (image_hw[0] - patch.size[0], image_hw[1] - patch.size[1])
+    corners = [(0, 0), (0, hi[1]), (hi[0], 0), (hi[0], hi[1])]
+    extra = draw(
+        st.lists(st.tuples(st.integers(0, hi[0]), st.integers(0, hi[1])), max_size=max_positions), label="positions"
+    )
+    return torch.tensor(corners + extra, dtype=torch.long)
+
