@@ -228,6 +228,8 @@ def compile(
     >>> engine = kfx.compile(model.eval(), (3, 224, 224), kfx.Patch(16, stride=4))  # doctest: +SKIP
     >>> heatmap = engine(image)  # doctest: +SKIP
     """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"kfx.compile needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(patch, int) and not isinstance(patch, bool):
         patch = Patch(patch)
     if not isinstance(patch, Patch):

@@ -118,7 +118,9 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodePatch:
     inputs = node.all_input_nodes
     states = [n.meta[META_KEY].state for n in inputs]
     if State.DENSE in states:
-        return _dense()  # downstream of the projection: no reason to report
+        if State.PATCH in states:  # a projection happens here: report it
+            return _dense(f"{_describe(node, modules)} combines a densely computed value with an incremental one")
+        return _dense()  # downstream of the projection: nothing new to report
     if State.PATCH not in states:
         return NodePatch(State.CONST, "const")
     what = _describe(node, modules)
