@@ -37,6 +37,24 @@ class Heatmap:
     def stride(self) -> tuple[int, int]:
         return self.patch.stride
 
+    def to_pixels(self) -> torch.Tensor:
+        """Per-pixel map [H, W]: mean over covering windows of (base - occluded probability)."""
+        from kfx.plot import to_pixels
+
+        return to_pixels(self)
+
+    def plot(self, image: torch.Tensor | None = None, **kwargs):
+        """Draw the map (over ``image`` if given) with a colour bar; returns the matplotlib Axes."""
+        from kfx.plot import plot
+
+        return plot(self, image, **kwargs)
+
+    def save(self, path, image: torch.Tensor | None = None, **kwargs) -> None:
+        """Write the picture of :meth:`plot` to ``path``."""
+        from kfx.plot import save
+
+        save(self, path, image, **kwargs)
+
 
 @dataclass(frozen=True)
 class DenseNode:
