@@ -169,3 +169,115 @@ def positions_for(draw, image_hw: tuple[int, int], patch: kfx.Patch, max_positio
     )
     return torch.tensor(corners + extra, dtype=torch.long)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Branching graphs (DESIGN 2.2 merge nodes): each block maps [C, H, W] -> [C', H', W'].
+
+
+class Residual(nn.Module):
+    """body(x) + shortcut(x), summed in place like torchvision's ResNet (``out += identity``)."""
+
+    def __init__(self, c: int, c_out: int, kernel: int, stride: int, dilation: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c_out, kernel, stride, dilation * (kernel // 2), dilation), _random_bn(c_out),
+            nn.ReLU(inplace=True),
+        )
+        self.shortcut = nn.Identity() if (stride == 1 and c == c_out) else nn.Conv2d(c, c_out, 1, stride)
+
+    def forward(self, x):
+        out = self.body(x)
+        out += self.shortcut(x)
+        return F.relu(out, inplace=True)
+
+
+class Branches(nn.Module):
+    """Concatenation of branches whose changed boxes differ in size and place."""
+
+    def __init__(self, c: int, kinds: list[str]):
+        super().__init__()
+        makers = {
+            "1x1": lambda: nn.Conv2d(c, 2, 1),
+            "3x3": lambda: nn.Conv2d(c, 2, 3, padding=1),
+            "1x5": lambda: nn.Conv2d(c, 3, (1, 5), padding=(0, 2)),
+            "5x1": lambda: nn.Conv2d(c, 1, (5, 1), padding=(2, 0)),
+            "shifted": lambda: nn.Sequential(nn.ZeroPad2d((2, 0, 2, 0)), nn.Conv2d(c, 2, 3)),  # box moves up-left
+            "pool": lambda: nn.MaxPool2d(3, 1, 1),
+            "avgpool": lambda: nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+        }
+        self.branches = nn.ModuleList(makers[k]() for k in kinds)
+
+    def forward(self, x):
+        return torch.cat([b(x) for b in self.branches], 1)
+
+
+class SharedConv(nn.Module):
+    """One conv module called at two places of the graph, then merged (state keyed by node)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.conv(torch.relu(y)) - y
+
+
+class SpatialGate(nn.Module):
+    """x * sigmoid(conv(x)): a product of two spatial tensors (merge)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.gate = nn.Conv2d(c, 1, 3, padding=2, dilation=2)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.gate(x))
+
+
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(fc(mean(x))): the change becomes global here (exact, dense from here on)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(F.adaptive_avg_pool2d(x, 1)))
+
+
+@st.composite
+def dag_block(draw, c: int, size: tuple[int, int]):
+    kind = draw(st.sampled_from(["residual", "branches", "shared", "gate", "se"]), label="block")
+    if kind == "residual":
+        kernel = draw(st.sampled_from([1, 3, 5]), label="res_kernel")
+        stride = draw(st.integers(1, 2), label="res_stride")
+        c_out = draw(st.sampled_from([c, c + 1]), label="res_channels")
+        dilation = draw(st.integers(1, 2), label="res_dilation")
+        out = tuple((s - 1) // stride + 1 for s in size)
+        return Residual(c, c_out, kernel, stride, dilation), c_out, out
+    if kind == "branches":
+        kinds = draw(st.lists(st.sampled_from(["1x1", "3x3", "1x5", "5x1", "shifted", "pool", "avgpool"]),
+                              min_size=2, max_size=4), label="branches")
+        channels = {"1x1": 2, "3x3": 2, "1x5": 3, "5x1": 1, "shifted": 2, "pool": c, "avgpool": c}
+        return Branches(c, kinds), sum(channels[k] for k in kinds), size
+    if kind == "shared":
+        return SharedConv(c), c, size
+    if kind == "gate":
+        return SpatialGate(c), c, size
+    return SqueezeExcite(c), c, size
+
+
+@st.composite
+def dag_cnn(draw, max_blocks: int = 4):
+    """A random branching CNN with a global tail, as (model, (C, H, W))."""
+    channels = draw(st.integers(1, 3), label="in_channels")
+    image = (draw(st.integers(5, 18), label="H"), draw(st.integers(5, 18), label="W"))
+    stem = nn.Conv2d(channels, 3, 3, padding=1)
+    layers, c, size = [stem], 3, image
+    for _ in range(draw(st.integers(1, max_blocks), label="blocks")):
+        block, c, size = draw(dag_block(c, size))
+        layers.append(block)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 3)]
+    model = nn.Sequential(*layers).double().eval()
+    return model, (channels, *image)

@@ -6,7 +6,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kfx
-from tests.strategies import cnn, patch_for, positions_for
+from tests.strategies import cnn, dag_cnn, patch_for, positions_for
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -70,3 +70,22 @@ def test_engine_reports_where_it_goes_dense():
     assert list(roles.values())[:3] == ["input", "local", "pointwise"]
     assert [d.node for d in engine.dense_nodes] == ["_2"]
     assert "global context" in engine.dense_nodes[0].reason
+
+
+@st.composite
+def dag_cases(draw):
+    model, shape = draw(dag_cnn())
+    patch = draw(patch_for(shape[1:], shape[0]))
+    positions = draw(positions_for(shape[1:], patch))
+    seed = draw(st.integers(0, 2**16), label="image_seed")
+    image = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return model, shape, patch, positions, image, draw(st.integers(1, 7), label="batch_size")
+
+
+@given(dag_cases())
+def test_branching_graphs_equal_full_inference(case):
+    model, shape, patch, positions, image, batch_size = case
+    engine = kfx.compile(model, shape, patch, batch_size=batch_size)
+    with torch.no_grad():
+        expected = model(kfx.occlude(image, positions, patch))
+    assert relative_error(engine.outputs(image, positions), expected) <= 1e-9, (model, patch)
