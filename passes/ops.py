@@ -231,6 +231,8 @@ def is_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             return not m.training and m.track_running_stats and m.running_mean is not None
         return False
     if node.op == "call_function":
+        if getattr(node.target, "__name__", "") == "stochastic_depth":  # torchvision.ops, identity in eval
+            return not bind_args(node, ("input", "p", "mode", "training"), {"training": True})["training"]
         if node.target is F.dropout:
             return not bind_args(node, ("input", "p", "training"), {"p": 0.5, "training": True})["training"]
         if node.target is F.batch_norm:
