@@ -18,7 +18,9 @@ from torch import fx, nn
 
 from kfx.geometry import conv_fmas, effective_kernel
 
-__all__ = ["LocalSpec", "local_spec", "is_pointwise", "is_merge", "bind_args", "INPLACE_TO_FUNCTIONAL"]
+__all__ = [
+    "LocalSpec", "local_spec", "is_pointwise", "is_merge", "is_global_mean", "bind_args", "INPLACE_TO_FUNCTIONAL",
+]
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,20 @@ def is_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return node.target in POINTWISE_FUNCTIONS
     if node.op == "call_method":
         return node.target in POINTWISE_METHODS
+    return False
+
+
+def is_global_mean(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Global average pooling over H and W (output [1, C, 1, 1] or [1, C]): it has an exact delta."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1), [1, 1])
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        return bind_args(node, ("input", "output_size"), {})["output_size"] in (1, (1, 1), [1, 1])
+    if (node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean):
+        a = bind_args(node, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
+        dims = a["dim"]
+        return isinstance(dims, (tuple, list)) and sorted(d % 4 for d in dims) == [2, 3] and "dtype" not in node.kwargs
     return False
 
 

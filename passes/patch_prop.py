@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from kfx.geometry import Span, changed_output_span, read_in_span, shift_inside, union_span
-from kfx.passes.ops import LocalSpec, is_merge, is_pointwise, local_spec
+from kfx.passes.ops import LocalSpec, is_global_mean, is_merge, is_pointwise, local_spec
 
 __all__ = ["META_KEY", "State", "AxisBoxes", "NodePatch", "propagate_patches", "spatial_size"]
 
@@ -52,7 +52,7 @@ class NodePatch:
     """What patch propagation knows about one node."""
 
     state: State
-    role: str  # "const" | "input" | "pointwise" | "local" | "merge" | "shape" | "dense"
+    role: str  # "const" | "input" | "pointwise" | "local" | "merge" | "shape" | "mean_delta" | "dense"
     box: Box | None = None  # changed box (PATCH nodes)
     read: Box | None = None  # read-in window (local nodes)
     local: LocalSpec | None = None
@@ -127,11 +127,14 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodePatch:
     if _is_shape_query(node):
         # x.size(), x.shape, x.dim(): answered from the full shape, no projection needed.
         return NodePatch(State.DENSE, "shape")
+    changed = [n for n in inputs if n.meta[META_KEY].state is State.PATCH]
+    others = [n for n in inputs if n.meta[META_KEY].state is State.CONST]
+    if len(changed) == 1 and node.args[0] is changed[0] and is_global_mean(node, modules):
+        # mean_new = mean_base + (sum(new box) - sum(old box)) / (H * W): exact, no projection (DESIGN 2.2).
+        return NodePatch(State.DENSE, "mean_delta")
     size = spatial_size(node)
     if size is None:
         return _dense(f"{what} is global context (its output is not a [1, C, H, W] map)")
-    changed = [n for n in inputs if n.meta[META_KEY].state is State.PATCH]
-    others = [n for n in inputs if n.meta[META_KEY].state is State.CONST]
 
     if len(changed) == 1 and node.args and node.args[0] is changed[0]:
         spec = local_spec(node, modules, spatial_size(changed[0]))

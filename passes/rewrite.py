@@ -8,7 +8,8 @@ as :class:`BaseSlot` says (padded once per image). Incremental nodes carry a :cl
 runs densely. The steps only place data; what each computes lives in kfx.kernels.
 
 Table of contents (node role -> step): input -> InputStep, pointwise -> PointwiseStep,
-local -> LocalStep, merge -> MergeStep, shape -> ShapeStep, PATCH value used densely -> ProjectStep,
+local -> LocalStep, merge -> MergeStep, shape -> ShapeStep, mean_delta -> MeanDeltaStep,
+PATCH value used densely -> ProjectStep,
 const/dense -> copy.
 """
 
@@ -184,6 +185,21 @@ class ShapeStep(nn.Module):
         return shape[args[0]] if args else shape
 
 
+class MeanDeltaStep(nn.Module):
+    """Global average pooling from the base mean and the change inside the box (exact, DESIGN 2.2)."""
+
+    def __init__(self, in_hw: tuple[int, int], out_shape: tuple[int, ...]):
+        super().__init__()
+        self.area = in_hw[0] * in_hw[1]
+        self.out_shape = out_shape
+
+    def forward(self, base_in: torch.Tensor, base_out: torch.Tensor, patches: Patches) -> torch.Tensor:
+        n, c, h, w = patches.values.shape
+        old = kernels.gather_windows(base_in, patches.origin, (h, w))
+        delta = (patches.values - old).sum(dim=(2, 3)) / self.area
+        return (base_out.reshape(1, c) + delta).view(n, *self.out_shape[1:])
+
+
 class ProjectStep(nn.Module):
     """Projection to full: paint the changes into N copies of the base (DESIGN 2.2)."""
 
@@ -227,6 +243,8 @@ def build_program(gm: fx.GraphModule, fill: torch.Tensor) -> Program:
             return [BaseSlot(source.name, _local_margins(meta, spatial_size(source)), meta.local.pad_value)]
         if meta.role == "merge":
             return [unpadded(n) for n in _windowed_inputs(node)]
+        if meta.role == "mean_delta":
+            return [unpadded(node.args[0]), unpadded(node)]
         if (meta.state is State.DENSE and meta.role != "shape") or node.op == "output":
             return [unpadded(n) for n in node.all_input_nodes if _meta(n).state is State.PATCH]
         return []
@@ -263,6 +281,11 @@ def build_program(gm: fx.GraphModule, fill: torch.Tensor) -> Program:
             step = ShapeStep(target, tuple(source.meta["tensor_meta"].shape))
             extra = node.args[2:] if target == "shape" else node.args[1:]  # size(dim) keeps its dim
             env[node] = add_step(node.name, step, (env[source], *fx.node.map_arg(extra, env.__getitem__)))
+        elif meta.role == "mean_delta":
+            source = node.args[0]
+            step = MeanDeltaStep(spatial_size(source), tuple(node.meta["tensor_meta"].shape))
+            base_in, base_out = (slots[slot] for slot in needs(node))
+            env[node] = add_step(node.name, step, (base_in, base_out, env[source]))
         elif meta.state is not State.PATCH:
             env[node] = graph.node_copy(node, dense_value)
         elif meta.role == "pointwise":

@@ -62,14 +62,28 @@ def test_heatmap_equals_brute_force(drawn, data):
 
 def test_engine_reports_where_it_goes_dense():
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-        torch.nn.Linear(4, 2),
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Upsample(scale_factor=2),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2),
     ).eval()
     engine = kfx.compile(model, (3, 12, 12), kfx.Patch(3, stride=3))
-    roles = engine.roles()
-    assert list(roles.values())[:3] == ["input", "local", "pointwise"]
+    roles = list(engine.roles().values())
+    assert roles[:4] == ["input", "local", "pointwise", "dense"]
     assert [d.node for d in engine.dense_nodes] == ["_2"]
-    assert "global context" in engine.dense_nodes[0].reason
+    assert "Upsample" in engine.dense_nodes[0].reason and "projected to full" in engine.dense_nodes[0].reason
+
+
+def test_global_average_pooling_uses_the_exact_delta_not_a_projection():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2),
+    ).double().eval()
+    engine = kfx.compile(model, (3, 12, 12), kfx.Patch(3, stride=3))
+    assert list(engine.roles().values())[:3] == ["input", "local", "mean_delta"]
+    assert engine.dense_nodes == []
+    image = torch.randn(3, 12, 12, dtype=torch.float64)
+    positions = kfx.grid_positions((12, 12), engine.patch)
+    with torch.no_grad():
+        expected = model(kfx.occlude(image, positions, engine.patch))
+    assert relative_error(engine.outputs(image, positions), expected) <= 1e-12
 
 
 @st.composite

@@ -23,5 +23,6 @@ def test_efficientnet_lite0_on_a_real_photo_is_exact_and_incremental():
     assert ((actual - expected).abs().max() / expected.abs().max()).item() <= 1e-5
     # A real model on a real photo: chelsea is a cat (ImageNet 281-285 are cat classes).
     assert 281 <= int(base.argmax()) <= 285
-    # Incremental up to the global pooling: that is the only place it projects to full.
-    assert [d.node for d in engine.dense_nodes] == ["_avg_pooling"]
+    # Incremental all the way: the global pooling takes the exact delta, nothing is projected to full.
+    assert engine.dense_nodes == []
+    assert engine.roles()["_avg_pooling"] == "mean_delta"
