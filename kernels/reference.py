@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pad_base", "gather_windows", "paste", "project"]
+__all__ = ["pad_base", "gather_windows", "paste", "gather_paste", "project"]
 
 
 def pad_base(base: torch.Tensor, margins: tuple[int, int, int, int], value: float) -> torch.Tensor:
@@ -60,9 +60,29 @@ def paste(
     its window (checked at compile time), which allows a cheaper scatter. Returns the new windows
     (may reuse ``windows``' storage).
     """
+    return _paste_at(windows, patch, patch_origin - window_origin, inside)
+
+
+def gather_paste(
+    padded: torch.Tensor,
+    origin: torch.Tensor,
+    size: tuple[int, int],
+    patch: torch.Tensor,
+    patch_offset: torch.Tensor,
+    *,
+    inside: bool = False,
+) -> torch.Tensor:
+    """Read-in windows with each position's patch painted in: ``paste(gather_windows(...))``.
+
+    ``origin`` [N, 2] is in padded coordinates, ``patch_offset`` [N, 2] the patch's corner relative
+    to its window. One semantic op for every backend (kfx.kernels dispatches it).
+    """
+    return _paste_at(gather_windows(padded, origin, size), patch, patch_offset, inside)
+
+
+def _paste_at(windows: torch.Tensor, patch: torch.Tensor, offset: torch.Tensor, inside: bool) -> torch.Tensor:
     n, c, hr, wr = windows.shape
     hp, wp = patch.shape[-2:]
-    offset = patch_origin - window_origin
     if inside:
         index = _flat_window_index(offset, (hp, wp), wr).view(n, 1, hp * wp).expand(n, c, hp * wp)
         out = windows.reshape(n, c, hr * wr)

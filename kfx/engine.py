@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from kfx import kernels
 from kfx.cost import CostReport, static_cost
 from kfx.errors import InputError, ModelError, PatchError
-from kfx.passes import META_KEY, State, build_program, propagate_patches, propagate_shapes, trace
+from kfx.passes import META_KEY, build_program, propagate_patches, propagate_shapes, trace
 from kfx.patch import Patch, check_positions, grid_positions
 
 __all__ = ["compile", "Engine", "Heatmap", "DenseNode"]
@@ -91,21 +92,25 @@ class Engine:
         patch: Patch,
         batch_size: int | None,
         dtype: torch.dtype | None = None,
+        backend: str = "auto",
     ):
         self.image_shape = image_shape
         self.patch = patch
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         model_dtype, self.device = _model_dtype_device(model)
         self.dtype = dtype or model_dtype
+        self.backend = kernels.resolve_backend(backend, self.device)
         channels, height, width = image_shape
         patch.check_fits((height, width))
 
         self.graph_module = trace(model)
-        propagate_shapes(self.graph_module, torch.zeros(1, *image_shape, dtype=self.dtype, device=self.device))
+        propagate_shapes(
+            self.graph_module, torch.zeros(1, *image_shape, dtype=self.dtype, device=self.device)
+        )
         propagate_patches(self.graph_module, (height, width), patch.size)
         fill = patch.fill_tensor(channels, self.dtype, self.device)
         self._cost = static_cost(self.graph_module)
-        program = build_program(self.graph_module, fill)
+        program = build_program(self.graph_module, fill, self.backend)
         self.program = program.module
         self._slots = program.slots
         self._base = _base_program(self.graph_module, [slot.source for slot in program.slots])
@@ -135,6 +140,7 @@ class Engine:
         dense = "; ".join(f"{d.node}: {d.reason}" for d in self.dense_nodes) or "none"
         return (
             f"kfx.Engine(image_shape={self.image_shape}, patch={self.patch.size}, stride={self.patch.stride}, "
+            f"backend={self.backend!r}, "
             f"incremental nodes={incremental}, dense from: {dense}, "
             f"theoretical speedup={self._cost.theoretical_speedup:.2f}x)"
         )
@@ -163,12 +169,11 @@ class Engine:
         """Run the unoccluded image once; keep (and reuse for the same image) the base activations."""
         if self._cached is not None and torch.equal(self._cached[0], image):
             return self._cached[1], self._cached[2]
-        from kfx import kernels
-
         with torch.no_grad():
             output, activations = self._base(image)
             prepared = [
-                kernels.pad_base(act, slot.margins, slot.pad_value) for act, slot in zip(activations, self._slots)
+                kernels.pad_base(act, slot.margins, slot.pad_value)
+                for act, slot in zip(activations, self._slots)
             ]
         self._cached = (image.clone(), output, prepared)
         return output, prepared
@@ -197,7 +202,9 @@ class Engine:
         positions = check_positions(positions, self.image_shape[1:], self.patch)
         return torch.cat(list(self._batches(image, positions, batch_size)))
 
-    def __call__(self, image: torch.Tensor, target: int | None = None, *, batch_size: int | None = None) -> Heatmap:
+    def __call__(
+        self, image: torch.Tensor, target: int | None = None, *, batch_size: int | None = None
+    ) -> Heatmap:
         """The occlusion heat map of ``image`` for class ``target`` (default: the predicted class)."""
         image = self._check_image(image)
         base_output, _ = self._prepare(image)
@@ -217,7 +224,9 @@ class Engine:
         values = torch.cat(
             [torch.softmax(out, dim=1)[:, target] for out in self._batches(image, positions, batch_size)]
         )
-        return Heatmap(values.view(*self.patch.grid_shape(hw)).cpu(), target, float(base_probs[target]), self.patch, hw)
+        return Heatmap(
+            values.view(*self.patch.grid_shape(hw)).cpu(), target, float(base_probs[target]), self.patch, hw
+        )
 
 
 def compile(
@@ -227,6 +236,7 @@ def compile(
     *,
     batch_size: int | None = None,
     dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> Engine:
     """Compile ``model`` into an exact incremental occlusion engine.
 
@@ -238,6 +248,9 @@ def compile(
         batch_size: patch positions evaluated per batch (default 64).
         dtype: the images' dtype; defaults to the dtype of the model's parameters (needed only for
             models without floating-point parameters or buffers).
+        backend: kernels for gather/paste/conv/projection: "torch" (plain torch, any device),
+            "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), or "auto": Triton for
+            CUDA models when triton runs, torch otherwise.
 
     Returns:
         An :class:`Engine`; ``engine(image)`` gives the heat map, ``engine.outputs(image, positions)``
@@ -258,8 +271,10 @@ def compile(
         raise InputError(f"image_shape must be (C, H, W), got {image_shape!r}") from None
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
         raise InputError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise InputError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    return Engine(model, shape, patch, batch_size, dtype)
+    return Engine(model, shape, patch, batch_size, dtype, backend)

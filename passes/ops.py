@@ -19,7 +19,13 @@ from torch import fx, nn
 from kfx.geometry import conv_fmas, effective_kernel
 
 __all__ = [
-    "LocalSpec", "local_spec", "is_pointwise", "is_merge", "is_global_mean", "bind_args", "INPLACE_TO_FUNCTIONAL",
+    "LocalSpec",
+    "local_spec",
+    "is_pointwise",
+    "is_merge",
+    "is_global_mean",
+    "bind_args",
+    "INPLACE_TO_FUNCTIONAL",
 ]
 
 
@@ -43,6 +49,7 @@ class LocalSpec:
     const_nodes: tuple[fx.Node, ...] = ()
     divisor: torch.Tensor | None = None
     fmas_per_output: int = 0  # conv only: C_in/groups * k_h * k_w * C_out, the FMAs of one output pixel
+    conv_args: tuple | None = None  # conv only: (stride, dilation, groups), for fused conv kernels
 
 
 def _pair(v) -> tuple[int, int]:
@@ -65,7 +72,9 @@ def _same_padding(kernel_eff: tuple[int, int]) -> tuple[int, int]:
     return tuple((k - 1) // 2 for k in kernel_eff)
 
 
-def _conv_spec(weight_shape, bias, stride, padding, dilation, groups, apply, const_nodes=()) -> LocalSpec | None:
+def _conv_spec(
+    weight_shape, bias, stride, padding, dilation, groups, apply, const_nodes=()
+) -> LocalSpec | None:
     c_out, c_in_per_group, kh, kw = weight_shape
     dilation = _pair(dilation)
     kernel = (effective_kernel(kh, dilation[0]), effective_kernel(kw, dilation[1]))
@@ -79,11 +88,14 @@ def _conv_spec(weight_shape, bias, stride, padding, dilation, groups, apply, con
         pad_value=0.0,
         apply=apply,
         const_nodes=const_nodes,
+        conv_args=(_pair(stride), dilation, groups),
         fmas_per_output=conv_fmas(c_in_per_group * groups, c_out, groups, kh, kw, 1, 1),
     )
 
 
-def _avg_divisor(in_hw, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) -> torch.Tensor:
+def _avg_divisor(
+    in_hw, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override
+) -> torch.Tensor:
     """Divisor of every output element of an avg-pool, computed once from the geometry alone."""
     ones = torch.ones(1, 1, *in_hw, dtype=torch.float64)
     if divisor_override:
@@ -139,8 +151,11 @@ def local_spec(node: fx.Node, modules: dict[str, nn.Module], in_hw: tuple[int, i
     if node.op != "call_function":
         return None
     if node.target in (F.conv2d, torch.conv2d):
-        a = bind_args(node, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-                      {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+        a = bind_args(
+            node,
+            ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+            {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1},
+        )
         weight, bias = a["weight"], a["bias"]
         if not isinstance(weight, fx.Node) or "tensor_meta" not in weight.meta:
             return None
@@ -150,21 +165,44 @@ def local_spec(node: fx.Node, modules: dict[str, nn.Module], in_hw: tuple[int, i
             apply = lambda w, wt, b: F.conv2d(w, wt, b, stride, 0, dilation, groups)
         else:
             apply = lambda w, wt: F.conv2d(w, wt, bias, stride, 0, dilation, groups)
-        return _conv_spec(weight.meta["tensor_meta"].shape, bias, stride, a["padding"], dilation, groups,
-                          apply, const_nodes)
+        return _conv_spec(
+            weight.meta["tensor_meta"].shape, bias, stride, a["padding"], dilation, groups, apply, const_nodes
+        )
     if node.target in (F.max_pool2d, torch.max_pool2d):
-        a = bind_args(node, ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
-                      {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
+        a = bind_args(
+            node,
+            ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+            {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False},
+        )
         if a["return_indices"]:
             return None
-        return _pool_spec("max_pool", a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"], in_hw)
+        return _pool_spec(
+            "max_pool", a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"], in_hw
+        )
     if node.target is F.avg_pool2d:
-        a = bind_args(node, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                             "divisor_override"),
-                      {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
-                       "divisor_override": None})
+        a = bind_args(
+            node,
+            (
+                "input",
+                "kernel_size",
+                "stride",
+                "padding",
+                "ceil_mode",
+                "count_include_pad",
+                "divisor_override",
+            ),
+            {
+                "stride": None,
+                "padding": 0,
+                "ceil_mode": False,
+                "count_include_pad": True,
+                "divisor_override": None,
+            },
+        )
         flags = (a["count_include_pad"], a["divisor_override"])
-        return _pool_spec("avg_pool", a["kernel_size"], a["stride"], a["padding"], 1, a["ceil_mode"], in_hw, flags)
+        return _pool_spec(
+            "avg_pool", a["kernel_size"], a["stride"], a["padding"], 1, a["ceil_mode"], in_hw, flags
+        )
     if node.target is F.pad:
         a = bind_args(node, ("input", "pad", "mode", "value"), {"mode": "constant", "value": None})
         if a["mode"] != "constant" or not all(isinstance(v, int) for v in a["pad"]):
@@ -178,32 +216,126 @@ def local_spec(node: fx.Node, modules: dict[str, nn.Module], in_hw: tuple[int, i
 # (and on constants that do not vary over space). They run on the changed patch alone.
 
 POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-    nn.LogSigmoid, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.PReLU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Dropout1d,
+    nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
 
-POINTWISE_FUNCTIONS: frozenset = frozenset({
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.sigmoid, F.tanh, F.logsigmoid, F.prelu,
-    torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip, torch.abs, torch.neg, torch.exp,
-    torch.square, torch.sqrt, torch.rsqrt, torch.log, torch.sin, torch.cos, torch.erf,
-    operator.neg, operator.pos, operator.abs,
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.floordiv,
-    torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.maximum, torch.minimum,
-})
+POINTWISE_FUNCTIONS: frozenset = frozenset(
+    {
+        F.relu,
+        F.relu6,
+        F.leaky_relu,
+        F.elu,
+        F.selu,
+        F.celu,
+        F.gelu,
+        F.silu,
+        F.mish,
+        F.hardswish,
+        F.hardsigmoid,
+        F.hardtanh,
+        F.softplus,
+        F.softsign,
+        F.sigmoid,
+        F.tanh,
+        F.logsigmoid,
+        F.prelu,
+        torch.relu,
+        torch.sigmoid,
+        torch.tanh,
+        torch.clamp,
+        torch.clip,
+        torch.abs,
+        torch.neg,
+        torch.exp,
+        torch.square,
+        torch.sqrt,
+        torch.rsqrt,
+        torch.log,
+        torch.sin,
+        torch.cos,
+        torch.erf,
+        operator.neg,
+        operator.pos,
+        operator.abs,
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.pow,
+        operator.floordiv,
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.div,
+        torch.pow,
+        torch.maximum,
+        torch.minimum,
+    }
+)
 
-POINTWISE_METHODS: frozenset = frozenset({
-    "relu", "sigmoid", "tanh", "clamp", "clip", "abs", "neg", "exp", "sqrt", "rsqrt", "square",
-    "add", "sub", "mul", "div", "pow", "contiguous", "maximum", "minimum",
-})
+POINTWISE_METHODS: frozenset = frozenset(
+    {
+        "relu",
+        "sigmoid",
+        "tanh",
+        "clamp",
+        "clip",
+        "abs",
+        "neg",
+        "exp",
+        "sqrt",
+        "rsqrt",
+        "square",
+        "add",
+        "sub",
+        "mul",
+        "div",
+        "pow",
+        "contiguous",
+        "maximum",
+        "minimum",
+    }
+)
 
 # Binary ops whose two spatial operands may both carry changes: merge nodes (DESIGN 2.2).
-MERGE_FUNCTIONS: frozenset = frozenset({
-    operator.add, operator.sub, operator.mul, operator.truediv,
-    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
-})
+MERGE_FUNCTIONS: frozenset = frozenset(
+    {
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.div,
+        torch.maximum,
+        torch.minimum,
+    }
+)
 MERGE_METHODS: frozenset = frozenset({"add", "sub", "mul", "div", "maximum", "minimum"})
 
 # In-place spellings and the functional op each stands for (the trace pass rewrites them so that
@@ -238,8 +370,11 @@ def is_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         if node.target is F.dropout:
             return not bind_args(node, ("input", "p", "training"), {"p": 0.5, "training": True})["training"]
         if node.target is F.batch_norm:
-            a = bind_args(node, ("input", "running_mean", "running_var", "weight", "bias", "training"),
-                          {"weight": None, "bias": None, "training": False})
+            a = bind_args(
+                node,
+                ("input", "running_mean", "running_var", "weight", "bias", "training"),
+                {"weight": None, "bias": None, "training": False},
+            )
             return not a["training"] and a["running_mean"] is not None
         return node.target in POINTWISE_FUNCTIONS
     if node.op == "call_method":
@@ -254,10 +389,16 @@ def is_global_mean(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1), [1, 1])
     if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
         return bind_args(node, ("input", "output_size"), {})["output_size"] in (1, (1, 1), [1, 1])
-    if (node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean):
+    if (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target is torch.mean
+    ):
         a = bind_args(node, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
         dims = a["dim"]
-        return isinstance(dims, (tuple, list)) and sorted(d % 4 for d in dims) == [2, 3] and "dtype" not in node.kwargs
+        return (
+            isinstance(dims, (tuple, list))
+            and sorted(d % 4 for d in dims) == [2, 3]
+            and "dtype" not in node.kwargs
+        )
     return False
 
 

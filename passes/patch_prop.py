@@ -13,10 +13,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from kfx.passes.ops import LocalSpec, is_global_mean, is_merge, is_pointwise, local_spec
 from torch import fx, nn
 
 from kfx.geometry import Span, changed_output_span, read_in_span, shift_inside, union_span
-from kfx.passes.ops import LocalSpec, is_global_mean, is_merge, is_pointwise, local_spec
 
 __all__ = ["META_KEY", "State", "AxisBoxes", "NodePatch", "propagate_patches", "spatial_size"]
 
@@ -119,7 +119,9 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodePatch:
     states = [n.meta[META_KEY].state for n in inputs]
     if State.DENSE in states:
         if State.PATCH in states:  # a projection happens here: report it
-            return _dense(f"{_describe(node, modules)} combines a densely computed value with an incremental one")
+            return _dense(
+                f"{_describe(node, modules)} combines a densely computed value with an incremental one"
+            )
         return _dense()  # downstream of the projection: nothing new to report
     if State.PATCH not in states:
         return NodePatch(State.CONST, "const")
@@ -139,7 +141,9 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodePatch:
     if len(changed) == 1 and node.args and node.args[0] is changed[0]:
         spec = local_spec(node, modules, spatial_size(changed[0]))
         if spec is not None:
-            box, read = zip(*(_local_axis(changed[0].meta[META_KEY].box[a], spec, a, size[a]) for a in (0, 1)))
+            box, read = zip(
+                *(_local_axis(changed[0].meta[META_KEY].box[a], spec, a, size[a]) for a in (0, 1))
+            )
             return NodePatch(State.PATCH, "local", box=tuple(box), read=tuple(read), local=spec)
 
     if (

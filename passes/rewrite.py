@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from kfx.passes.patch_prop import META_KEY, AxisBoxes, NodePatch, State, spatial_size
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from kfx import kernels
-from kfx.passes.patch_prop import META_KEY, AxisBoxes, NodePatch, State, spatial_size
 
 __all__ = ["Patches", "BaseSlot", "Program", "build_program"]
 
@@ -117,9 +117,11 @@ def _always_inside(patch: tuple[AxisBoxes, AxisBoxes], window: tuple[AxisBoxes, 
 class LocalStep(_BoxedStep):
     """Conv/pool/pad on read-in windows: gather from the padded base, paste the change, run the op."""
 
-    def __init__(self, meta: NodePatch, in_meta: NodePatch, offset: tuple[int, int], module, device, dtype):
+    def __init__(self, meta: NodePatch, in_meta: NodePatch, offset: tuple[int, int], module, device, dtype,
+                 backend: str = "torch"):
         super().__init__(meta.box, device)
         self.spec = meta.local
+        self.backend = backend
         self.op = module  # registers a conv's parameters with the program (None for functional ops)
         read_h, read_w = _tables(meta.read, device)
         self.register_buffer("read_h", read_h, persistent=False)
@@ -129,16 +131,24 @@ class LocalStep(_BoxedStep):
         self.inside = _always_inside(in_meta.box, meta.read)
         divisor = meta.local.divisor
         self.register_buffer(
-            "divisor", None if divisor is None else divisor.to(device=device, dtype=dtype)[None], persistent=False
+            "divisor",
+            None if divisor is None else divisor.to(device=device, dtype=dtype)[None],
+            persistent=False,
         )
 
     def forward(self, padded_base: torch.Tensor, patches: Patches, *consts) -> Patches:
         positions = patches.positions
         read = torch.stack((self.read_h[positions[:, 0]], self.read_w[positions[:, 1]]), dim=1)
         offset = torch.tensor(self.offset, device=read.device)
-        windows = kernels.gather_windows(padded_base, read + offset, self.read_size)
-        windows = kernels.paste(windows, read, patches.values, patches.origin, inside=self.inside)
-        out = self.spec.apply(windows, *consts)
+        window_args = (padded_base, read + offset, self.read_size, patches.values, patches.origin - read)
+        if self.spec.conv_args is not None and self.backend == "triton":
+            weight, bias = (self.op.weight, self.op.bias) if self.op is not None else (consts + (None,))[:2]
+            out = kernels.incremental_conv(self.backend, *window_args, weight, bias, *self.spec.conv_args)
+        else:
+            windows = kernels.read_windows(
+                self.backend, *window_args, inside=self.inside, pad_value=self.spec.pad_value
+            )
+            out = self.spec.apply(windows, *consts)
         origin = self.origin(positions)
         if self.divisor is not None:
             out = out / kernels.gather_windows(self.divisor, origin, self.size)
@@ -148,21 +158,26 @@ class LocalStep(_BoxedStep):
 class MergeStep(_BoxedStep):
     """Element-wise op or channel concat over the union box: window each spatial operand."""
 
-    def __init__(self, meta: NodePatch, target, windowed: dict[int, int], inside: bool, device):
+    def __init__(self, meta: NodePatch, target, windowed: dict[int, int], inside: bool, device, backend="torch"):
         super().__init__(meta.box, device)
         self.target = target
         self.windowed = windowed  # flat leaf index in (args, kwargs) -> index into bases
         self.inside = inside
+        self.backend = backend
 
     def forward(self, bases: tuple[torch.Tensor, ...], *args, **kwargs) -> Patches:
         leaves, spec = tree_flatten((args, kwargs))
         positions = next(leaf.positions for leaf in leaves if isinstance(leaf, Patches))
         origin = self.origin(positions)
         for leaf_index, base_index in self.windowed.items():
-            window = kernels.gather_windows(bases[base_index], origin, self.size)
             leaf = leaves[leaf_index]
             if isinstance(leaf, Patches):
-                window = kernels.paste(window, origin, leaf.values, leaf.origin, inside=self.inside)
+                window = kernels.read_windows(
+                    self.backend, bases[base_index], origin, self.size, leaf.values, leaf.origin - origin,
+                    inside=self.inside,
+                )
+            else:  # a constant spatial operand: its window, unchanged
+                window = kernels.gather_windows(bases[base_index], origin, self.size)
             leaves[leaf_index] = window
         args, kwargs = tree_unflatten(leaves, spec)
         return Patches(self.target(*args, **kwargs), positions, origin)
@@ -203,8 +218,12 @@ class MeanDeltaStep(nn.Module):
 class ProjectStep(nn.Module):
     """Projection to full: paint the changes into N copies of the base (DESIGN 2.2)."""
 
+    def __init__(self, backend: str = "torch"):
+        super().__init__()
+        self.backend = backend
+
     def forward(self, base: torch.Tensor, patches: Patches) -> torch.Tensor:
-        return kernels.project(base, patches.values, patches.origin)
+        return kernels.project_to_full(self.backend, base, patches.values, patches.origin)
 
 
 def _meta(node: fx.Node) -> NodePatch:
@@ -226,8 +245,11 @@ def _windowed_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if spatial_size(n) == size]
 
 
-def build_program(gm: fx.GraphModule, fill: torch.Tensor) -> Program:
-    """Rewrite annotated ``gm`` into the incremental :class:`Program` (fill: the patch, [C, h, w])."""
+def build_program(gm: fx.GraphModule, fill: torch.Tensor, backend: str = "torch") -> Program:
+    """Rewrite annotated ``gm`` into the incremental :class:`Program` (fill: the patch, [C, h, w]).
+
+    ``backend`` ("torch" or "triton") selects the kernels the steps call (kfx.kernels).
+    """
     modules = dict(gm.named_modules())
     device, dtype = fill.device, fill.dtype
     graph = fx.Graph()
@@ -266,7 +288,7 @@ def build_program(gm: fx.GraphModule, fill: torch.Tensor) -> Program:
         if _meta(n).state is not State.PATCH:
             return env[n]
         if n not in projected:
-            projected[n] = add_step(f"project_{n.name}", ProjectStep(), (slots[unpadded(n)], env[n]))
+            projected[n] = add_step(f"project_{n.name}", ProjectStep(backend), (slots[unpadded(n)], env[n]))
         return projected[n]
 
     for node in gm.graph.nodes:
@@ -295,7 +317,8 @@ def build_program(gm: fx.GraphModule, fill: torch.Tensor) -> Program:
             source = node.args[0]
             slot = needs(node)[0]
             module = modules[node.target] if node.op == "call_module" else None
-            step = LocalStep(meta, _meta(source), (slot.margins[0], slot.margins[2]), module, device, dtype)
+            offset = (slot.margins[0], slot.margins[2])
+            step = LocalStep(meta, _meta(source), offset, module, device, dtype, backend)
             consts = tuple(env[n] for n in meta.local.const_nodes)
             env[node] = add_step(node.name, step, (slots[slot], env[source], *consts))
         elif meta.role == "merge":
@@ -307,7 +330,7 @@ def build_program(gm: fx.GraphModule, fill: torch.Tensor) -> Program:
             }
             changed = [_meta(n).box for n in windowed_nodes if _meta(n).state is State.PATCH]
             inside = all(_always_inside(box, meta.box) for box in changed)  # true by Eq. 20's construction
-            step = MergeStep(meta, _call_target(node, modules), windowed, inside, device)
+            step = MergeStep(meta, _call_target(node, modules), windowed, inside, device, backend)
             mapped_args, mapped_kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
             env[node] = add_step(node.name, step, (bases, *mapped_args), mapped_kwargs)
         else:  # pragma: no cover - patch_prop only emits the roles above for PATCH nodes
