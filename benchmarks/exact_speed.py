@@ -42,8 +42,9 @@ def build_model(name: str) -> torch.nn.Module:
 
 def machine() -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         commit = ""
     return {
@@ -106,16 +107,22 @@ def peak_memory_mib(args, method: str, batch_size: int) -> float:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="vgg16")
-    parser.add_argument("--size", type=int, default=None, help="image side (default 299 for inception_v3, else 224)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="image side (default 299 for inception_v3, else 224)"
+    )
     parser.add_argument("--patch", type=int, default=16)
     parser.add_argument("--stride", type=int, default=4)
     parser.add_argument("--positions", type=int, default=256, help="random grid positions to time (0 = all)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--quick", action="store_true", help="64 positions, batch 32 and 64, 1 repeat, no memory")
+    parser.add_argument(
+        "--quick", action="store_true", help="64 positions, batch 32 and 64, 1 repeat, no memory"
+    )
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args(argv)
     args.size = args.size or (299 if args.model == "inception_v3" else 224)
@@ -129,7 +136,9 @@ def main(argv=None) -> dict:
     image = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     grid = kfx.grid_positions(shape[1:], patch)
     if args.positions:
-        grid = grid[torch.randperm(grid.shape[0], generator=torch.Generator().manual_seed(0))[: args.positions]]
+        grid = grid[
+            torch.randperm(grid.shape[0], generator=torch.Generator().manual_seed(0))[: args.positions]
+        ]
     engine = kfx.compile(model, shape, patch)
     ceiling = engine.cost().theoretical_speedup
     engine.outputs(image, grid[:2])  # base activations of the image, computed once (as any user would)
@@ -137,8 +146,8 @@ def main(argv=None) -> dict:
     rows = []
     for batch_size in args.batch_sizes:
         naive_outputs(model, image, grid[:batch_size], patch, batch_size)  # warm up
-        t_naive = best_time(lambda: naive_outputs(model, image, grid, patch, batch_size), args.repeats)
-        t_kfx = best_time(lambda: engine.outputs(image, grid, batch_size=batch_size), args.repeats)
+        t_naive = best_time(lambda b=batch_size: naive_outputs(model, image, grid, patch, b), args.repeats)
+        t_kfx = best_time(lambda b=batch_size: engine.outputs(image, grid, batch_size=b), args.repeats)
         row = {
             "batch_size": batch_size,
             "naive_s": round(t_naive, 3),
@@ -177,14 +186,22 @@ def main(argv=None) -> dict:
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
     }
     print()
-    print(f"{args.model} {args.size}px patch {args.patch} stride {args.stride}, {grid.shape[0]} positions, "
-          f"best of {args.repeats}, {args.threads} threads")
-    print(f"{'batch':>6} {'naive pos/s':>12} {'kfx pos/s':>10} {'speedup':>8} {'naive MiB':>10} {'kfx MiB':>8}")
+    print(
+        f"{args.model} {args.size}px patch {args.patch} stride {args.stride}, {grid.shape[0]} positions, "
+        f"best of {args.repeats}, {args.threads} threads"
+    )
+    print(
+        f"{'batch':>6} {'naive pos/s':>12} {'kfx pos/s':>10} {'speedup':>8} {'naive MiB':>10} {'kfx MiB':>8}"
+    )
     for r in rows:
-        print(f"{r['batch_size']:>6} {r['naive_pos_per_s']:>12} {r['kfx_pos_per_s']:>10} {r['speedup']:>7}x "
-              f"{r.get('naive_peak_mib', '-'):>10} {r.get('kfx_peak_mib', '-'):>8}")
-    print(f"best vs best: {result['speedup_best_vs_best']}x; FLOP ceiling {result['theoretical_speedup']}x "
-          f"(realized/ceiling {result['realized_over_ceiling']}); max rel err {max_rel_err:.1e}")
+        print(
+            f"{r['batch_size']:>6} {r['naive_pos_per_s']:>12} {r['kfx_pos_per_s']:>10} {r['speedup']:>7}x "
+            f"{r.get('naive_peak_mib', '-'):>10} {r.get('kfx_peak_mib', '-'):>8}"
+        )
+    print(
+        f"best vs best: {result['speedup_best_vs_best']}x; FLOP ceiling {result['theoretical_speedup']}x "
+        f"(realized/ceiling {result['realized_over_ceiling']}); max rel err {max_rel_err:.1e}"
+    )
     RESULTS.mkdir(exist_ok=True)
     tag = "quick" if args.quick else f"s{args.stride}"
     out = RESULTS / f"exact_{args.model}_{args.size}_{tag}.json"

@@ -25,7 +25,11 @@ start = time.perf_counter()
 heatmap = engine(image)
 elapsed = time.perf_counter() - start
 label = imagenet_labels()[heatmap.target]
-print(f"{args.photo}: {label} (p = {heatmap.base:.3f}); {heatmap.values.numel()} positions in {elapsed:.1f} s")
-print(f"lowest probability {heatmap.values.min():.3f} at grid cell {divmod(int(heatmap.values.argmin()), heatmap.values.shape[1])}")
+print(
+    f"{args.photo}: {label} (p = {heatmap.base:.3f}); {heatmap.values.numel()} positions in {elapsed:.1f} s"
+)
+print(
+    f"lowest probability {heatmap.values.min():.3f} at grid cell {divmod(int(heatmap.values.argmin()), heatmap.values.shape[1])}"
+)
 heatmap.save(args.out, image, label=label)
 print(f"wrote {args.out}")

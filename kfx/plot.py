@@ -30,7 +30,9 @@ def _displayable(image: torch.Tensor):
     return image.permute(1, 2, 0).numpy() if image.shape[0] == 3 else image[0].numpy()
 
 
-def plot(heatmap, image: torch.Tensor | None = None, *, ax=None, label: str | None = None, alpha: float = 0.5):
+def plot(
+    heatmap, image: torch.Tensor | None = None, *, ax=None, label: str | None = None, alpha: float = 0.5
+):
     """Draw the heat map (over ``image`` if given) with a colour bar of the target's probability.
 
     Each value is drawn over its patch's centre, so the map lines up with the image. Low
@@ -47,8 +49,13 @@ def plot(heatmap, image: torch.Tensor | None = None, *, ax=None, label: str | No
     if image is not None:
         ax.imshow(_displayable(image), extent=(0, width, height, 0), cmap="gray")
     shown = ax.imshow(
-        heatmap.values.numpy(), cmap="jet_r", alpha=alpha if image is not None else 1.0, extent=extent,
-        interpolation="bilinear", vmin=float(heatmap.values.min()), vmax=max(heatmap.base, float(heatmap.values.max())),
+        heatmap.values.numpy(),
+        cmap="jet_r",
+        alpha=alpha if image is not None else 1.0,
+        extent=extent,
+        interpolation="bilinear",
+        vmin=float(heatmap.values.min()),
+        vmax=max(heatmap.base, float(heatmap.values.max())),
     )
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
@@ -59,7 +66,9 @@ def plot(heatmap, image: torch.Tensor | None = None, *, ax=None, label: str | No
     return ax
 
 
-def save(heatmap, path, image: torch.Tensor | None = None, *, label: str | None = None, dpi: int = 120) -> None:
+def save(
+    heatmap, path, image: torch.Tensor | None = None, *, label: str | None = None, dpi: int = 120
+) -> None:
     """Write :func:`plot`'s picture to ``path`` (PNG, PDF, ... by extension)."""
     import matplotlib
 

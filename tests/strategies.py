@@ -36,7 +36,12 @@ class FunctionalConv(nn.Module):
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.weight, self.bias = conv.weight, conv.bias
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.stride, self.padding, self.dilation, self.groups = (
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+        )
 
     def forward(self, x):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -84,8 +89,16 @@ def conv_layer(draw, channels: int, size: tuple[int, int]):
     out_channels = groups * draw(st.integers(1, 3), label="out_per_group")
     same = stride == (1, 1) and draw(st.booleans(), label="padding_same")
     padding = "same" if same else draw(st.tuples(st.integers(0, 3), st.integers(0, 3)), label="padding")
-    conv = nn.Conv2d(channels, out_channels, (kh, kw), stride, padding, dilation, groups,
-                     bias=draw(st.booleans(), label="bias"))
+    conv = nn.Conv2d(
+        channels,
+        out_channels,
+        (kh, kw),
+        stride,
+        padding,
+        dilation,
+        groups,
+        bias=draw(st.booleans(), label="bias"),
+    )
     if same:
         out = size
     else:
@@ -155,7 +168,9 @@ def patch_for(draw, image_hw: tuple[int, int], channels: int):
         fill = tuple(draw(st.lists(st.floats(-2, 2), min_size=channels, max_size=channels), label="fill"))
     else:
         seed = draw(st.integers(0, 2**16), label="fill_seed")
-        fill = torch.randn(channels, *size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        fill = torch.randn(
+            channels, *size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
     return kfx.Patch(size, stride=stride, fill=fill)
 
 
@@ -165,10 +180,10 @@ def positions_for(draw, image_hw: tuple[int, int], patch: kfx.Patch, max_positio
     hi = (image_hw[0] - patch.size[0], image_hw[1] - patch.size[1])
     corners = [(0, 0), (0, hi[1]), (hi[0], 0), (hi[0], hi[1])]
     extra = draw(
-        st.lists(st.tuples(st.integers(0, hi[0]), st.integers(0, hi[1])), max_size=max_positions), label="positions"
+        st.lists(st.tuples(st.integers(0, hi[0]), st.integers(0, hi[1])), max_size=max_positions),
+        label="positions",
     )
     return torch.tensor(corners + extra, dtype=torch.long)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +196,8 @@ class Residual(nn.Module):
     def __init__(self, c: int, c_out: int, kernel: int, stride: int, dilation: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(c, c_out, kernel, stride, dilation * (kernel // 2), dilation), _random_bn(c_out),
+            nn.Conv2d(c, c_out, kernel, stride, dilation * (kernel // 2), dilation),
+            _random_bn(c_out),
             nn.ReLU(inplace=True),
         )
         self.shortcut = nn.Identity() if (stride == 1 and c == c_out) else nn.Conv2d(c, c_out, 1, stride)
@@ -202,7 +218,9 @@ class Branches(nn.Module):
             "3x3": lambda: nn.Conv2d(c, 2, 3, padding=1),
             "1x5": lambda: nn.Conv2d(c, 3, (1, 5), padding=(0, 2)),
             "5x1": lambda: nn.Conv2d(c, 1, (5, 1), padding=(2, 0)),
-            "shifted": lambda: nn.Sequential(nn.ZeroPad2d((2, 0, 2, 0)), nn.Conv2d(c, 2, 3)),  # box moves up-left
+            "shifted": lambda: nn.Sequential(
+                nn.ZeroPad2d((2, 0, 2, 0)), nn.Conv2d(c, 2, 3)
+            ),  # box moves up-left
             "pool": lambda: nn.MaxPool2d(3, 1, 1),
             "avgpool": lambda: nn.AvgPool2d(3, 1, 1, count_include_pad=False),
         }
@@ -257,8 +275,14 @@ def dag_block(draw, c: int, size: tuple[int, int]):
         out = tuple((s - 1) // stride + 1 for s in size)
         return Residual(c, c_out, kernel, stride, dilation), c_out, out
     if kind == "branches":
-        kinds = draw(st.lists(st.sampled_from(["1x1", "3x3", "1x5", "5x1", "shifted", "pool", "avgpool"]),
-                              min_size=2, max_size=4), label="branches")
+        kinds = draw(
+            st.lists(
+                st.sampled_from(["1x1", "3x3", "1x5", "5x1", "shifted", "pool", "avgpool"]),
+                min_size=2,
+                max_size=4,
+            ),
+            label="branches",
+        )
         channels = {"1x1": 2, "3x3": 2, "1x5": 3, "5x1": 1, "shifted": 2, "pool": c, "avgpool": c}
         return Branches(c, kinds), sum(channels[k] for k in kinds), size
     if kind == "shared":

@@ -27,8 +27,12 @@ def test_vgg16_full_fmas_match_the_paper():
 
 def test_layers_after_the_projection_count_fully_in_both():
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Unflatten(1, (4, 8, 8)),
-        torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(256, 3),
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Unflatten(1, (4, 8, 8)),
+        torch.nn.Conv2d(4, 4, 3, padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(256, 3),
     ).eval()
     cost = kfx.compile(model, (3, 8, 8), kfx.Patch(2)).cost()
     first, second, linear = cost.layers

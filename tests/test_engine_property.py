@@ -2,7 +2,7 @@
 equals full inference on the occluded images (float64), and its heat map equals brute force."""
 
 import torch
-from hypothesis import example, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import kfx
@@ -62,8 +62,12 @@ def test_heatmap_equals_brute_force(drawn, data):
 
 def test_engine_reports_where_it_goes_dense():
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Upsample(scale_factor=2),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2),
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Upsample(scale_factor=2),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
     ).eval()
     engine = kfx.compile(model, (3, 12, 12), kfx.Patch(3, stride=3))
     roles = list(engine.roles().values())
@@ -73,9 +77,16 @@ def test_engine_reports_where_it_goes_dense():
 
 
 def test_global_average_pooling_uses_the_exact_delta_not_a_projection():
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2),
-    ).double().eval()
+    model = (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, padding=1),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4, 2),
+        )
+        .double()
+        .eval()
+    )
     engine = kfx.compile(model, (3, 12, 12), kfx.Patch(3, stride=3))
     assert list(engine.roles().values())[:3] == ["input", "local", "mean_delta"]
     assert engine.dense_nodes == []

@@ -21,7 +21,12 @@ def test_zoo_model_is_exact(name):
     image = torch.randn(3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     hi = size - 8
     generator = torch.Generator().manual_seed(1)
-    positions = torch.cat([torch.tensor([[0, 0], [0, hi], [hi, 0], [hi, hi]]), torch.randint(0, hi + 1, (3, 2), generator=generator)])
+    positions = torch.cat(
+        [
+            torch.tensor([[0, 0], [0, hi], [hi, 0], [hi, hi]]),
+            torch.randint(0, hi + 1, (3, 2), generator=generator),
+        ]
+    )
     with torch.no_grad():
         expected = model(kfx.occlude(image, positions, patch))
     actual = engine.outputs(image, positions)
