@@ -15,6 +15,7 @@ ZOO = {
     "wide_resnet50_2": 64,
     "googlenet": 64,
     "inception_v3": 96,
+    "inception_v3_aux": 96,  # aux_logits=True, unused in eval
     "densenet121": 64,
     "squeezenet1_0": 64,
     "squeezenet1_1": 64,
@@ -35,5 +36,7 @@ CI_SUBSET = ("vgg11", "resnet18", "mobilenet_v3_small", "squeezenet1_1", "shuffl
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     kwargs = {"init_weights": True, "aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+    if name == "inception_v3_aux":
+        name, kwargs = "inception_v3", {"init_weights": True, "aux_logits": True}
     model = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
     return model.double().eval()
