@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from kfx.kernels.reference import gather_paste, gather_windows, pad_base, paste, project
 
 from kfx.errors import InputError
+from kfx.kernels.reference import gather_paste, gather_windows, pad_base, paste, project
 
 __all__ = [
     "BACKENDS",

@@ -11,14 +11,16 @@ any position (not only the heat-map grid) can be looked up at run time with one 
 from __future__ import annotations
 
 import enum
+import operator
 from dataclasses import dataclass
 
-from kfx.passes.ops import LocalSpec, is_global_mean, is_merge, is_pointwise, local_spec
+import torch
 from torch import fx, nn
 
 from kfx.geometry import Span, changed_output_span, read_in_span, shift_inside, union_span
+from kfx.passes.ops import LocalSpec, is_global_mean, is_merge, is_pointwise, local_spec
 
-__all__ = ["META_KEY", "State", "AxisBoxes", "NodePatch", "propagate_patches", "spatial_size"]
+__all__ = ["META_KEY", "SHAPE_ROLES", "State", "AxisBoxes", "NodePatch", "propagate_patches", "spatial_size"]
 
 META_KEY = "kfx_patch"
 
@@ -52,7 +54,7 @@ class NodePatch:
     """What patch propagation knows about one node."""
 
     state: State
-    role: str  # "const" | "input" | "pointwise" | "local" | "merge" | "shape" | "mean_delta" | "dense"
+    role: str  # const | input | pointwise | local | merge | channel | mean_delta | shape | shape_arith | dense
     box: Box | None = None  # changed box (PATCH nodes)
     read: Box | None = None  # read-in window (local nodes)
     local: LocalSpec | None = None
@@ -114,9 +116,50 @@ def _is_shape_query(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
 
 
+SHAPE_ROLES = ("shape", "shape_arith")
+
+_CHANNEL_METHODS = {"view": "reshape", "reshape": "reshape", "transpose": "transpose", "permute": "permute",
+                    "chunk": "split", "split": "split"}
+_CHANNEL_FUNCTIONS = {torch.reshape: "reshape", torch.transpose: "transpose", torch.permute: "permute",
+                      torch.chunk: "split", torch.split: "split"}
+
+
+def _channel_op(node: fx.Node, source: fx.Node) -> str | None:
+    """The kind of a reshape/transpose/permute/chunk/split that moves channels only, keeping the last
+    two (spatial) dims where they are (channel shuffle, branch splits), or None."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return "getitem" if source.meta[META_KEY].role == "channel" and _shape(source) is None else None
+    kind = (_CHANNEL_METHODS.get(node.target) if node.op == "call_method"
+            else _CHANNEL_FUNCTIONS.get(node.target) if node.op == "call_function" else None)
+    src = _shape(source)
+    if kind is None or src is None or len(src) < 4 or src[0] != 1:
+        return None
+    rank = len(src)
+    inner = lambda d: isinstance(d, int) and 1 <= d % rank <= rank - 3  # neither batch nor spatial
+    args = node.args[1:]
+    if kind == "reshape":
+        out = _shape(node)
+        return kind if out is not None and len(out) >= 3 and out[0] == 1 and out[-2:] == src[-2:] else None
+    if kind == "transpose":
+        return kind if len(args) == 2 and all(inner(d) for d in args) else None
+    if kind == "permute":
+        dims = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
+        dims = tuple(d % rank for d in dims if isinstance(d, int))
+        return kind if len(dims) == rank and dims[0] == 0 and dims[-2:] == (rank - 2, rank - 1) else None
+    dim = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    only_getitem = all(u.op == "call_function" and u.target is operator.getitem for u in node.users)
+    return kind if inner(dim) and only_getitem else None
+
+
 def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodePatch:
     inputs = node.all_input_nodes
-    states = [n.meta[META_KEY].state for n in inputs]
+    # Values derived from x.size() are metadata, not data: they never force a projection.
+    data = [n for n in inputs if n.meta[META_KEY].role not in SHAPE_ROLES]
+    states = [n.meta[META_KEY].state for n in data]
+    if len(data) < len(inputs) and State.PATCH not in states and State.DENSE not in states:
+        if "tensor_meta" not in node.meta:  # ints and tuples computed from shapes
+            return NodePatch(State.DENSE, "shape_arith")
+        return _dense()
     if State.DENSE in states:
         if State.PATCH in states:  # a projection happens here: report it
             return _dense(
@@ -129,11 +172,22 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodePatch:
     if _is_shape_query(node):
         # x.size(), x.shape, x.dim(): answered from the full shape, no projection needed.
         return NodePatch(State.DENSE, "shape")
-    changed = [n for n in inputs if n.meta[META_KEY].state is State.PATCH]
-    others = [n for n in inputs if n.meta[META_KEY].state is State.CONST]
+    changed = [n for n in data if n.meta[META_KEY].state is State.PATCH]
+    others = [n for n in data if n.meta[META_KEY].state is State.CONST]
+    if len(changed) == 1 and node.args and node.args[0] is changed[0]:
+        kind = _channel_op(node, changed[0])
+        if kind is not None:
+            return NodePatch(State.PATCH, "channel", box=changed[0].meta[META_KEY].box)
     if len(changed) == 1 and node.args[0] is changed[0] and is_global_mean(node, modules):
         # mean_new = mean_base + (sum(new box) - sum(old box)) / (H * W): exact, no projection (DESIGN 2.2).
         return NodePatch(State.DENSE, "mean_delta")
+    if (
+        len(changed) == 1
+        and is_pointwise(node, modules)
+        and _shape(node) == _shape(changed[0])
+        and all(_broadcasts_over_space(n) for n in others if _shape(n) is not None)
+    ):
+        return NodePatch(State.PATCH, "pointwise", box=changed[0].meta[META_KEY].box)
     size = spatial_size(node)
     if size is None:
         return _dense(f"{what} is global context (its output is not a [1, C, H, W] map)")
@@ -146,13 +200,6 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodePatch:
             )
             return NodePatch(State.PATCH, "local", box=tuple(box), read=tuple(read), local=spec)
 
-    if (
-        len(changed) == 1
-        and is_pointwise(node, modules)
-        and _shape(node) == _shape(changed[0])
-        and all(_broadcasts_over_space(n) for n in others if _shape(n) is not None)
-    ):
-        return NodePatch(State.PATCH, "pointwise", box=changed[0].meta[META_KEY].box)
 
     if is_merge(node):
         tensors = [n for n in inputs if _shape(n) is not None]

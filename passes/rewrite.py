@@ -8,21 +8,23 @@ as :class:`BaseSlot` says (padded once per image). Incremental nodes carry a :cl
 runs densely. The steps only place data; what each computes lives in kfx.kernels.
 
 Table of contents (node role -> step): input -> InputStep, pointwise -> PointwiseStep,
-local -> LocalStep, merge -> MergeStep, shape -> ShapeStep, mean_delta -> MeanDeltaStep,
+local -> LocalStep, merge -> MergeStep, channel -> ChannelStep, shape -> ShapeStep,
+mean_delta -> MeanDeltaStep, shape_arith -> copy,
 PATCH value used densely -> ProjectStep,
 const/dense -> copy.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
-from kfx.passes.patch_prop import META_KEY, AxisBoxes, NodePatch, State, spatial_size
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from kfx import kernels
+from kfx.passes.patch_prop import META_KEY, SHAPE_ROLES, AxisBoxes, NodePatch, State, spatial_size
 
 __all__ = ["Patches", "BaseSlot", "Program", "build_program"]
 
@@ -183,6 +185,29 @@ class MergeStep(_BoxedStep):
         return Patches(self.target(*args, **kwargs), positions, origin)
 
 
+class ChannelStep(nn.Module):
+    """A reshape/transpose/permute/chunk/split over channels: run it on the changed values.
+
+    Reshapes take their full output shape with the batch and spatial dims of the patch, so the
+    shape arguments traced from ``x.size()`` are not needed.
+    """
+
+    def __init__(self, target, reshape_to: tuple[int, ...] | None):
+        super().__init__()
+        self.target = target
+        self.reshape_to = reshape_to
+
+    def forward(self, patches: Patches, *args, **kwargs):
+        values = patches.values
+        if self.reshape_to is not None:
+            out = values.reshape(values.shape[0], *self.reshape_to[1:-2], *values.shape[-2:])
+        else:
+            out = self.target(values, *args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return Patches(out, patches.positions, patches.origin)
+        return tuple(Patches(v, patches.positions, patches.origin) for v in out)
+
+
 class ShapeStep(nn.Module):
     """``x.size()``, ``x.shape`` or ``x.dim()`` of an incremental value: the full tensor's answer."""
 
@@ -223,7 +248,12 @@ class ProjectStep(nn.Module):
         self.backend = backend
 
     def forward(self, base: torch.Tensor, patches: Patches) -> torch.Tensor:
-        return kernels.project_to_full(self.backend, base, patches.values, patches.origin)
+        values = patches.values  # [N, *channel dims, h, w]: channel dims flatten to one for the kernel
+        full = kernels.project_to_full(
+            self.backend, base.reshape(-1, *base.shape[-2:]), values.reshape(values.shape[0], -1, *values.shape[-2:]),
+            patches.origin,
+        )
+        return full.view(values.shape[0], *base.shape)
 
 
 def _meta(node: fx.Node) -> NodePatch:
@@ -267,7 +297,7 @@ def build_program(gm: fx.GraphModule, fill: torch.Tensor, backend: str = "torch"
             return [unpadded(n) for n in _windowed_inputs(node)]
         if meta.role == "mean_delta":
             return [unpadded(node.args[0]), unpadded(node)]
-        if (meta.state is State.DENSE and meta.role != "shape") or node.op == "output":
+        if (meta.state is State.DENSE and meta.role not in SHAPE_ROLES) or node.op == "output":
             return [unpadded(n) for n in node.all_input_nodes if _meta(n).state is State.PATCH]
         return []
 
@@ -308,8 +338,16 @@ def build_program(gm: fx.GraphModule, fill: torch.Tensor, backend: str = "torch"
             step = MeanDeltaStep(spatial_size(source), tuple(node.meta["tensor_meta"].shape))
             base_in, base_out = (slots[slot] for slot in needs(node))
             env[node] = add_step(node.name, step, (base_in, base_out, env[source]))
+        elif meta.role == "shape_arith":
+            env[node] = graph.node_copy(node, env.__getitem__)
         elif meta.state is not State.PATCH:
             env[node] = graph.node_copy(node, dense_value)
+        elif meta.role == "channel" and node.target is operator.getitem:
+            env[node] = graph.node_copy(node, env.__getitem__)  # picks a Patches out of the tuple
+        elif meta.role == "channel":
+            reshape_to = tuple(node.meta["tensor_meta"].shape) if node.target in ("view", "reshape", torch.reshape) else None
+            step = ChannelStep(_call_target(node, modules), reshape_to)
+            env[node] = add_step(node.name, step, *fx.node.map_arg((node.args, node.kwargs), env.__getitem__))
         elif meta.role == "pointwise":
             step = PointwiseStep(_call_target(node, modules))
             env[node] = add_step(node.name, step, *fx.node.map_arg((node.args, node.kwargs), env.__getitem__))

@@ -11,11 +11,11 @@ from __future__ import annotations
 import copy
 
 import torch
-from kfx.passes.ops import INPLACE_TO_FUNCTIONAL
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from kfx.errors import ModelError, TraceError
+from kfx.passes.ops import INPLACE_TO_FUNCTIONAL
 
 __all__ = ["trace", "functionalize", "propagate_shapes"]
 

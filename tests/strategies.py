@@ -264,9 +264,29 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.fc(F.adaptive_avg_pool2d(x, 1)))
 
 
+class ShuffleBlock(nn.Module):
+    """ShuffleNetV2's unit: split channels, convolve one half, concat, shuffle via size()/view/transpose."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.half, self.shuffle = c // 2, c % 2 == 0
+        self.conv = nn.Conv2d(c - self.half, c - self.half, 3, padding=1, groups=c - self.half)
+
+    def forward(self, x):
+        x1, x2 = x.split([self.half, x.shape[1] - self.half], dim=1)
+        out = torch.cat((x1, self.conv(x2)), dim=1)
+        if not self.shuffle:
+            return out
+        batch, channels, height, width = out.size()
+        out = out.view(batch, 2, channels // 2, height, width)
+        return torch.transpose(out, 1, 2).contiguous().view(batch, -1, height, width)
+
+
 @st.composite
 def dag_block(draw, c: int, size: tuple[int, int]):
-    kind = draw(st.sampled_from(["residual", "branches", "shared", "gate", "se"]), label="block")
+    kind = draw(st.sampled_from(["residual", "branches", "shared", "gate", "se", "shuffle"]), label="block")
+    if kind == "shuffle":
+        return (ShuffleBlock(c) if c >= 2 else SpatialGate(c)), c, size
     if kind == "residual":
         kernel = draw(st.sampled_from([1, 3, 5]), label="res_kernel")
         stride = draw(st.integers(1, 2), label="res_stride")

@@ -11,8 +11,9 @@ __all__ = ["interpreted", "check_tensors", "origins", "pow2_at_least"]
 def interpreted() -> bool:
     """Whether this module's kernels were built for the interpreter (TRITON_INTERPRET=1 when
     triton.jit ran, i.e. at first import of kfx.kernels._triton): then they take CPU tensors."""
-    from kfx.kernels._triton._window import _window_source
     from triton.runtime.interpreter import InterpretedFunction
+
+    from kfx.kernels._triton._window import _window_source
 
     return isinstance(_window_source, InterpretedFunction)
 

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F  # noqa: F401  (used by the docstring example)
 import triton
 import triton.language as tl
-from kfx.kernels._triton._host import check_tensors, origins, pow2_at_least
-from kfx.kernels._triton._window import ACTIVATIONS, _activate, _window_source
 
 from kfx.geometry import conv_output_size
+from kfx.kernels._triton._host import check_tensors, origins, pow2_at_least
+from kfx.kernels._triton._window import ACTIVATIONS, _activate, _window_source
 
 __all__ = ["incremental_conv_triton", "gemm_config", "direct_config", "ACTIVATIONS"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from kfx.kernels._triton._host import check_tensors, origins, pow2_at_least
 from kfx.kernels._triton._window import _window_source
 
