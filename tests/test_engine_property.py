@@ -14,8 +14,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @st.composite
-def cases(draw):
-    model, shape = draw(cnn())
+def cases(draw, models=cnn()):
+    """A model from ``models``, its patch, positions (all corners included), image and batch size."""
+    model, shape = draw(models)
     patch = draw(patch_for(shape[1:], shape[0]))
     positions = draw(positions_for(shape[1:], patch))
     seed = draw(st.integers(0, 2**16), label="image_seed")
@@ -97,17 +98,7 @@ def test_global_average_pooling_uses_the_exact_delta_not_a_projection():
     assert relative_error(engine.outputs(image, positions), expected) <= 1e-12
 
 
-@st.composite
-def dag_cases(draw):
-    model, shape = draw(dag_cnn())
-    patch = draw(patch_for(shape[1:], shape[0]))
-    positions = draw(positions_for(shape[1:], patch))
-    seed = draw(st.integers(0, 2**16), label="image_seed")
-    image = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return model, shape, patch, positions, image, draw(st.integers(1, 7), label="batch_size")
-
-
-@given(dag_cases())
+@given(cases(dag_cnn()))
 def test_branching_graphs_equal_full_inference(case):
     model, shape, patch, positions, image, batch_size = case
     engine = kfx.compile(model, shape, patch, batch_size=batch_size)
