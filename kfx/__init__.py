@@ -8,6 +8,7 @@
 from kfx.cost import CostReport, LayerCost
 from kfx.engine import DenseNode, Engine, Heatmap, compile
 from kfx.errors import InputError, KfxError, ModelError, PatchError, TraceError
+from kfx.neuromask import neuromask
 from kfx.patch import Patch, grid_positions, occlude
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "Heatmap",
     "Patch",
     "occlude",
+    "neuromask",
     "grid_positions",
     "CostReport",
     "LayerCost",
