@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfx.errors import InputError, ModelError
+from kfx.passes.trace import require_eval_module
 
 __all__ = ["neuromask"]
 
@@ -64,14 +65,7 @@ def _check_number(name: str, value, *, positive: bool) -> float:
 
 
 def _check_model(model) -> None:
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    training = [name or type(model).__name__ for name, module in model.named_modules() if module.training]
-    if training:
-        raise ModelError(
-            f"the model is in training mode (e.g. module {training[0]!r}); dropout and batch norm would "
-            "change the prediction at every step. Call model.eval() before kfx.neuromask"
-        )
+    require_eval_module(model, "kfx.neuromask")
 
 
 def _check_image(image, dtype: torch.dtype) -> torch.Tensor:

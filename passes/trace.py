@@ -17,19 +17,24 @@ from torch.fx.passes.shape_prop import ShapeProp
 from kfx.errors import ModelError, TraceError
 from kfx.passes.ops import INPLACE_TO_FUNCTIONAL
 
-__all__ = ["trace", "functionalize", "propagate_shapes"]
+__all__ = ["require_eval_module", "trace", "functionalize", "propagate_shapes"]
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` and rewrite its in-place ops; raise kfx errors on failure."""
+def require_eval_module(model, caller: str) -> None:
+    """Raise ModelError unless ``model`` is an nn.Module with every submodule in eval mode."""
     if not isinstance(model, nn.Module):
-        raise ModelError(f"kfx.compile needs a torch.nn.Module, got {type(model).__name__}")
+        raise ModelError(f"{caller} needs a torch.nn.Module, got {type(model).__name__}")
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
         raise ModelError(
             f"the model is in training mode (e.g. module {training[0]!r}); dropout and batch norm would "
-            "make every map different. Call model.eval() before kfx.compile"
+            f"change the answer at every call. Call model.eval() before {caller}"
         )
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model`` and rewrite its in-place ops; raise kfx errors on failure."""
+    require_eval_module(model, "kfx.compile")
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
