@@ -6,7 +6,7 @@
 """
 
 from kfx.cost import CostReport, LayerCost
-from kfx.engine import DenseNode, Engine, Heatmap, compile
+from kfx.engine import DenseNode, Engine, Heatmap, Progress, compile
 from kfx.errors import InputError, KfxError, ModelError, PatchError, TraceError
 from kfx.neuromask import neuromask
 from kfx.patch import Patch, grid_positions, occlude
@@ -15,6 +15,7 @@ __all__ = [
     "compile",
     "Engine",
     "Heatmap",
+    "Progress",
     "Patch",
     "occlude",
     "neuromask",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from kfx import kernels
@@ -14,7 +16,7 @@ from kfx.errors import InputError, ModelError, PatchError
 from kfx.passes import META_KEY, build_program, propagate_patches, propagate_shapes, trace
 from kfx.patch import Patch, check_positions, grid_positions
 
-__all__ = ["compile", "Engine", "Heatmap", "DenseNode"]
+__all__ = ["compile", "Engine", "Heatmap", "Progress", "DenseNode"]
 
 DEFAULT_BATCH_SIZE = 64  # positions per batch when none is given
 
@@ -25,7 +27,8 @@ class Heatmap:
 
     ``values[i, j]`` is the softmax probability of class ``target`` when the patch's top-left corner
     sits at ``(i * stride_h, j * stride_w)``; ``base`` is that class's probability on the
-    unoccluded image. Low values mark regions the prediction relies on.
+    unoccluded image. Low values mark regions the prediction relies on. Cells that were not
+    evaluated (a selection in interactive mode, or a map still filling in) hold NaN.
     """
 
     values: torch.Tensor
@@ -37,6 +40,11 @@ class Heatmap:
     @property
     def stride(self) -> tuple[int, int]:
         return self.patch.stride
+
+    @property
+    def evaluated(self) -> torch.Tensor:
+        """Bool mask [H_M, W_M] of the cells that hold a computed value."""
+        return ~torch.isnan(self.values)
 
     def to_pixels(self) -> torch.Tensor:
         """Per-pixel map [H, W]: mean over covering windows of (base - occluded probability)."""
@@ -55,6 +63,20 @@ class Heatmap:
         from kfx.plot import save
 
         save(self, path, image, **kwargs)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of :meth:`Engine.stream`: the map so far and how much of it is done."""
+
+    heatmap: Heatmap
+    done: int  # positions evaluated so far
+    total: int  # positions this run evaluates
+    elapsed: float  # seconds since the run started (base inference included)
+
+    @property
+    def positions_per_second(self) -> float:
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -202,12 +224,30 @@ class Engine:
         positions = check_positions(positions, self.image_shape[1:], self.patch)
         return torch.cat(list(self._batches(image, positions, batch_size)))
 
-    def __call__(
-        self, image: torch.Tensor, target: int | None = None, *, batch_size: int | None = None
-    ) -> Heatmap:
-        """The occlusion heat map of ``image`` for class ``target`` (default: the predicted class)."""
-        image = self._check_image(image)
-        base_output, _ = self._prepare(image)
+    def cells_overlapping(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Grid cells [H_M, W_M] whose patch window touches a True pixel of ``pixels`` [H, W].
+
+        Turns a user's selection (a rectangle or brush strokes, as a pixel mask) into the ``cells``
+        argument of :meth:`__call__` / :meth:`stream`.
+        """
+        hw = tuple(self.image_shape[1:])
+        if not isinstance(pixels, torch.Tensor) or tuple(pixels.shape) != hw:
+            raise InputError(f"the selection must be a [H, W] = {list(hw)} mask tensor")
+        mask = pixels.detach().to("cpu", torch.float32)[None, None]
+        return F.max_pool2d(mask, self.patch.size, self.patch.stride)[0, 0] > 0
+
+    def _check_cells(self, cells) -> torch.Tensor:
+        grid = self.patch.grid_shape(tuple(self.image_shape[1:]))
+        if cells is None:
+            return torch.ones(grid, dtype=torch.bool)
+        if not isinstance(cells, torch.Tensor) or cells.dtype != torch.bool or tuple(cells.shape) != grid:
+            raise InputError(
+                f"cells must be a bool tensor of the heat-map shape {list(grid)} (True = evaluate); "
+                "engine.cells_overlapping(pixel_mask) builds one from a pixel selection"
+            )
+        return cells.cpu()
+
+    def _check_target(self, base_output: torch.Tensor, target) -> tuple[int, torch.Tensor]:
         if base_output.dim() != 2 or base_output.shape[0] != 1:
             raise ModelError(
                 f"heat maps need a model that returns [1, num_classes] scores; this one returns shape "
@@ -219,14 +259,73 @@ class Engine:
             target = int(base_probs.argmax())
         elif isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < num_classes:
             raise InputError(f"target must be a class index in [0, {num_classes}), got {target!r}")
+        return target, base_probs
+
+    def stream(
+        self,
+        image: torch.Tensor,
+        target: int | None = None,
+        *,
+        cells: torch.Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[Progress]:
+        """The heat map filling in: one :class:`Progress` after each batch of positions.
+
+        Unevaluated cells are NaN. ``cells`` (bool [H_M, W_M]) restricts the run to a selection
+        (interactive mode). To cancel, stop iterating (``break``, or ``close()`` the generator):
+        no further batch runs. Input is checked before the first batch.
+
+        >>> for step in engine.stream(image):  # doctest: +SKIP
+        ...     print(f"{step.done}/{step.total}")
+        """
+        started = time.perf_counter()
+        image = self._check_image(image)
+        selected = self._check_cells(cells)
+        base_output, _ = self._prepare(image)
+        target, base_probs = self._check_target(base_output, target)
+        return self._fill(image, target, float(base_probs[target]), selected, batch_size, started)
+
+    def _fill(self, image, target, base, selected, batch_size, started) -> Iterator[Progress]:
         hw = tuple(self.image_shape[1:])
-        positions = grid_positions(hw, self.patch)
-        values = torch.cat(
-            [torch.softmax(out, dim=1)[:, target] for out in self._batches(image, positions, batch_size)]
-        )
-        return Heatmap(
-            values.view(*self.patch.grid_shape(hw)).cpu(), target, float(base_probs[target]), self.patch, hw
-        )
+        values = torch.full(selected.shape, float("nan"), dtype=self.dtype)
+        flat = values.view(-1)
+        indices = selected.view(-1).nonzero()[:, 0]
+        positions = grid_positions(hw, self.patch)[indices]
+        done = 0
+        for out in self._batches(image, positions, batch_size):
+            flat[indices[done : done + out.shape[0]]] = torch.softmax(out, dim=1)[:, target].cpu()
+            done += out.shape[0]
+            heatmap = Heatmap(values.clone(), target, base, self.patch, hw)
+            yield Progress(heatmap, done, len(indices), time.perf_counter() - started)
+        if not len(indices):
+            yield Progress(Heatmap(values, target, base, self.patch, hw), 0, 0, time.perf_counter() - started)
+
+    def __call__(
+        self,
+        image: torch.Tensor,
+        target: int | None = None,
+        *,
+        cells: torch.Tensor | None = None,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> Heatmap:
+        """The occlusion heat map of ``image`` for class ``target`` (default: the predicted class).
+
+        ``cells`` (bool [H_M, W_M]) evaluates only a selection (the rest is NaN);
+        ``show_progress`` draws a tqdm bar with positions per second.
+        """
+        steps = self.stream(image, target, cells=cells, batch_size=batch_size)
+        bar = None
+        for step in steps:
+            if show_progress and bar is None:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=step.total, unit="pos", desc="kfx occlusion")
+            if bar is not None:
+                bar.update(step.done - bar.n)
+        if bar is not None:
+            bar.close()
+        return step.heatmap
 
 
 def compile(

@@ -10,16 +10,23 @@ __all__ = ["to_pixels", "plot", "save"]
 
 def to_pixels(heatmap) -> torch.Tensor:
     """Captum-style per-pixel map [H, W]: the mean, over the windows covering each pixel, of
-    (base probability - occluded probability). Pixels no grid window covers (a remainder at the
-    bottom/right when (H - patch) is not a multiple of the stride) get 0."""
+    (base probability - occluded probability). Pixels no evaluated window covers (a remainder at the
+    bottom/right when (H - patch) is not a multiple of the stride, or outside a selection) get 0."""
     height, width = heatmap.image_size
-    drops = (heatmap.base - heatmap.values.double())[None, None]
+    evaluated = heatmap.evaluated.double()[None, None]
+    drops = (heatmap.base - heatmap.values.double()).nan_to_num(0.0)[None, None]
     ones = torch.ones(1, 1, *heatmap.patch.size, dtype=torch.float64)
     sums = F.conv_transpose2d(drops, ones, stride=heatmap.patch.stride)
-    counts = F.conv_transpose2d(torch.ones_like(drops), ones, stride=heatmap.patch.stride)
+    counts = F.conv_transpose2d(evaluated, ones, stride=heatmap.patch.stride)
     pad = (0, width - sums.shape[-1], 0, height - sums.shape[-2])
     sums, counts = F.pad(sums, pad), F.pad(counts, pad)
     return (sums / counts.clamp_min(1))[0, 0].to(heatmap.values.dtype)
+
+
+def _nan_or(value: torch.Tensor, default: float) -> float:
+    """A reduction's value, or ``default`` when every cell was NaN (nothing evaluated yet)."""
+    value = float(value)
+    return default if value != value else value
 
 
 def _displayable(image: torch.Tensor):
@@ -54,8 +61,8 @@ def plot(
         alpha=alpha if image is not None else 1.0,
         extent=extent,
         interpolation="bilinear",
-        vmin=float(heatmap.values.min()),
-        vmax=max(heatmap.base, float(heatmap.values.max())),
+        vmin=_nan_or(heatmap.values.nanquantile(0.0), 0.0),
+        vmax=max(heatmap.base, _nan_or(heatmap.values.nanquantile(1.0), heatmap.base)),
     )
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
