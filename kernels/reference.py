@@ -77,6 +77,10 @@ def gather_paste(
     ``origin`` [N, 2] is in padded coordinates, ``patch_offset`` [N, 2] the patch's corner relative
     to its window. One semantic op for every backend (kfx.kernels dispatches it).
     """
+    if inside and tuple(patch.shape[-2:]) == tuple(size):
+        # The patch fills its whole window (common once boxes grow to the tensor's size): nothing
+        # of the base shows through, so skip the gather and the paste.
+        return patch
     return _paste_at(gather_windows(padded, origin, size), patch, patch_offset, inside)
 
 
