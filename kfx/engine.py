@@ -13,12 +13,17 @@ from torch import fx, nn
 from kfx import kernels
 from kfx.cost import CostReport, static_cost
 from kfx.errors import InputError, ModelError, PatchError
+from kfx.memory import MemoryEstimate, estimate_memory, parse_bytes
 from kfx.passes import META_KEY, build_program, propagate_patches, propagate_shapes, trace
 from kfx.patch import Patch, check_positions, grid_positions
 
 __all__ = ["compile", "Engine", "Heatmap", "Progress", "DenseNode"]
 
 DEFAULT_BATCH_SIZE = 64  # positions per batch when none is given
+MAX_MEMORY_BATCH = 256  # max_memory never picks more: larger batches stop paying off on CPU
+# The static estimate (kfx.memory) undercounts peak RSS by 10-40% on VGG16/ResNet18/Inception v3
+# (allocator slack, conv scratch); max_memory divides the budget by this before choosing.
+MEMORY_SAFETY = 1.5
 
 
 @dataclass
@@ -115,6 +120,7 @@ class Engine:
         batch_size: int | None,
         dtype: torch.dtype | None = None,
         backend: str = "auto",
+        max_memory: int | None = None,
     ):
         self.image_shape = image_shape
         self.patch = patch
@@ -137,6 +143,21 @@ class Engine:
         self._slots = program.slots
         self._base = _base_program(self.graph_module, [slot.source for slot in program.slots])
         self._cached: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        # Static estimate of a run's memory: .per_image + batch size x .per_position bytes.
+        self.memory: MemoryEstimate = estimate_memory(self.graph_module, [slot.source for slot in self._slots], itemsize)
+        if max_memory is not None:
+            self.batch_size = self._batch_size_for(max_memory)
+
+    def _batch_size_for(self, max_memory: int) -> int:
+        fits = self.memory.largest_batch(int(max_memory / MEMORY_SAFETY))
+        if fits < 1:
+            need = self.memory.batch_bytes(1) * MEMORY_SAFETY / 2**20
+            raise InputError(
+                f"max_memory={max_memory / 2**20:.0f} MiB is below what one patch position needs "
+                f"(about {need:.0f} MiB with kfx's safety margin); raise it or use a smaller image"
+            )
+        return min(fits, MAX_MEMORY_BATCH)
 
     # -- reporting ------------------------------------------------------------------------------
     @property
@@ -336,6 +357,7 @@ def compile(
     batch_size: int | None = None,
     dtype: torch.dtype | None = None,
     backend: str = "auto",
+    max_memory: int | str | None = None,
 ) -> Engine:
     """Compile ``model`` into an exact incremental occlusion engine.
 
@@ -345,6 +367,9 @@ def compile(
         patch: a :class:`kfx.Patch` (or an int, for a square patch of that size with default stride
             and fill).
         batch_size: patch positions evaluated per batch (default 64).
+        max_memory: instead of ``batch_size``, a memory budget for one run (bytes, or a string such
+            as "2GB" or "512MiB"): the largest batch (at most 256) whose static estimate
+            (``engine.memory``, times a 1.5 safety margin) fits. Set one of the two, not both.
         dtype: the images' dtype; defaults to the dtype of the model's parameters (needed only for
             models without floating-point parameters or buffers).
         backend: kernels for gather/paste/conv/projection: "torch" (plain torch, any device),
@@ -376,4 +401,15 @@ def compile(
         raise InputError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise InputError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    return Engine(model, shape, patch, batch_size, dtype, backend)
+    if max_memory is not None:
+        if batch_size is not None:
+            raise InputError("give batch_size or max_memory, not both (max_memory picks the batch size)")
+        try:
+            max_memory = parse_bytes(max_memory)
+        except ValueError:
+            raise InputError(
+                f"max_memory must be bytes (an int) or a size such as '2GB' or '512MiB', got {max_memory!r}"
+            ) from None
+        if max_memory < 1:
+            raise InputError(f"max_memory must be positive, got {max_memory}")
+    return Engine(model, shape, patch, batch_size, dtype, backend, max_memory)

@@ -1,0 +1,102 @@
+"""A static memory model of one batch, so that ``max_memory`` can choose the batch size.
+
+Incremental inference holds, per patch position, the changed box of every live value (a copy of
+the base tensor only after the projection to full), plus the read-in windows of the op that runs.
+The generated fx code frees each value after its last use, so the peak is the largest sum of live
+values over the program, walked in graph order. The per-image part (the unoccluded image's base
+activations, padded) does not grow with the batch. Estimates, not measurements: the benchmark
+(benchmarks/compare.py) measures the real peak next to them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import fx
+
+from kfx.passes.patch_prop import META_KEY, SHAPE_ROLES, State
+
+__all__ = ["MemoryEstimate", "estimate_memory", "parse_bytes"]
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of one run: ``per_image`` once (base activations), ``per_position`` for each position
+    of a batch at its peak."""
+
+    per_image: int
+    per_position: int
+
+    def batch_bytes(self, batch_size: int) -> int:
+        return self.per_image + batch_size * self.per_position
+
+    def largest_batch(self, max_memory: int) -> int:
+        """The largest batch whose estimate fits ``max_memory`` bytes (0 if none does)."""
+        return max(0, (max_memory - self.per_image) // max(self.per_position, 1))
+
+
+def parse_bytes(value) -> int:
+    """An int of bytes, or a string such as "2GB", "512MiB"; anything else -> ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("kmgib")
+    unit = text[len(number) :]
+    if unit not in _UNITS or not number:
+        raise ValueError(value)
+    return int(float(number) * _UNITS[unit])
+
+
+def _numel_per_image(node: fx.Node) -> int:
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return math.prod(shape) if shape is not None else 0
+
+
+def _patch_numel(node: fx.Node, box) -> int:
+    """Elements of one position's changed box: the full tensor's channels times the box area."""
+    shape = node.meta["tensor_meta"].shape
+    return math.prod(shape[1:-2]) * box[0].width * box[1].width
+
+
+def _value_numel(node: fx.Node) -> int:
+    """Elements one position adds for this node's value in the incremental program."""
+    meta = node.meta.get(META_KEY)
+    if meta is None or meta.state is State.CONST or meta.role in SHAPE_ROLES or meta.role == "mean_delta":
+        return 0 if meta is None or meta.role != "mean_delta" else _numel_per_image(node)
+    if meta.state is State.PATCH and meta.box is not None and "tensor_meta" in node.meta:
+        return _patch_numel(node, meta.box)
+    return _numel_per_image(node)  # dense: a full copy per position
+
+
+def _scratch_numel(node: fx.Node) -> int:
+    """Read-in windows a local op gathers before it runs, twice: the gathered copy and the conv
+    library's reordered copy of it (oneDNN's blocked layout); both are freed when the op ends."""
+    meta = node.meta.get(META_KEY)
+    if meta is None or meta.read is None or not node.all_input_nodes:
+        return 0
+    source = node.all_input_nodes[0]
+    return 2 * math.prod(source.meta["tensor_meta"].shape[1:-2]) * meta.read[0].width * meta.read[1].width
+
+
+def estimate_memory(gm: fx.GraphModule, slot_sources: list[str], itemsize: int) -> MemoryEstimate:
+    """Liveness walk over an annotated graph (kfx.passes.patch_prop) in graph order."""
+    nodes = list(gm.graph.nodes)
+    last_use = {node: i for i, node in enumerate(nodes)}
+    for i, node in enumerate(nodes):
+        for source in node.all_input_nodes:
+            last_use[source] = i
+    live: dict[fx.Node, int] = {}
+    peak = 0
+    for i, node in enumerate(nodes):
+        live[node] = _value_numel(node)
+        peak = max(peak, sum(live.values()) + _scratch_numel(node))
+        for source in [n for n in live if last_use[n] <= i]:
+            del live[source]
+    by_name = {node.name: node for node in nodes}
+    per_image = sum(_numel_per_image(by_name[name]) for name in slot_sources)
+    return MemoryEstimate(per_image * itemsize, peak * itemsize)

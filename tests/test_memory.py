@@ -1,0 +1,85 @@
+"""max_memory and the static memory model: the estimate bounds the live batch tensors that the
+incremental program really holds (measured by running it under a torch.fx Interpreter)."""
+
+import pytest
+import torch
+from torch import fx
+
+import kfx
+from kfx.memory import parse_bytes
+from tests.zoo import ZOO, build
+
+
+class LiveBytes(fx.Interpreter):
+    """Runs a GraphModule and records the peak bytes of live per-batch tensors (first dim = n)."""
+
+    def __init__(self, module, n):
+        super().__init__(module)
+        self.n, self.peak = n, 0
+
+    def run_node(self, node):
+        result = super().run_node(node)
+        values = [getattr(v, "values", v) for v in [*self.env.values(), result]]  # Patches -> tensor
+        live = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in values
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.n
+        }
+        self.peak = max(self.peak, sum(live.values()))
+        return result
+
+
+@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_1"])
+def test_estimate_bounds_the_live_batch_tensors(name):
+    model, shape = build(name), (3, ZOO[name], ZOO[name])
+    engine = kfx.compile(model, shape, kfx.Patch(8, stride=4), dtype=torch.float64)
+    image = torch.randn(shape, dtype=torch.float64)
+    n = 12
+    positions = kfx.grid_positions(shape[1:], engine.patch)[:n]
+    _, prepared = engine._prepare(engine._check_image(image))
+    interpreter = LiveBytes(engine.program, n)
+    with torch.no_grad():
+        interpreter.run(positions, *prepared)
+    estimate = n * engine.memory.per_position
+    assert interpreter.peak <= estimate <= 6 * interpreter.peak, (interpreter.peak, estimate)
+
+
+def test_max_memory_picks_the_largest_batch_that_fits():
+    model, shape = build("resnet18").float(), (3, 64, 64)
+    small = kfx.compile(model, shape, 8, max_memory="40MiB")
+    large = kfx.compile(model, shape, 8, max_memory=2**30)
+    assert 1 <= small.batch_size < large.batch_size <= 256
+    budget = 40 * 2**20 / 1.5
+    assert (
+        small.memory.batch_bytes(small.batch_size) <= budget < small.memory.batch_bytes(small.batch_size + 1)
+    )
+    image = torch.randn(shape)
+    assert torch.equal(small(image).values, large(image).values)
+
+
+@pytest.mark.parametrize(
+    ("max_memory", "batch_size", "message"),
+    [
+        ("1KB", None, "below what one patch position needs"),
+        ("many", None, "max_memory must be bytes"),
+        (0, None, "positive"),
+        ("1GB", 8, "not both"),
+    ],
+)
+def test_bad_max_memory(max_memory, batch_size, message):
+    model, shape = build("resnet18").float(), (3, 64, 64)
+    with pytest.raises(kfx.InputError, match=message):
+        kfx.compile(model, shape, 8, max_memory=max_memory, batch_size=batch_size)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [(1000, 1000), ("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5 kb", 1500), ("7", 7)]
+)
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "GB", "2 parsecs", True, "1.2.3MB"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ValueError):
+        parse_bytes(text)
