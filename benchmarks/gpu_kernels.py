@@ -76,9 +76,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from kfx.kernels import reference as R
 
 from kfx.geometry import changed_output_span, heatmap_size, read_in_span
+from kfx.kernels import reference as R
 
 # (HBM bytes/s, fp32 non-tensor FLOP/s, dense TF32 FLOP/s) by device-name substring; first match wins.
 PEAKS = [
@@ -298,9 +298,10 @@ def ptxas_report(arch: int = 90) -> int:
 
     import triton
     import triton.language as tl
-    from kfx.kernels._triton import conv, gather_paste, project
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from kfx.kernels._triton import conv, gather_paste, project
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     names = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
