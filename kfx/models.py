@@ -27,10 +27,20 @@ __all__ = [
     "read_pixels",
     "resize_crop",
     "SAMPLE_PHOTOS",
+    "BUNDLED_IMAGES",
 ]
 
 # scikit-image photos that suit an ImageNet model (name in skimage.data).
 SAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+# Every skimage.data image that ships inside the wheel (no download) and that read_pixels accepts
+# by name; other skimage.data attributes (download_all, data_dir, ...) are not images.
+BUNDLED_IMAGES = frozenset(
+    {
+        "astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins",
+        "colorwheel", "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry",
+        "logo", "microaneurysms", "moon", "page", "retina", "rocket", "text",
+    }
+)  # fmt: skip
 
 
 def efficientnet_lite0() -> torch.nn.Module:
@@ -63,9 +73,7 @@ def read_pixels(name_or_path: str) -> np.ndarray:
     import skimage.data
     import skimage.io
 
-    if name_or_path in SAMPLE_PHOTOS or (
-        "/" not in name_or_path and "." not in name_or_path and hasattr(skimage.data, name_or_path)
-    ):
+    if name_or_path in BUNDLED_IMAGES:
         return getattr(skimage.data, name_or_path)()
     try:
         return skimage.io.imread(name_or_path)
@@ -222,8 +230,11 @@ def load_model(spec: str | None = None, weights: str | None = None) -> LoadedMod
         try:
             model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         except (RuntimeError, TypeError, AttributeError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ModelError(f"{weights}: does not fit model {spec!r}: {first}") from None
+            # torch's message starts with a header line; the next one names the mismatched keys.
+            detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+            if len(detail) > 300:
+                detail = detail[:300] + " ..."
+            raise ModelError(f"{weights}: does not fit model {spec!r}: {detail}") from None
     size = 299 if name == "inception_v3" else 224
     num_classes = getattr(model, "num_classes", None) or getattr(
         getattr(model, "fc", None), "out_features", None

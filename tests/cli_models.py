@@ -1,0 +1,26 @@
+"""Small models for the command-line tests, named on the command line as ``cli_models:tiny``."""
+
+import torch
+from torch import nn
+
+NUM_CLASSES = 10
+
+
+def tiny() -> nn.Module:
+    """A two-conv CNN with 10 classes and fixed random weights: compiles and runs in milliseconds."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, NUM_CLASSES),
+    ).eval()
+
+
+def not_a_model():
+    """A factory that returns something else, for the error message."""
+    return "not a module"
