@@ -118,3 +118,19 @@ def test_bad_selection_mask_is_rejected(setup):
     _, engine, _ = setup
     with pytest.raises(kfx.InputError, match="selection"):
         engine.cells_overlapping(torch.ones(10, 10, dtype=torch.bool))
+
+
+def test_a_stream_resumed_on_another_thread_stays_gradient_free(setup):
+    # Web servers resume generators on whichever worker thread is free; grad mode is per thread.
+    import threading
+
+    _, engine, image = setup
+    stream = engine.stream(image)
+    first = next(stream)
+    later = []
+    worker = threading.Thread(target=lambda: later.extend(stream))
+    worker.start()
+    worker.join()
+    assert torch.is_grad_enabled()
+    assert not first.heatmap.values.requires_grad
+    assert later and not any(step.heatmap.values.requires_grad for step in later)

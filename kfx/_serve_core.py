@@ -1,0 +1,691 @@
+"""The interactive explorer's logic (DESIGN section 6), free of any web framework.
+
+:class:`Explorer` turns what a user chose on the page (a photo, brush strokes, patch settings, a
+mode) into heat maps: it reads and crops photos, predicts, caches compiled engines, turns strokes
+into a selection of grid cells, runs one of the four modes as a stream of :class:`Frame` updates,
+and keeps the table of runs. ``kfx.serve`` wires these functions to Gradio components; the tests
+call them directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import inspect
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import kfx
+from kfx.engine import Engine, Heatmap, Progress
+from kfx.errors import InputError
+from kfx.models import SAMPLE_PHOTOS, LoadedModel, read_pixels, resize_crop
+from kfx.patch import Patch, grid_positions, occlude
+
+NAIVE, EXACT, APPROXIMATE, NEUROMASK = "Naive", "Exact", "Approximate", "NeuroMask"
+MODES = (NAIVE, EXACT, APPROXIMATE, NEUROMASK)
+BRUSH, RECTANGLE = "Brush strokes", "Rectangle around the strokes"
+SELECTION_SHAPES = (BRUSH, RECTANGLE)
+
+DISPLAY_SIDE = 384  # the editor shows the model's square crop at this side, whatever the input size
+RENDER_INTERVAL_S = 0.4  # a matplotlib picture costs ~0.1 s: redraw at most this often while a map fills
+TOP_CLASSES = 5
+RUN_COLUMNS = [
+    "#",
+    "mode",
+    "image",
+    "patch / stride",
+    "positions",
+    "seconds",
+    "positions/s",
+    "speedup vs naive",
+]
+
+
+def approximate_available() -> bool:
+    """Whether this kfx build has the approximate mode (projective-field tau and drill-down)."""
+    return hasattr(kfx, "DrillDown")
+
+
+@dataclass(frozen=True)
+class Photo:
+    """An image the user loaded: its name, its pixels [H, W, 3] uint8, and a fingerprint that tells
+    runs on the same image apart from runs on another one."""
+
+    name: str
+    pixels: np.ndarray = field(repr=False)
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """Everything on the page that shapes one run."""
+
+    mode: str = EXACT
+    size: int = 224  # side of the square model input
+    patch: int = 16
+    stride: int = 4
+    fill: str = "#808080"  # patch colour as the user sees it (before the model's normalisation)
+    batch_size: int = 64
+    tau: float = 1.0
+    drill_down: bool = False
+    fraction: float = 0.25
+    target_speedup: float = 3.0
+    neuromask_steps: int = 150
+    selection_shape: str = BRUSH
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished run, a row of the runs table."""
+
+    mode: str  # what the table shows, e.g. "Exact" or "Approximate (tau 0.6)"
+    kind: str  # one of MODES
+    image: str
+    comparison_key: tuple  # runs with equal keys are compared (same image, input size, patch, stride, fill)
+    patch_stride: str  # e.g. "16 / 4"
+    positions: int | None  # positions queried; None for NeuroMask (no patch positions)
+    seconds: float
+    cells: int | None = None  # map cells holding a value (drill-down fills more cells than it queries)
+
+    @property
+    def positions_per_second(self) -> float | None:
+        if self.positions is None or self.seconds <= 0:
+            return None
+        return self.positions / self.seconds
+
+    @property
+    def cells_per_second(self) -> float | None:
+        """Map cells delivered per second: what a speedup over the naive mode compares."""
+        cells = self.positions if self.cells is None else self.cells
+        if cells is None or self.seconds <= 0:
+            return None
+        return cells / self.seconds
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One update of a running map for the page."""
+
+    picture: np.ndarray | None  # RGB uint8, or None to keep the previous picture
+    status: str  # HTML: progress bar and numbers
+    record: RunRecord | None = None  # set on the last frame of a run that finished
+    heatmap: Heatmap | None = None  # the map so far (patch modes); NaN where not evaluated
+
+
+# -- photos -------------------------------------------------------------------------------------
+
+
+def _rgb_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Any gray/RGB/RGBA uint8 or float image -> RGB uint8 [H, W, 3]."""
+    array = np.asarray(pixels)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4) or min(array.shape[:2]) < 1:
+        raise InputError(f"expected an RGB image, got an array of shape {list(array.shape)}")
+    array = array[..., :3]
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+        # 16-bit PNGs and the like: scale the type's range onto 0..255
+        array = array.astype(np.float64) * (255.0 / np.iinfo(array.dtype).max)
+    elif np.issubdtype(array.dtype, np.floating) and array.max() <= 1.0:
+        array = array * 255.0
+    if array.dtype != np.uint8:
+        array = np.clip(array.astype(np.float64), 0, 255).round().astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def make_photo(name: str, pixels: np.ndarray) -> Photo:
+    """A :class:`Photo` from pixels, checked to be an RGB(A) or gray image."""
+    rgb = _rgb_uint8(pixels)
+    fingerprint = hashlib.sha1(rgb.tobytes() + str(rgb.shape).encode()).hexdigest()[:10]
+    return Photo(name, rgb, fingerprint)
+
+
+def read_photo(path: str, name: str | None = None) -> Photo:
+    """A photo from an uploaded file; :class:`kfx.InputError` when it is missing or not an image."""
+    path = str(path)
+    if not os.path.isfile(path):  # also keeps a bare name from being taken for a scikit-image sample
+        raise InputError(f"{os.path.basename(path) or path}: no such image file")
+    name = name or os.path.basename(path)
+    try:
+        pixels = read_pixels(path)
+    except InputError:
+        # read_pixels names the server's temporary copy; the user knows the file by its name
+        raise InputError(
+            f"{name} is not an image this page can read; upload a PNG, JPEG, GIF, BMP, TIFF or WebP file"
+        ) from None
+    return make_photo(name, pixels)
+
+
+def sample_photo(name: str) -> Photo:
+    """One of the bundled scikit-image photos (``kfx.models.SAMPLE_PHOTOS``)."""
+    if name not in SAMPLE_PHOTOS:
+        raise InputError(f"unknown sample {name!r}; the samples are {', '.join(SAMPLE_PHOTOS)}")
+    return make_photo(name, read_pixels(name))
+
+
+def display_crop(photo: Photo, side: int = DISPLAY_SIDE) -> np.ndarray:
+    """The square centre crop the model sees, as RGB uint8 [side, side, 3] for the editor."""
+    unit = resize_crop(photo.pixels, side)
+    return (unit.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+
+
+# -- selections ---------------------------------------------------------------------------------
+
+
+def strokes_mask(layers) -> np.ndarray | None:
+    """Union of the editor's drawing layers as a bool mask [H, W] (None when nothing is drawn).
+
+    A layer is RGBA (alpha marks paint) or RGB/gray (non-zero marks paint).
+    """
+    mask = None
+    for layer in layers or []:
+        if layer is None:
+            continue
+        array = np.asarray(layer)
+        painted = (
+            array[..., 3] > 0
+            if array.ndim == 3 and array.shape[-1] == 4
+            else array.reshape(array.shape[:2] + (-1,)).any(axis=-1)
+        )
+        mask = painted if mask is None else mask | _resized_mask(painted, mask.shape)
+    return mask if mask is not None and mask.any() else None
+
+
+def _resized_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A bool mask resized so that any painted source pixel marks the target pixels it overlaps."""
+    if tuple(mask.shape) == tuple(shape):
+        return mask
+    source = torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None]
+    if shape[0] >= mask.shape[0] and shape[1] >= mask.shape[1]:
+        resized = F.interpolate(source, size=shape, mode="nearest")
+    else:
+        # Shrinking: max over each target pixel's source window, so thin strokes survive.
+        resized = F.adaptive_max_pool2d(source, shape)
+    return resized[0, 0].numpy() > 0
+
+
+def bounding_rectangle(mask: np.ndarray) -> np.ndarray:
+    """The filled axis-aligned rectangle around every True pixel of ``mask``."""
+    rows, cols = np.nonzero(mask)
+    rectangle = np.zeros_like(mask, dtype=bool)
+    rectangle[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+    return rectangle
+
+
+def selection_pixels(layers, size: int, shape: str = BRUSH) -> torch.Tensor | None:
+    """The user's selection as a bool pixel mask [size, size] of the model input, or None (no strokes).
+
+    The editor shows the same square crop as the model input at another resolution, so the strokes
+    only need resizing.
+    """
+    mask = strokes_mask(layers)
+    if mask is None:
+        return None
+    if shape == RECTANGLE:
+        mask = bounding_rectangle(mask)
+    return torch.from_numpy(_resized_mask(mask, (size, size)))
+
+
+def cells_overlapping(pixels: torch.Tensor, patch: Patch) -> torch.Tensor:
+    """Grid cells whose patch window touches a selected pixel: the same rule as
+    :meth:`kfx.Engine.cells_overlapping`, here without compiling an engine (naive mode needs none)."""
+    mask = pixels.detach().to("cpu", torch.float32)[None, None]
+    return F.max_pool2d(mask, patch.size, patch.stride)[0, 0] > 0
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+def parse_colour(colour: str) -> tuple[float, float, float]:
+    """A CSS colour as a colour picker gives it ("#rrggbb", "#rgb" or "rgb(a)(r, g, b, ...)") -> RGB in [0, 1]."""
+    text = (colour or "").strip().lower()
+    if re.fullmatch(r"#[0-9a-f]{6}", text):
+        return tuple(int(text[i : i + 2], 16) / 255.0 for i in (1, 3, 5))
+    if re.fullmatch(r"#[0-9a-f]{3}", text):
+        return tuple(int(c * 2, 16) / 255.0 for c in text[1:])
+    match = re.fullmatch(r"rgba?\(\s*([\d.]+)\s*,\s*([\d.]+)\s*,\s*([\d.]+)\s*(,\s*[\d.]+\s*)?\)", text)
+    if match:
+        return tuple(min(255.0, float(v)) / 255.0 for v in match.groups()[:3])
+    raise InputError(f"patch colour {colour!r} is not a colour; use #rrggbb")
+
+
+def grid_summary(size: int, patch: int, stride: int, strokes=None, shape: str = BRUSH) -> str:
+    """How many positions a map at these settings has and how many a selection keeps, for the page
+    (or what is wrong with the settings)."""
+    try:
+        patch_ = Patch(int(patch), int(stride))
+        h_m, w_m = patch_.grid_shape((int(size), int(size)))
+    except (kfx.KfxError, TypeError, ValueError) as exc:
+        return f"{exc}"
+    text = f"{h_m} x {w_m} = {h_m * w_m:,} patch positions on the {int(size)}x{int(size)} input"
+    pixels = selection_pixels(None if strokes is None else [strokes], int(size), shape)
+    if pixels is None:
+        return text + "; no selection (draw on the image to choose positions)"
+    selected = int(cells_overlapping(pixels, patch_).sum())
+    return text + f"; the selection keeps {selected:,} of them"
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def naive_stream(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    patch: Patch,
+    *,
+    cells: torch.Tensor | None = None,
+    batch_size: int = 64,
+) -> Iterator[Progress]:
+    """The brute-force baseline as a stream: ``model(kfx.occlude(image, positions, patch))`` per batch.
+
+    Yields the same :class:`kfx.Progress` steps as :meth:`kfx.Engine.stream` (NaN where not yet
+    evaluated), so the page shows both modes the same way. Closing the generator stops it.
+    """
+    started = time.perf_counter()
+    hw = tuple(image.shape[1:])
+    grid = patch.grid_shape(hw)
+    selected = torch.ones(grid, dtype=torch.bool) if cells is None else cells.cpu()
+    device = next((p.device for p in model.parameters()), image.device)
+    image = image.to(device)
+    with torch.no_grad():
+        base_probs = torch.softmax(model(image[None]), dim=1)[0]
+    target = int(base_probs.argmax())
+    values = torch.full(grid, float("nan"), dtype=image.dtype)
+    flat = values.view(-1)
+    indices = selected.reshape(-1).nonzero()[:, 0]
+    positions = grid_positions(hw, patch)[indices]
+    done = 0
+    for start in range(0, len(indices), batch_size):
+        with torch.no_grad():
+            out = model(occlude(image, positions[start : start + batch_size], patch))
+        flat[indices[done : done + out.shape[0]]] = (
+            torch.softmax(out, dim=1)[:, target].cpu().to(values.dtype)
+        )
+        done += out.shape[0]
+        heatmap = Heatmap(values.clone(), target, float(base_probs[target]), patch, hw)
+        yield Progress(heatmap, done, len(indices), time.perf_counter() - started)
+    if not len(indices):
+        heatmap = Heatmap(values, target, float(base_probs[target]), patch, hw)
+        yield Progress(heatmap, 0, 0, time.perf_counter() - started)
+
+
+def _accepts(function, name: str) -> bool:
+    """Whether ``function`` takes a keyword argument ``name`` (for features other engineers add)."""
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _deferred(start_stream) -> Iterator[Progress]:
+    """A stream that starts on the first ``next()``: ``Engine.stream`` runs the unoccluded image
+    eagerly, and that inference belongs to the run's measured time (as it does for naive_stream)."""
+    yield from start_stream()
+
+
+def _timed_without_grad(steps: Iterator[Progress]) -> Iterator[tuple[Progress, float]]:
+    """Advance ``steps`` with autograd off, yielding each step with the seconds spent computing so far.
+
+    Only the time inside ``next()`` counts: drawing the picture and sending it to the page happen
+    between steps and would otherwise inflate the run time (more for the slower modes, which
+    redraw more often). Autograd is switched off around every step because a web server resumes a
+    run on whichever worker thread is free, and the switch is per thread: a ``torch.no_grad()``
+    entered inside a generator on one thread does not hold when it resumes on another, and the map
+    would then record a graph.
+    """
+    busy = 0.0
+    while True:
+        started = time.perf_counter()
+        with torch.no_grad():
+            step = next(steps, None)
+        busy += time.perf_counter() - started
+        if step is None:
+            return
+        yield step, busy
+
+
+def render_heatmap(heatmap: Heatmap, display: torch.Tensor, label: str) -> np.ndarray:
+    """The heat map over the image with its colour bar, as an RGB picture (matplotlib, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 5), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    heatmap.plot(display, ax=figure.add_subplot(), label=label)
+    figure.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def render_mask(mask: torch.Tensor, display: torch.Tensor, label: str, steps: int) -> np.ndarray:
+    """A NeuroMask mask over the image with its colour bar, as an RGB picture."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 5), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.imshow(display.permute(1, 2, 0).numpy())
+    shown = ax.imshow(mask.detach().cpu().float().numpy(), cmap="inferno", alpha=0.6, vmin=0.0, vmax=1.0)
+    ax.axis("off")
+    ax.set_title(f"{label}: NeuroMask, {steps} steps")
+    figure.colorbar(
+        shown, ax=ax, fraction=0.046, pad=0.04, label="mask weight (1 = the prediction relies on it)"
+    )
+    figure.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def status_html(title: str, done: int | None = None, total: int | None = None, detail: str = "") -> str:
+    """The progress indicator: a bar (when there is a count) and one line of numbers."""
+    bar = ""
+    if done is not None and total:
+        bar = f'<progress class="kfx-progress" value="{done}" max="{total}"></progress> '
+    text = f"<b>{title}</b>" + (f" &middot; {detail}" if detail else "")
+    return f'<div class="kfx-status">{bar}{text}</div>'
+
+
+def _step_detail(step: Progress, seconds: float) -> str:
+    rate = step.done / seconds if seconds > 0 else 0.0
+    return (
+        f"{step.done:,} / {step.total:,} positions &middot; {seconds:.2f} s &middot; {rate:,.0f} positions/s"
+    )
+
+
+class Explorer:
+    """The explorer for one loaded model: predictions, a cache of compiled engines, and runs.
+
+    Engines are cached per (input size, patch, stride, fill, tau), the least recently used dropped
+    beyond ``max_engines``: compiling traces the model and is worth doing once per setting.
+    """
+
+    def __init__(self, loaded: LoadedModel, *, batch_size: int = 64, max_engines: int = 6):
+        self.loaded = loaded
+        self.batch_size = batch_size
+        self.max_engines = max_engines
+        self._engines: OrderedDict[tuple, Engine] = OrderedDict()
+        self._engines_lock = threading.Lock()
+
+    # -- photos and predictions --
+    def model_input(self, photo: Photo, size: int) -> torch.Tensor:
+        """The model's input [3, size, size] for ``photo`` (resize, centre crop, normalise)."""
+        return self.loaded.prepare(photo.pixels, int(size))
+
+    def predict(self, photo: Photo, size: int | None = None) -> dict[str, float]:
+        """The top classes and their probabilities on the unoccluded photo, for a label widget."""
+        image = self.model_input(photo, size or self.loaded.size)
+        model = self.loaded.model
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            probs = torch.softmax(model(image[None].to(device)), dim=1)[0].cpu()
+        top = probs.topk(min(TOP_CLASSES, probs.numel()))
+        return {self.loaded.label(int(i)): float(p) for p, i in zip(top.values, top.indices)}
+
+    # -- engines --
+    def fill_values(self, colour: str) -> tuple[float, ...]:
+        """The patch colour in the model's input space (the user picks it in pixel space)."""
+        rgb = torch.tensor(parse_colour(colour), dtype=torch.float32).view(3, 1, 1)
+        return tuple(round(float(v), 6) for v in self.loaded.normalize(rgb).view(-1))
+
+    def patch(self, settings: MapSettings) -> Patch:
+        return Patch(int(settings.patch), int(settings.stride), fill=self.fill_values(settings.fill))
+
+    def engine(self, size: int, patch: Patch, tau: float | None = None) -> tuple[Engine, float]:
+        """A compiled engine for these settings (cached) and the seconds compiling took (0 if cached)."""
+        key = (int(size), patch.size, patch.stride, patch.fill, tau)
+        with self._engines_lock:
+            if key in self._engines:
+                self._engines.move_to_end(key)
+                return self._engines[key], 0.0
+            started = time.perf_counter()
+            options = {"batch_size": self.batch_size}
+            if tau is not None:
+                if not _accepts(kfx.compile, "tau"):
+                    raise InputError("this kfx build has no projective-field threshold (tau)")
+                options["tau"] = float(tau)
+            engine = kfx.compile(self.loaded.model, (3, int(size), int(size)), patch, **options)
+            self._engines[key] = engine
+            while len(self._engines) > self.max_engines:
+                self._engines.popitem(last=False)
+            return engine, time.perf_counter() - started
+
+    # -- runs --
+    def check_run(self, photo: Photo | None, settings: MapSettings) -> Patch:
+        """Refuse, with a message for the page, what cannot run; the patch when all is well."""
+        if photo is None:
+            raise InputError("load an image first: upload one or pick a sample")
+        if settings.mode not in MODES:
+            raise InputError(f"unknown mode {settings.mode!r}; choose one of {', '.join(MODES)}")
+        if settings.mode == APPROXIMATE and not approximate_available():
+            raise InputError("the approximate mode is not available in this kfx build (no kfx.DrillDown)")
+        if int(settings.batch_size) < 1:
+            raise InputError(f"batch size must be at least 1, got {settings.batch_size}")
+        patch = self.patch(settings)
+        height, width = photo.pixels.shape[:2]
+        if settings.mode != NEUROMASK and min(height, width) < max(patch.size):
+            raise InputError(
+                f"the image is {width}x{height} pixels, smaller than the {patch.size[0]}-pixel patch; "
+                "upload a larger image or choose a smaller patch"
+            )
+        patch.check_fits((int(settings.size), int(settings.size)))
+        return patch
+
+    def run(self, photo: Photo | None, layers, settings: MapSettings) -> Iterator[Frame]:
+        """One run of ``settings.mode`` as a stream of frames; the last one carries the run's record.
+
+        ``layers`` are the editor's drawing layers: brush strokes restrict the patch positions to
+        the cells they touch (interactive mode). Raises :class:`kfx.KfxError` for bad input before
+        the first frame computes anything. Closing the generator cancels the run after the batch in
+        flight.
+        """
+        patch = self.check_run(photo, settings)
+        size = int(settings.size)
+        image = self.model_input(photo, size)
+        display = resize_crop(photo.pixels, size)
+        if settings.mode == NEUROMASK:
+            yield from self._run_neuromask(photo, image, display, settings)
+            return
+        pixels = selection_pixels(layers, size, settings.selection_shape)
+        steps, label_mode, notes = yield from self._map_steps(image, pixels, patch, settings)
+        yield from self._show_steps(steps, photo, display, patch, settings, label_mode, notes)
+
+    def _map_steps(self, image, pixels, patch, settings):
+        """The stream of :class:`Progress` for the chosen patch mode (compiling first if needed);
+        a generator that yields status frames while compiling and returns (steps, mode label, notes)."""
+        cells = None if pixels is None else cells_overlapping(pixels, patch)
+        notes = []
+        if cells is not None:
+            notes.append(f"selection: {int(cells.sum()):,} of {cells.numel():,} positions")
+        size = int(settings.size)
+        if settings.mode == NAIVE:
+            steps = naive_stream(
+                self.loaded.model, image, patch, cells=cells, batch_size=int(settings.batch_size)
+            )
+            return steps, NAIVE, notes
+        tau = float(settings.tau) if settings.mode == APPROXIMATE else None
+        yield Frame(
+            None,
+            status_html(
+                "Compiling",
+                detail=f"{settings.mode} engine for {size}x{size}, patch {settings.patch}, stride {settings.stride}",
+            ),
+        )
+        engine, compile_seconds = self.engine(size, patch, tau)
+        if compile_seconds:
+            notes.append(f"compiled in {compile_seconds:.1f} s (cached for the next runs)")
+        if settings.mode == EXACT:
+            steps = _deferred(lambda: engine.stream(image, cells=cells, batch_size=int(settings.batch_size)))
+            return steps, EXACT, notes
+        if settings.drill_down:
+            if cells is not None:
+                raise InputError(
+                    "drill-down chooses its own positions: clear the selection, or turn drill-down off"
+                )
+            yield Frame(
+                None,
+                status_html(
+                    "Approximate: running",
+                    detail="drill-down: a coarse stage 1, then the target stride where the drops are "
+                    "largest; the map appears when both stages are done",
+                ),
+            )
+        return self._approximate_steps(engine, image, cells, settings), _approximate_label(settings), notes
+
+    def _approximate_steps(self, engine, image, cells, settings) -> Iterator[Progress]:
+        """The approximate map: tau is compiled in; drill-down is passed per run when asked for."""
+        options = {}
+        if settings.drill_down:
+            options["drill_down"] = kfx.DrillDown(
+                fraction=float(settings.fraction), target_speedup=float(settings.target_speedup)
+            )
+        if not options or _accepts(engine.stream, "drill_down"):
+            yield from engine.stream(image, cells=cells, batch_size=int(settings.batch_size), **options)
+            return
+        # Drill-down does not stream (stage 2 depends on all of stage 1): one call, one step.
+        # Its map has a value in every cell; `measured` marks the cells it queried.
+        started = time.perf_counter()
+        heatmap = engine(image, batch_size=int(settings.batch_size), **options)
+        queried = int(getattr(heatmap, "measured", heatmap.evaluated).sum())
+        yield Progress(heatmap, queried, queried, time.perf_counter() - started)
+
+    def _show_steps(self, steps, photo, display, patch, settings, label_mode, notes) -> Iterator[Frame]:
+        """Frames from a stream of progress steps: redrawn at most every RENDER_INTERVAL_S, and
+        always at the end; the stream is closed however the run ends (a Stop closes this generator)."""
+        last_render = 0.0
+        try:
+            for step, seconds in _timed_without_grad(steps):
+                finished = step.done >= step.total
+                title = f"{label_mode}: {'done' if finished else 'running'}"
+                detail = _step_detail(step, seconds)
+                if finished:
+                    detail = " &middot; ".join([detail, *notes])
+                if finished or time.perf_counter() - last_render >= RENDER_INTERVAL_S:
+                    picture = render_heatmap(step.heatmap, display, self.loaded.label(step.heatmap.target))
+                    last_render = time.perf_counter()
+                else:
+                    picture = None
+                record = self._record(photo, patch, settings, label_mode, step, seconds) if finished else None
+                yield Frame(picture, status_html(title, step.done, step.total, detail), record, step.heatmap)
+        finally:
+            close = getattr(steps, "close", None)
+            if close is not None:
+                close()
+
+    def _run_neuromask(self, photo, image, display, settings) -> Iterator[Frame]:
+        """NeuroMask: one optimisation (no batches to show), then the mask over the image."""
+        steps = int(settings.neuromask_steps)
+        yield Frame(
+            None,
+            status_html(
+                "NeuroMask: running", detail=f"{steps} optimisation steps, one forward and backward pass each"
+            ),
+        )
+        started = time.perf_counter()
+        mask = kfx.neuromask(self.loaded.model, image, steps=steps)
+        seconds = time.perf_counter() - started
+        target = max(self.predict(photo, settings.size).items(), key=lambda kv: kv[1])[0]
+        picture = render_mask(mask, display, target, steps)
+        record = RunRecord(
+            f"NeuroMask ({steps} steps)",
+            NEUROMASK,
+            photo.name,
+            self._comparison_key(photo, settings),
+            "-",
+            None,
+            seconds,
+        )
+        yield Frame(picture, status_html("NeuroMask: done", detail=f"{seconds:.2f} s"), record)
+
+    def _comparison_key(self, photo: Photo, settings: MapSettings) -> tuple:
+        return (
+            photo.fingerprint,
+            int(settings.size),
+            int(settings.patch),
+            int(settings.stride),
+            settings.fill,
+        )
+
+    def _record(self, photo, patch, settings, label_mode, step: Progress, seconds: float) -> RunRecord:
+        patch_stride = f"{_side(patch.size)} / {_side(patch.stride)}"
+        kind = label_mode.split(" ")[0]
+        return RunRecord(
+            label_mode,
+            kind,
+            photo.name,
+            self._comparison_key(photo, settings),
+            patch_stride,
+            step.done,
+            seconds,
+            int(step.heatmap.evaluated.sum()),
+        )
+
+
+def _side(pair: tuple[int, int]) -> str:
+    """A (h, w) pair as the page shows it: one number when square."""
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+
+
+def _approximate_label(settings: MapSettings) -> str:
+    parts = [f"tau {float(settings.tau):g}"]
+    if settings.drill_down:
+        parts.append(f"drill-down r {float(settings.fraction):g}, t {float(settings.target_speedup):g}")
+    return f"{APPROXIMATE} ({'; '.join(parts)})"
+
+
+def runs_table(records: list[RunRecord]) -> list[list]:
+    """Rows of the runs table.
+
+    Speedup vs naive compares map cells delivered per second with the latest naive run on the same
+    image, input size, patch, stride and fill: for exact runs that is throughput on the same
+    positions; a drill-down run fills every cell from fewer queries, and gets credit for that.
+    """
+    rows = []
+    for number, record in enumerate(records, start=1):
+        naive = next(
+            (
+                r
+                for r in reversed(records)
+                if r.kind == NAIVE and r.comparison_key == record.comparison_key and r.positions_per_second
+            ),
+            None,
+        )
+        rate = record.positions_per_second
+        speedup = "-"
+        if naive and record.cells_per_second:
+            speedup = f"{record.cells_per_second / naive.cells_per_second:.2f}x"
+        rows.append(
+            [
+                number,
+                record.mode,
+                record.image,
+                record.patch_stride,
+                "-" if record.positions is None else f"{record.positions:,}",
+                f"{record.seconds:.2f}",
+                "-" if rate is None else f"{rate:,.0f}",
+                speedup,
+            ]
+        )
+    return rows
+
+
+def runs_table_html(records: list[RunRecord]) -> str:
+    """The runs table as HTML (one header row, one row per finished run)."""
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in RUN_COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>"
+        for row in runs_table(records)
+    )
+    caption = "<caption>Runs</caption>" if records else "<caption>Runs: none yet</caption>"
+    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

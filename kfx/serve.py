@@ -1,0 +1,505 @@
+"""``kfx serve``: the interactive explorer, a local web page (Gradio) over :mod:`kfx._serve_core`.
+
+Upload a photo or pick a bundled one, see the prediction, set patch size, stride and colour, choose
+Naive / Exact / Approximate / NeuroMask, draw brush strokes (or a rectangle around them) to evaluate
+only a selection, watch the heat map fill in, stop a run, and compare the modes' run times.
+
+    kfx serve [--host 127.0.0.1] [--port 7860] [--model torchvision:resnet18] [--weights FILE]
+
+Needs the ``ui`` extra: ``pip install 'kfx[ui]'``. From Python::
+
+    import kfx.serve
+    from kfx.models import load_model
+    kfx.serve.launch(load_model())          # blocks; the page is at http://127.0.0.1:7860
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from kfx import _serve_core as core
+from kfx.errors import KfxError
+from kfx.models import SAMPLE_PHOTOS, LoadedModel
+
+__all__ = ["add_arguments", "run", "main", "build_app", "launch"]
+
+log = logging.getLogger("kfx.serve")
+
+DEFAULT_HOST = "127.0.0.1"  # loopback only: the page runs models on this machine
+DEFAULT_PORT = 7860
+BRUSH_COLOUR = "rgb(255, 40, 200)"  # one vivid colour: the strokes only mark a selection
+
+# Fonts on this machine, so the page never asks a font service (it may be offline).
+_SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"]
+_MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+_CSS = """
+.kfx-status { font-size: 0.95em; min-height: 1.6em; }
+.kfx-status progress { width: 12em; vertical-align: middle; margin-right: 0.5em; }
+#kfx-runs table { width: 100%; border-collapse: collapse; font-size: 0.9em; }
+#kfx-runs th, #kfx-runs td { border-bottom: 1px solid var(--border-color-primary, #ddd); padding: 4px 6px; text-align: left; }
+#kfx-runs td:nth-child(n+5) { text-align: right; font-variant-numeric: tabular-nums; }
+.kfx-error { color: var(--error-text-color, #b91c1c); font-weight: 600; }
+"""
+
+
+def _gradio():
+    """Import Gradio quietly (no analytics or telemetry calls), or explain how to install it."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        import gradio
+    except ImportError:
+        raise KfxError("the explorer needs Gradio: pip install 'kfx[ui]'") from None
+    major = gradio.__version__.split(".")[0]
+    if not major.isdigit() or int(major) < 6:
+        raise KfxError(
+            f"the explorer needs Gradio 6 or later, found {gradio.__version__}: pip install 'kfx[ui]'"
+        )
+    return gradio
+
+
+# -- handlers: Gradio values in, Gradio values out ----------------------------------------------
+
+
+def _message(exc: Exception) -> str:
+    """The HTML shown in the page for a refused input or a failed run."""
+    if isinstance(exc, KfxError):
+        text = str(exc)
+    else:
+        text = f"Something went wrong: {type(exc).__name__}: {exc} (details in the server log)"
+    return f'<div class="kfx-error">{html.escape(text)}</div>'
+
+
+def _warn(gr, exc: Exception) -> str:
+    """Report ``exc`` in the page (a toast and the message line) and keep serving."""
+    if not isinstance(exc, KfxError):
+        log.exception("explorer handler failed")
+    gr.Warning(str(exc) if isinstance(exc, KfxError) else f"{type(exc).__name__}: {exc}")
+    return _message(exc)
+
+
+def editor_value(photo: core.Photo | None) -> dict | None:
+    """The editor's value for a photo: the model's crop as background, no strokes yet."""
+    if photo is None:
+        return None
+    crop = core.display_crop(photo)
+    return {"background": crop, "layers": [], "composite": crop}
+
+
+def _settings(mode, size, patch, stride, fill, batch_size, tau, drill_down, fraction, speedup, steps, shape):
+    """The page's controls as :class:`MapSettings` (sliders may deliver floats)."""
+    return core.MapSettings(
+        mode=mode,
+        size=int(size),
+        patch=int(patch),
+        stride=int(stride),
+        fill=fill,
+        batch_size=int(batch_size),
+        tau=float(tau),
+        drill_down=bool(drill_down),
+        fraction=float(fraction),
+        target_speedup=float(speedup),
+        neuromask_steps=int(steps),
+        selection_shape=shape,
+    )
+
+
+@dataclass
+class RunControl:
+    """Per browser session (a ``gr.State``, shared by the Run and Stop handlers): when the current
+    run started and when Stop was last pressed (``time.monotonic()``)."""
+
+    started: float = 0.0
+    stop_requested: float = -1.0
+
+
+_STOPPED = core.status_html("Stopped", detail="the map shows the positions evaluated before Stop")
+
+
+class Handlers:
+    """The page's event handlers for one :class:`core.Explorer`; each catches bad input and answers
+    with a message instead of an exception, so one bad upload or setting never stops the server."""
+
+    def __init__(self, explorer: core.Explorer, gr):
+        self.explorer = explorer
+        self.gr = gr
+
+    def _loaded(self, photo: core.Photo, size) -> tuple:
+        """A new photo: shown without strokes, predicted; the old selection is gone."""
+        prediction = self.explorer.predict(photo, int(size))
+        return photo, editor_value(photo), prediction, "", None
+
+    def upload(self, path, size) -> tuple:
+        """An uploaded file -> (photo, editor, prediction, message, strokes, sample choice)."""
+        try:
+            if not path:
+                raise KfxError("no file arrived; upload an image file")
+            # the sample list no longer names the image shown
+            return (*self._loaded(core.read_photo(path), size), self.gr.update(value=None))
+        except Exception as exc:  # any failure is reported in the page
+            skip = self.gr.skip()
+            return skip, skip, skip, _warn(self.gr, exc), skip, skip
+
+    def sample(self, name, size) -> tuple:
+        """A bundled photo by name -> (photo, editor, prediction, message, strokes)."""
+        try:
+            return self._loaded(core.sample_photo(name), size)
+        except Exception as exc:
+            skip = self.gr.skip()
+            return skip, skip, skip, _warn(self.gr, exc), skip
+
+    def predict(self, photo, size):
+        """The prediction again (the input size changed)."""
+        if photo is None:
+            return self.gr.skip()
+        try:
+            return self.explorer.predict(photo, int(size))
+        except Exception as exc:
+            _warn(self.gr, exc)
+            return self.gr.skip()
+
+    def clear_selection(self, photo) -> tuple:
+        """(editor without strokes, no selection). Setting the editor's value from here fires no
+        change event in the editor, so the strokes are cleared here too."""
+        return (editor_value(photo) if photo is not None else self.gr.skip()), None
+
+    def select(self, editor, size, patch, stride, shape) -> tuple:
+        """The editor changed (a stroke, an erase, a new photo) -> (strokes mask, grid summary).
+
+        Kept in a session state so that Run sends no image: the run starts at once, and a Stop
+        right after Run finds it running.
+        """
+        layers = editor.get("layers") if isinstance(editor, dict) else None
+        try:
+            strokes = core.strokes_mask(layers)
+        except Exception as exc:
+            _warn(self.gr, exc)
+            strokes = None
+        return strokes, self.grid(size, patch, stride, strokes, shape)
+
+    def grid(self, size, patch, stride, strokes=None, shape=core.BRUSH) -> str:
+        """How many positions a run evaluates at these settings (and how many the selection keeps)."""
+        return core.grid_summary(int(size), int(patch), int(stride), strokes, shape)
+
+    def run(self, photo, strokes, runs, control: RunControl, *controls):
+        """One run, streamed: yields (heat map, status, runs table, runs, message) after each batch.
+
+        Stop reaches a run two ways: Gradio's cancel closes this generator (and with it the
+        engine's stream), and, since that cancel can come late or miss a run that has just started,
+        the run also checks ``control`` between batches and ends itself.
+        """
+        skip = self.gr.skip()
+        runs = list(runs or [])
+        started = time.monotonic()
+        control.started = started
+        frames = None
+        try:
+            settings = _settings(*controls)
+            frames = self.explorer.run(photo, None if strokes is None else [strokes], settings)
+            for frame in frames:
+                if control.stop_requested > started:
+                    yield skip, _STOPPED, skip, skip, ""
+                    return
+                if frame.record is not None:
+                    runs.append(frame.record)
+                picture = skip if frame.picture is None else frame.picture
+                table = core.runs_table_html(runs) if frame.record is not None else skip
+                yield picture, frame.status, table, runs, ""
+        except Exception as exc:
+            message = _warn(self.gr, exc)
+            yield skip, core.status_html("Not run", detail="see the message below"), skip, skip, message
+        finally:
+            if frames is not None:
+                frames.close()
+
+    @staticmethod
+    def stop(status: str, control: RunControl) -> str:
+        """Stop pressed: tell the running map (if any) to end; only a run in progress becomes 'stopped'."""
+        control.stop_requested = time.monotonic()
+        if control.started > 0 and status and ("running" in status or "Compiling" in status):
+            return _STOPPED
+        return status
+
+
+# -- the page -----------------------------------------------------------------------------------
+
+
+def build_app(loaded_model: LoadedModel, *, batch_size: int = 64, explorer: core.Explorer | None = None):
+    """The explorer page for ``loaded_model`` as a ``gradio.Blocks`` (not yet launched).
+
+    Element ids (``kfx-editor``, ``kfx-run``, ``kfx-heatmap``, ``kfx-runs``, ...) are stable so
+    tests and scripts can drive the page.
+    """
+    gr = _gradio()
+    explorer = explorer or core.Explorer(loaded_model, batch_size=batch_size)
+    handlers = Handlers(explorer, gr)
+    size = loaded_model.size
+    approximate = core.approximate_available()
+    modes = list(core.MODES) if approximate else [m for m in core.MODES if m != core.APPROXIMATE]
+
+    with gr.Blocks(title="kfx explorer") as app:
+        photo = gr.State(None)
+        strokes = gr.State(None)  # bool mask of the brush strokes, at the editor's resolution
+        runs = gr.State([])
+        run_control = gr.State(RunControl())
+        gr.Markdown(
+            f"## kfx explorer: occlusion heat maps for `{loaded_model.name}`\n"
+            "Load an image, choose a mode and patch, press **Run**. To evaluate only some positions, "
+            "draw on the image with the brush (interactive mode); **Clear selection** removes the strokes."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                editor = gr.ImageEditor(
+                    label="Image: draw to select positions",
+                    type="numpy",
+                    image_mode="RGBA",
+                    sources=(),
+                    transforms=(),
+                    layers=False,
+                    brush=gr.Brush(colors=[BRUSH_COLOUR], color_mode="fixed"),
+                    canvas_size=(core.DISPLAY_SIDE, core.DISPLAY_SIDE),
+                    buttons=[],
+                    elem_id="kfx-editor",
+                )
+                with gr.Row():
+                    upload = gr.UploadButton("Upload an image", type="filepath", elem_id="kfx-upload")
+                    sample = gr.Dropdown(
+                        list(SAMPLE_PHOTOS),
+                        value=SAMPLE_PHOTOS[0],
+                        label="or a sample photo",
+                        elem_id="kfx-sample",
+                    )
+                    clear = gr.Button("Clear selection", elem_id="kfx-clear")
+                shape = gr.Radio(
+                    list(core.SELECTION_SHAPES), value=core.BRUSH, label="Selection", elem_id="kfx-shape"
+                )
+                mode = gr.Radio(modes, value=core.EXACT, label="Mode", elem_id="kfx-mode")
+                with gr.Row():
+                    patch = gr.Slider(1, 128, value=16, step=1, label="Patch size", elem_id="kfx-patch")
+                    stride = gr.Slider(1, 64, value=4, step=1, label="Stride", elem_id="kfx-stride")
+                with gr.Row():
+                    fill = gr.ColorPicker(
+                        "#808080", label="Patch colour (gray: about the mean input)", elem_id="kfx-fill"
+                    )
+                    grid = gr.Markdown(core.grid_summary(size, 16, 4), elem_id="kfx-grid")
+                with gr.Accordion("Approximate mode", open=False) as approximate_knobs:
+                    if not approximate:
+                        gr.Markdown(
+                            "*Not available in this kfx build (it has no `kfx.DrillDown`); the knobs are "
+                            "shown disabled.*"
+                        )
+                    tau = gr.Slider(
+                        0.1,
+                        1.0,
+                        value=1.0,
+                        step=0.05,
+                        label="tau (projective-field threshold)",
+                        interactive=approximate,
+                        elem_id="kfx-tau",
+                    )
+                    drill_down = gr.Checkbox(
+                        False,
+                        label="Adaptive drill-down (chooses its own positions: no selection)",
+                        interactive=approximate,
+                        elem_id="kfx-drill-down",
+                    )
+                    with gr.Row():
+                        fraction = gr.Slider(
+                            0.05,
+                            0.9,
+                            value=0.25,
+                            step=0.05,
+                            label="drill-down fraction r",
+                            interactive=approximate,
+                        )
+                        speedup = gr.Slider(
+                            1.0,
+                            10.0,
+                            value=3.0,
+                            step=0.5,
+                            label="drill-down target speedup t",
+                            interactive=approximate,
+                        )
+                with gr.Accordion("NeuroMask", open=False) as neuromask_knobs:
+                    steps = gr.Slider(
+                        1, 500, value=150, step=1, label="optimisation steps", elem_id="kfx-steps"
+                    )
+                    gr.Markdown("*NeuroMask learns a mask over the whole image; a selection does not apply.*")
+                with gr.Accordion("More settings", open=False):
+                    input_size = gr.Slider(
+                        32, 512, value=size, step=1, label="Input size (pixels per side)", elem_id="kfx-size"
+                    )
+                    batch = gr.Slider(
+                        1,
+                        256,
+                        value=explorer.batch_size,
+                        step=1,
+                        label="Positions per batch",
+                        elem_id="kfx-batch",
+                    )
+            with gr.Column(scale=1):
+                prediction = gr.Label(num_top_classes=3, label="Prediction", elem_id="kfx-prediction")
+                heatmap = gr.Image(
+                    label="Heat map",
+                    type="numpy",
+                    interactive=False,
+                    buttons=["download"],
+                    elem_id="kfx-heatmap",
+                )
+                status = gr.HTML(core.status_html("Ready"), elem_id="kfx-status")
+                message = gr.HTML("", elem_id="kfx-message")
+                with gr.Row():
+                    run_button = gr.Button("Run", variant="primary", elem_id="kfx-run")
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="kfx-stop")
+                table = gr.HTML(core.runs_table_html([]), label="Runs", elem_id="kfx-runs")
+
+        # Loading a photo or clearing the strokes resets the selection; the summary follows.
+        loaded_outputs = [photo, editor, prediction, message, strokes]
+        grid_inputs = [input_size, patch, stride, strokes, shape]
+        app.load(handlers.sample, [sample, input_size], loaded_outputs).then(
+            handlers.grid, grid_inputs, [grid]
+        )
+        upload.upload(handlers.upload, [upload, input_size], [*loaded_outputs, sample]).then(
+            handlers.grid, grid_inputs, [grid]
+        )
+        sample.input(handlers.sample, [sample, input_size], loaded_outputs).then(
+            handlers.grid, grid_inputs, [grid]
+        )
+        clear.click(handlers.clear_selection, [photo], [editor, strokes]).then(
+            handlers.grid, grid_inputs, [grid]
+        )
+        input_size.release(handlers.predict, [photo, input_size], [prediction])
+        editor.change(handlers.select, [editor, input_size, patch, stride, shape], [strokes, grid])
+        for control in (input_size, patch, stride, shape):
+            control.change(handlers.grid, grid_inputs, [grid], show_progress="hidden")
+        # The chosen mode's knobs open by themselves.
+        mode.change(
+            lambda chosen: (
+                gr.update(open=chosen == core.APPROXIMATE),
+                gr.update(open=chosen == core.NEUROMASK),
+            ),
+            [mode],
+            [approximate_knobs, neuromask_knobs],
+            show_progress="hidden",
+        )
+        controls = [
+            mode,
+            input_size,
+            patch,
+            stride,
+            fill,
+            batch,
+            tau,
+            drill_down,
+            fraction,
+            speedup,
+            steps,
+            shape,
+        ]
+        running = run_button.click(
+            handlers.run,
+            [photo, strokes, runs, run_control, *controls],
+            [heatmap, status, table, runs, message],
+            concurrency_limit=1,  # one engine run at a time: engines cache the image's activations
+            show_progress="hidden",  # the status line is the progress indicator
+        )
+        stop_button.click(handlers.stop, [status, run_control], [status], cancels=[running], queue=False)
+    return app
+
+
+def launch(
+    loaded_model: LoadedModel | None = None,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int | None = DEFAULT_PORT,
+    batch_size: int = 64,
+    block: bool = True,
+    quiet: bool = False,
+):
+    """Serve the explorer for ``loaded_model`` (default: EfficientNet-Lite0) at http://host:port.
+
+    ``block=False`` returns the running ``gradio.Blocks`` at once (call ``.close()`` to stop it);
+    otherwise this returns when the server is stopped (Ctrl-C).
+    """
+    gr = _gradio()
+    if loaded_model is None:
+        from kfx.models import load_model
+
+        loaded_model = load_model()
+    app = build_app(loaded_model, batch_size=batch_size)
+    app.queue(default_concurrency_limit=1)
+    theme = gr.themes.Default(font=_SYSTEM_FONTS, font_mono=_MONO_FONTS)
+    app.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=not block,
+        quiet=quiet,
+        share=False,
+        ssr_mode=False,
+        theme=theme,
+        css=_CSS,
+        show_error=True,
+        max_file_size="50mb",  # photos; anything larger is refused before it reaches a handler
+    )
+    return app
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``kfx serve`` options, for a parser of its own or a subcommand's."""
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="efficientnet-lite0 (default, ImageNet weights), torchvision:NAME, or package.module:factory",
+    )
+    parser.add_argument(
+        "--weights", default=None, help="a state_dict file for a torchvision or factory model"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="positions per batch (default 64)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and serve until Ctrl-C; 0 on a clean stop, 2 when the model or Gradio is missing."""
+    from kfx.models import load_model
+
+    try:
+        _gradio()
+        loaded = load_model(args.model, args.weights)
+    except KfxError as exc:
+        print(f"kfx serve: {exc}", file=sys.stderr)
+        return 2
+    import matplotlib
+
+    matplotlib.use("Agg")  # pictures are drawn in worker threads; never open a window
+    print(
+        f"kfx explorer for {loaded.name}: http://{args.host}:{args.port}  (Ctrl-C stops it)", file=sys.stderr
+    )
+    try:
+        launch(loaded, host=args.host, port=args.port, batch_size=args.batch_size, block=True, quiet=True)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # e.g. the port is taken
+        print(f"kfx serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kfx serve`` as a program: ``python -m kfx.serve --port 7860``."""
+    parser = add_arguments(argparse.ArgumentParser(prog="kfx serve", description=__doc__.splitlines()[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

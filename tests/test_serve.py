@@ -1,0 +1,595 @@
+"""The interactive explorer (``kfx serve``, issue #9).
+
+Two tiers: the explorer's functions called directly (fast; photos, selections, the four modes,
+bad input, cancelling), and one end-to-end test that serves the page on a loopback port with a tiny
+model and drives it in headless Chromium through Playwright: a bad upload, an upload, an exact map,
+a brush selection, a naive run, Stop, and a patch larger than the image.
+
+``python -m tests.test_serve --screenshot docs/explorer.png`` serves the real EfficientNet-Lite0
+and takes the README's picture of the page after a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kfx
+from kfx import _serve_core as core
+from kfx.models import IMAGENET_MEAN
+from tests.serve_models import TINY_LABELS, tiny_loaded
+
+SIZE = 64  # tiny model input: with patch 16, stride 4 a map has 13 x 13 = 169 positions
+FULL_POSITIONS = 169
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Headless and quiet: no GPU, no sandbox (root in CI), and no background calls to any service.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def explorer():
+    return core.Explorer(tiny_loaded(SIZE), batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return core.sample_photo("chelsea")
+
+
+def stroke_layer(side: int = core.DISPLAY_SIDE, rows=(150, 200), cols=(150, 170)) -> np.ndarray:
+    """An editor drawing layer (RGBA, alpha = paint) with one painted block."""
+    layer = np.zeros((side, side, 4), dtype=np.uint8)
+    layer[rows[0] : rows[1], cols[0] : cols[1]] = (255, 40, 200, 255)
+    return layer
+
+
+def settings(**changes) -> core.MapSettings:
+    return core.MapSettings(**{"mode": core.EXACT, "size": SIZE, "patch": 16, "stride": 4, **changes})
+
+
+def last_frame(frames):
+    *_, frame = frames
+    return frame
+
+
+# -- the explorer's functions -------------------------------------------------------------------
+
+
+def test_photos_are_read_cropped_and_told_apart(tmp_path, photo):
+    from PIL import Image
+
+    path = tmp_path / "cat.png"
+    Image.fromarray(photo.pixels).save(path)
+    uploaded = core.read_photo(str(path))
+    assert uploaded.name == "cat.png" and uploaded.fingerprint == photo.fingerprint
+    assert core.display_crop(uploaded).shape == (core.DISPLAY_SIDE, core.DISPLAY_SIDE, 3)
+    assert core.sample_photo("coffee").fingerprint != photo.fingerprint
+    gray16 = core.make_photo("gray", np.full((20, 30), 65535, dtype=np.uint16))
+    assert gray16.pixels.shape == (20, 30, 3) and gray16.pixels.max() == 255
+
+
+def test_a_file_that_is_not_an_image_is_refused_by_name(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not an image")
+    with pytest.raises(kfx.InputError, match=r"notes.txt is not an image"):
+        core.read_photo(str(path))
+    with pytest.raises(kfx.InputError, match="no such image file"):
+        core.read_photo(str(tmp_path / "missing.png"))
+    with pytest.raises(kfx.InputError, match="unknown sample"):
+        core.sample_photo("nope")
+
+
+def test_strokes_become_the_cells_the_engine_would_pick():
+    pixels = core.selection_pixels([stroke_layer()], SIZE)
+    assert pixels.shape == (SIZE, SIZE) and pixels.dtype == torch.bool
+    # 384 -> 64 is a factor 6: rows 150..199 -> 25..33, cols 150..169 -> 25..28
+    assert pixels.nonzero()[:, 0].unique().tolist() == list(range(25, 34))
+    assert pixels.nonzero()[:, 1].unique().tolist() == list(range(25, 29))
+    engine = kfx.compile(tiny_loaded(SIZE).model, (3, SIZE, SIZE), kfx.Patch(16, 4))
+    assert torch.equal(core.cells_overlapping(pixels, engine.patch), engine.cells_overlapping(pixels))
+    assert core.selection_pixels([np.zeros((8, 8, 4), np.uint8)], SIZE) is None  # nothing drawn
+
+
+def test_rectangle_is_the_box_around_the_strokes():
+    two_dots = stroke_layer(rows=(10, 20), cols=(10, 20)) | stroke_layer(rows=(100, 110), cols=(200, 210))
+    rectangle = core.selection_pixels([two_dots], core.DISPLAY_SIDE, core.RECTANGLE)
+    assert rectangle.nonzero().min(0).values.tolist() == [10, 10]
+    assert rectangle.nonzero().max(0).values.tolist() == [109, 209]
+    assert int(rectangle.sum()) == 100 * 200
+
+
+def test_colours_parse_and_map_into_the_models_input_space(explorer):
+    assert core.parse_colour("#ff0000") == (1.0, 0.0, 0.0)
+    assert core.parse_colour("#fff") == (1.0, 1.0, 1.0)
+    assert core.parse_colour("rgba(0, 255, 0, 1)") == (0.0, 1.0, 0.0)
+    with pytest.raises(kfx.InputError, match="not a colour"):
+        core.parse_colour("grey-ish")
+    hex_mean = "#" + "".join(f"{round(v * 255):02x}" for v in IMAGENET_MEAN)
+    assert all(abs(v) < 0.02 for v in explorer.fill_values(hex_mean))  # ImageNet mean -> about 0
+
+
+@pytest.mark.parametrize("mode", [core.NAIVE, core.EXACT])
+def test_full_maps_equal_brute_force(explorer, photo, mode):
+    frames = list(explorer.run(photo, None, settings(mode=mode, batch_size=50)))
+    final = frames[-1]
+    assert final.record.positions == FULL_POSITIONS and final.record.kind == mode
+    assert final.picture is not None and final.picture.ndim == 3
+    assert "done" in final.status and f"{FULL_POSITIONS} / {FULL_POSITIONS}" in final.status
+    assert [f.heatmap.evaluated.sum().item() for f in frames if f.heatmap is not None] == [50, 100, 150, 169]
+    # brute force on the same input, patch and fill
+    patch = explorer.patch(settings())
+    image = explorer.model_input(photo, SIZE)
+    model = explorer.loaded.model
+    with torch.no_grad():
+        target = int(model(image[None]).argmax())
+        occluded = kfx.occlude(image, kfx.grid_positions((SIZE, SIZE), patch), patch)
+        expected = torch.softmax(model(occluded), dim=1)[:, target].view(13, 13)
+    torch.testing.assert_close(final.heatmap.values, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_selection_gives_a_partial_map_with_nan_outside(explorer, photo):
+    layers = [stroke_layer()]
+    expected = core.cells_overlapping(core.selection_pixels(layers, SIZE), explorer.patch(settings()))
+    for mode in (core.NAIVE, core.EXACT):
+        final = last_frame(explorer.run(photo, layers, settings(mode=mode)))
+        assert 0 < final.record.positions < FULL_POSITIONS
+        assert "selection:" in final.status
+        evaluated = final.heatmap.evaluated
+        assert torch.equal(evaluated, expected) and int(evaluated.sum()) == final.record.positions
+        assert torch.isnan(final.heatmap.values[~evaluated]).all()
+
+
+def test_neuromask_mode_gives_a_picture_and_a_row(explorer, photo):
+    final = last_frame(explorer.run(photo, None, settings(mode=core.NEUROMASK, neuromask_steps=3)))
+    assert final.picture is not None and final.record.positions is None
+    assert core.runs_table([final.record])[0][4] == "-"
+
+
+def test_engines_are_cached_per_setting(explorer):
+    patch = kfx.Patch(8, 4)
+    first, seconds = explorer.engine(SIZE, patch)
+    again, cached_seconds = explorer.engine(SIZE, kfx.Patch(8, 4))
+    assert again is first and cached_seconds == 0.0
+    assert explorer.engine(SIZE, kfx.Patch(8, 2))[0] is not first
+
+
+@pytest.mark.parametrize(
+    "run_settings, photo_pixels, message",
+    [
+        (settings(patch=100), None, "larger than the image"),
+        (settings(), np.zeros((10, 12, 3), np.uint8), "smaller than the 16-pixel patch"),
+        (settings(mode="Turbo"), None, "unknown mode"),
+        (settings(fill="bright"), None, "not a colour"),
+    ],
+)
+def test_bad_settings_raise_before_any_work(explorer, photo, run_settings, photo_pixels, message):
+    target = photo if photo_pixels is None else core.make_photo("small", photo_pixels)
+    with pytest.raises(kfx.KfxError, match=message):
+        next(explorer.run(target, None, run_settings))
+    with pytest.raises(kfx.InputError, match="load an image first"):
+        next(explorer.run(None, None, settings()))
+
+
+def test_approximate_mode_is_refused_without_drill_down(monkeypatch, explorer, photo):
+    monkeypatch.delattr(kfx, "DrillDown", raising=False)  # a kfx build from before the approximate mode
+    assert not core.approximate_available()
+    with pytest.raises(kfx.InputError, match="not available"):
+        next(explorer.run(photo, None, settings(mode=core.APPROXIMATE)))
+
+
+def test_approximate_mode_passes_tau_and_drill_down(monkeypatch, photo):
+    """The wiring for the approximate mode, against stand-ins for kfx.DrillDown and
+    kfx.compile(..., tau=) (the real ones land separately): tau is compiled in, drill-down passed
+    per run, and the run is labelled with both."""
+    seen = {}
+
+    @dataclasses.dataclass(frozen=True)
+    class DrillDown:
+        fraction: float
+        target_speedup: float
+
+    real_compile = kfx.compile
+
+    def compile_with_tau(model, image_shape, patch, *, batch_size=None, tau=1.0):
+        seen["tau"] = tau
+        engine = real_compile(model, image_shape, patch, batch_size=batch_size)
+        exact_stream = engine.stream
+
+        def stream(image, target=None, *, cells=None, batch_size=None, drill_down=None):
+            seen["drill_down"] = drill_down
+            return exact_stream(image, target, cells=cells, batch_size=batch_size)
+
+        engine.stream = stream
+        return engine
+
+    monkeypatch.setattr(kfx, "DrillDown", DrillDown, raising=False)
+    monkeypatch.setattr(kfx, "compile", compile_with_tau)
+    explorer = core.Explorer(tiny_loaded(SIZE))
+    run_settings = settings(mode=core.APPROXIMATE, tau=0.6, drill_down=True, fraction=0.2, target_speedup=2)
+    final = last_frame(explorer.run(photo, None, run_settings))
+    assert seen == {"tau": 0.6, "drill_down": DrillDown(0.2, 2.0)}
+    assert final.record.mode == "Approximate (tau 0.6; drill-down r 0.2, t 2)"
+    assert final.record.positions == FULL_POSITIONS
+
+
+@pytest.mark.skipif(not core.approximate_available(), reason="this kfx build has no approximate mode")
+def test_approximate_mode_with_kfx_tau_and_drill_down(explorer, photo):
+    tau_only = last_frame(explorer.run(photo, None, settings(mode=core.APPROXIMATE, tau=0.5)))
+    assert tau_only.record.mode == "Approximate (tau 0.5)" and tau_only.record.positions == FULL_POSITIONS
+    drill = settings(mode=core.APPROXIMATE, tau=0.8, drill_down=True, fraction=0.25, target_speedup=2)
+    frames = list(explorer.run(photo, None, drill))
+    assert "drill-down" in frames[-2].status  # the page says why the map comes all at once
+    final = frames[-1]
+    assert final.record.cells == FULL_POSITIONS and final.record.positions < FULL_POSITIONS
+    assert not torch.isnan(final.heatmap.values).any()
+    with pytest.raises(kfx.InputError, match="drill-down chooses its own positions"):
+        list(explorer.run(photo, [stroke_layer()], drill))
+
+
+def test_closing_a_run_stops_the_engine_before_its_next_batch(explorer, photo):
+    calls = []
+    hook = explorer.loaded.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        frames = explorer.run(photo, None, settings(mode=core.NAIVE, batch_size=10))
+        first = next(frames)
+        assert "running" in first.status
+        calls_at_close = len(calls)
+        frames.close()
+        assert len(calls) == calls_at_close  # nothing ran after close
+        assert calls_at_close < 1 + math.ceil(FULL_POSITIONS / 10)
+    finally:
+        hook.remove()
+
+
+def test_runs_table_compares_throughput_with_the_matching_naive_run():
+    key = ("photo", 64, 16, 4, "#808080")
+    naive = core.RunRecord("Naive", core.NAIVE, "cat", key, "16 / 4", 100, 2.0)  # 50 positions/s
+    exact = core.RunRecord("Exact", core.EXACT, "cat", key, "16 / 4", 100, 0.5)  # 200 positions/s
+    other = core.RunRecord("Exact", core.EXACT, "dog", ("other",) + key[1:], "16 / 4", 100, 0.5)
+    # drill-down: 40 queries fill all 100 cells in 1 s -> 100 cells/s, twice the naive rate
+    drill = core.RunRecord("Approximate", core.APPROXIMATE, "cat", key, "16 / 4", 40, 1.0, cells=100)
+    rows = core.runs_table([exact, naive, other, drill])
+    assert [row[-1] for row in rows] == ["4.00x", "1.00x", "-", "2.00x"]
+    assert rows[0][:2] == [1, "Exact"] and rows[0][6] == "200" and rows[3][6] == "40"
+
+
+# -- the page's handlers (Gradio values in and out, no browser) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def handlers(explorer):
+    gradio = pytest.importorskip("gradio", reason="the explorer's page needs gradio: pip install 'kfx[ui]'")
+    from kfx.serve import Handlers
+
+    return Handlers(explorer, gradio)
+
+
+def test_handler_reports_a_bad_upload_in_the_page(handlers, tmp_path):
+    path = tmp_path / "report.pdf"
+    path.write_bytes(b"%PDF-1.4 not really")
+    with pytest.warns(UserWarning):  # gr.Warning outside a request falls back to warnings.warn
+        photo_value, editor, prediction, message, strokes, sample = handlers.upload(str(path), SIZE)
+    assert "report.pdf is not an image" in message and 'class="kfx-error"' in message
+    # gr.skip() for each: the page keeps the image (and strokes) it had
+    assert photo_value == editor == prediction == strokes == sample == {"__type__": "update"}
+
+
+def test_handler_loads_a_sample_and_predicts(handlers):
+    photo_value, editor, prediction, message, strokes = handlers.sample("coffee", SIZE)
+    assert photo_value.name == "coffee" and message == "" and strokes is None
+    assert editor["background"].shape == (core.DISPLAY_SIDE, core.DISPLAY_SIDE, 3) and editor["layers"] == []
+    assert set(prediction) <= set(TINY_LABELS) and abs(sum(prediction.values()) - 1) < 1.0
+
+
+CONTROLS = (core.EXACT, SIZE, 16, 4, "#808080", 64, 1.0, False, 0.25, 3.0, 10, core.BRUSH)
+
+
+def test_handler_counts_the_selection_and_runs_it(handlers, photo):
+    from kfx.serve import RunControl
+
+    editor = {"background": core.display_crop(photo), "layers": [stroke_layer()], "composite": None}
+    strokes, grid = handlers.select(editor, SIZE, 16, 4, core.BRUSH)
+    assert strokes.shape == (core.DISPLAY_SIDE, core.DISPLAY_SIDE) and "169 patch positions" in grid
+    selected = int(re.search(r"the selection keeps (\d+) of them", grid).group(1))
+    outputs = list(handlers.run(photo, strokes, [], RunControl(), *CONTROLS))
+    picture, status, table, runs, message = outputs[-1]
+    assert isinstance(picture, np.ndarray) and "Exact: done" in status and message == ""
+    assert len(runs) == 1 and runs[0].positions == selected < FULL_POSITIONS
+    assert f"<td>Exact</td><td>chelsea</td><td>16 / 4</td><td>{selected}</td>" in table
+    assert "no selection" in handlers.select({"layers": []}, SIZE, 16, 4, core.BRUSH)[1]
+
+
+def test_handler_run_with_a_patch_bigger_than_the_image_answers_with_a_message(handlers, photo):
+    from kfx.serve import RunControl
+
+    controls = (core.EXACT, SIZE, 65, 4) + CONTROLS[4:]
+    with pytest.warns(UserWarning):
+        outputs = list(handlers.run(photo, None, [], RunControl(), *controls))
+    assert len(outputs) == 1
+    *_, message = outputs[0]
+    assert "larger than the image" in message
+
+
+def test_stop_ends_the_running_map_at_the_next_batch(handlers, photo, explorer):
+    from kfx.serve import RunControl
+
+    control = RunControl()
+    naive = (core.NAIVE, SIZE, 16, 4, "#808080", 10) + CONTROLS[6:]
+    calls = []
+    hook = explorer.loaded.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        outputs = handlers.run(photo, None, [], control, *naive)
+        assert "Naive: running" in next(outputs)[1]
+        calls_at_stop = len(calls)
+        assert "Stopped" in handlers.stop(core.status_html("Naive: running"), control)
+        rest = list(outputs)
+    finally:
+        hook.remove()
+    assert len(rest) == 1 and "Stopped" in rest[0][1]
+    assert len(calls) == calls_at_stop + 1  # the batch in flight when Stop came, then nothing
+    done = core.status_html("Exact: done")
+    assert handlers.stop(done, control) == done  # a finished map stays finished
+
+
+def test_command_line_options_and_a_missing_model(capsys):
+    import argparse
+
+    from kfx.serve import add_arguments, main
+
+    args = add_arguments(argparse.ArgumentParser()).parse_args([])
+    assert (args.host, args.port, args.model, args.weights, args.batch_size) == (
+        "127.0.0.1",
+        7860,
+        None,
+        None,
+        64,
+    )
+    assert main(["--model", "tests.serve_models:missing", "--port", "0"]) == 2
+    assert "has no attribute 'missing'" in capsys.readouterr().err
+
+
+# -- the page in a real browser -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve(loaded, port: int):
+    """Start the explorer in this process (server threads) and return the running app."""
+    from kfx.serve import launch
+
+    app = launch(loaded, host="127.0.0.1", port=port, block=False, quiet=True)
+    return app
+
+
+def open_browser(playwright):
+    """Debian's Chromium, headless, allowed to reach only this machine's loopback server."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1400, "height": 1150})
+    page.route(
+        "**/*",
+        lambda route: (
+            route.continue_()
+            if route.request.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+            else route.abort()
+        ),
+    )
+    return browser, page
+
+
+def wait_for_text(page, selector: str, text: str, timeout_s: float = 60) -> None:
+    page.wait_for_function(
+        "([selector, text]) => { const e = document.querySelector(selector); return e && e.innerText.includes(text); }",
+        arg=[selector, text],
+        timeout=timeout_s * 1000,
+    )
+
+
+def upload(page, path) -> None:
+    with page.expect_file_chooser() as chooser:
+        page.click("#kfx-upload")
+    chooser.value.set_files(str(path))
+
+
+def run_and_wait(page, runs_before: int, timeout_s: float = 120) -> None:
+    """Press Run and wait until the runs table has one more row."""
+    page.click("#kfx-run")
+    page.wait_for_function(
+        "n => document.querySelectorAll('#kfx-runs tbody tr').length > n",
+        arg=runs_before,
+        timeout=timeout_s * 1000,
+    )
+
+
+def runs_rows(page) -> list[list[str]]:
+    rows = page.locator("#kfx-runs tbody tr")
+    return [
+        [cell.strip() for cell in rows.nth(i).locator("td").all_inner_texts()] for i in range(rows.count())
+    ]
+
+
+def draw_stroke(page, dx: float = 40, dy: float = 25) -> None:
+    """Pick the brush and drag it across the middle of the editor's canvas (the photo is centred)."""
+    page.click("#kfx-editor button[aria-label='Brush']")
+    box = page.locator("#kfx-editor canvas").first.bounding_box()
+    x0, y0 = box["x"] + box["width"] / 2 - dx, box["y"] + box["height"] / 2 - dy
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(x0 + step * dx / 10, y0 + step * dy / 10)
+    page.mouse.up()
+
+
+def calls_settle(calls: list, timeout_s: float) -> int:
+    """How many calls there were once no new one came for 0.6 s (a batch in flight may finish)."""
+    deadline = time.monotonic() + timeout_s
+    count = -1
+    while len(calls) != count and time.monotonic() < deadline:
+        count = len(calls)
+        time.sleep(0.6)
+    assert len(calls) == count, "the model kept being called after Stop"
+    return count
+
+
+def choose_mode(page, mode: str) -> None:
+    page.locator("#kfx-mode label").filter(has_text=mode).click()
+
+
+def set_slider(page, elem_id: str, value: int) -> None:
+    number = page.locator(f"#{elem_id} input[type=number]")
+    number.fill(str(value))
+    number.press("Enter")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="the browser test needs Debian's chromium (apt-get install chromium)"
+)
+def test_the_page_end_to_end_in_a_browser(tmp_path):
+    pytest.importorskip("gradio", reason="the explorer's page needs gradio: pip install 'kfx[ui]'")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright")
+    from PIL import Image
+
+    loaded = tiny_loaded(SIZE)
+    app = serve(loaded, free_port())
+    bad = tmp_path / "bad.txt"
+    bad.write_text("not an image")
+    good = tmp_path / "coffee.png"
+    Image.fromarray(core.sample_photo("coffee").pixels).save(good)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser, page = open_browser(playwright)
+            page.goto(app.local_url)
+            wait_for_text(page, "#kfx-prediction", "tiny class")  # the first sample loaded
+
+            # A file that is not an image: a message in the page, and the page keeps working.
+            upload(page, bad)
+            wait_for_text(page, "#kfx-message", "bad.txt is not an image")
+            upload(page, good)
+            page.wait_for_function("!document.querySelector('#kfx-message').innerText.includes('bad.txt')")
+
+            # An exact map over every position: a heat map picture and a row in the runs table.
+            run_and_wait(page, 0)
+            wait_for_text(page, "#kfx-status", "Exact: done")
+            assert page.locator("#kfx-heatmap img").count() == 1
+            assert runs_rows(page)[0][1:5] == ["Exact", "coffee.png", "16 / 4", "169"]
+
+            # Brush strokes: only the positions under them, fewer than before.
+            draw_stroke(page)
+            wait_for_text(page, "#kfx-grid", "the selection keeps")
+            run_and_wait(page, 1)
+            wait_for_text(page, "#kfx-status", "selection:")
+            selected = int(runs_rows(page)[1][4].replace(",", ""))
+            assert 0 < selected < FULL_POSITIONS
+
+            # Naive on the same selection: the earlier exact runs now have a speedup.
+            choose_mode(page, "Naive")
+            run_and_wait(page, 2)
+            rows = runs_rows(page)
+            assert rows[2][1] == "Naive" and int(rows[2][4]) == selected
+            assert all(re.fullmatch(r"\d+\.\d\dx", row[7]) for row in rows)
+
+            # Stop: a slow naive run over every position (85 batches of 2, 0.2 s each) stops
+            # midway, and no batch runs once the stop has gone through.
+            calls = []
+
+            def slow_forward(*_):
+                calls.append(1)
+                time.sleep(0.2)
+
+            hook = loaded.model.register_forward_pre_hook(slow_forward)
+            try:
+                page.click("#kfx-clear")
+                wait_for_text(page, "#kfx-grid", "no selection")
+                page.get_by_text("More settings").click()  # the batch slider sits in a closed accordion
+                set_slider(page, "kfx-batch", 2)
+                page.click("#kfx-run")
+                wait_for_text(page, "#kfx-status", "Naive: running")
+                page.click("#kfx-stop")
+                wait_for_text(page, "#kfx-status", "Stopped")
+                assert calls_settle(calls, timeout_s=10) < FULL_POSITIONS / 2
+            finally:
+                hook.remove()
+            assert len(runs_rows(page)) == 3  # a stopped run is no finished run
+
+            if core.approximate_available():  # tau only: drill-down is refused with a selection
+                choose_mode(page, "Approximate")
+                set_slider(page, "kfx-tau", 0.5)
+                run_and_wait(page, 3)
+                assert runs_rows(page)[3][1] == "Approximate (tau 0.5)"
+
+            # A patch larger than the 64 x 64 input: a message, and the server still answers.
+            set_slider(page, "kfx-patch", 100)
+            page.click("#kfx-run")
+            wait_for_text(page, "#kfx-message", "larger than the image")
+            set_slider(page, "kfx-patch", 16)
+            set_slider(page, "kfx-batch", 64)
+            choose_mode(page, "Exact")
+            run_and_wait(page, len(runs_rows(page)))
+            page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
+            browser.close()
+    finally:
+        app.close()
+
+
+# -- the README picture -------------------------------------------------------------------------
+
+
+def take_screenshot(path: str, stride: int = 8) -> None:
+    """Serve EfficientNet-Lite0 and photograph the page after an exact run on a selection, a naive
+    run and an exact run at ``stride`` (coarse, so the naive run takes a minute, not ten)."""
+    from playwright.sync_api import sync_playwright
+
+    from kfx.models import load_model
+
+    app = serve(load_model(), free_port())
+    try:
+        with sync_playwright() as playwright:
+            browser, page = open_browser(playwright)
+            page.goto(app.local_url)
+            wait_for_text(page, "#kfx-prediction", "tabby")
+            set_slider(page, "kfx-stride", stride)
+            draw_stroke(page, dx=120, dy=60)
+            wait_for_text(page, "#kfx-grid", "the selection keeps")
+            run_and_wait(page, 0, timeout_s=300)
+            page.click("#kfx-clear")
+            wait_for_text(page, "#kfx-grid", "no selection")
+            choose_mode(page, "Naive")
+            run_and_wait(page, 1, timeout_s=600)
+            choose_mode(page, "Exact")
+            run_and_wait(page, 2, timeout_s=300)
+            page.mouse.move(0, 0)
+            time.sleep(1)
+            page.screenshot(path=path, full_page=True)
+            browser.close()
+    finally:
+        app.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--screenshot":
+        take_screenshot(sys.argv[2])
+        print(f"wrote {Path(sys.argv[2]).resolve()}")
+    else:
+        sys.exit("usage: python -m tests.test_serve --screenshot docs/explorer.png")
