@@ -227,9 +227,12 @@ class Engine:
         if step < 1:
             raise InputError(f"batch_size must be at least 1, got {step}")
         positions = positions.to(self.device)
-        with torch.no_grad():
-            for start in range(0, positions.shape[0], step):
-                yield self.program(positions[start : start + step], *prepared)
+        for start in range(0, positions.shape[0], step):
+            # no_grad per batch, never held across the yield: grad mode is per thread, and a web
+            # server may resume this generator on another thread (found by the explorer's test).
+            with torch.no_grad():
+                out = self.program(positions[start : start + step], *prepared)
+            yield out
 
     def outputs(self, image: torch.Tensor, positions, *, batch_size: int | None = None) -> torch.Tensor:
         """The model's raw outputs [N, ...] for ``image`` occluded at each of ``positions``.
