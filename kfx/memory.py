@@ -52,15 +52,24 @@ def parse_bytes(value) -> int:
     return int(float(number) * _UNITS[unit])
 
 
+def _shapes(node: fx.Node) -> list[tuple[int, ...]]:
+    """Shapes of a node's tensors: one, or several for ops returning a tuple (split, chunk)."""
+    meta = node.meta.get("tensor_meta")
+    metas = [meta] if hasattr(meta, "shape") else meta if isinstance(meta, (tuple, list)) else []
+    return [tuple(m.shape) for m in metas if hasattr(m, "shape")]
+
+
 def _numel_per_image(node: fx.Node) -> int:
-    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
-    return math.prod(shape) if shape is not None else 0
+    return sum(math.prod(shape) for shape in _shapes(node))
 
 
 def _patch_numel(node: fx.Node, box) -> int:
-    """Elements of one position's changed box: the full tensor's channels times the box area."""
-    shape = node.meta["tensor_meta"].shape
-    return math.prod(shape[1:-2]) * box[0].width * box[1].width
+    """Elements of one position's changed box: each tensor's channels times the box area."""
+    return (
+        sum(math.prod(shape[1:-2]) for shape in _shapes(node) if len(shape) >= 3)
+        * box[0].width
+        * box[1].width
+    )
 
 
 def _value_numel(node: fx.Node) -> int:
@@ -68,7 +77,7 @@ def _value_numel(node: fx.Node) -> int:
     meta = node.meta.get(META_KEY)
     if meta is None or meta.state is State.CONST or meta.role in SHAPE_ROLES or meta.role == "mean_delta":
         return 0 if meta is None or meta.role != "mean_delta" else _numel_per_image(node)
-    if meta.state is State.PATCH and meta.box is not None and "tensor_meta" in node.meta:
+    if meta.state is State.PATCH and meta.box is not None:
         return _patch_numel(node, meta.box)
     return _numel_per_image(node)  # dense: a full copy per position
 
@@ -79,8 +88,7 @@ def _scratch_numel(node: fx.Node) -> int:
     meta = node.meta.get(META_KEY)
     if meta is None or meta.read is None or not node.all_input_nodes:
         return 0
-    source = node.all_input_nodes[0]
-    return 2 * math.prod(source.meta["tensor_meta"].shape[1:-2]) * meta.read[0].width * meta.read[1].width
+    return 2 * _patch_numel(node.all_input_nodes[0], meta.read)
 
 
 def estimate_memory(gm: fx.GraphModule, slot_sources: list[str], itemsize: int) -> MemoryEstimate:

@@ -29,7 +29,7 @@ class LiveBytes(fx.Interpreter):
         return result
 
 
-@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_1"])
+@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_1", "shufflenet_v2_x0_5"])  # split returns a tuple
 def test_estimate_bounds_the_live_batch_tensors(name):
     model, shape = build(name), (3, ZOO[name], ZOO[name])
     engine = kfx.compile(model, shape, kfx.Patch(8, stride=4), dtype=torch.float64)
