@@ -5,6 +5,7 @@
 >>> heatmap = engine(image)  # heatmap.values[i, j]: P(target) with the patch at (4i, 4j)  # doctest: +SKIP
 """
 
+from kfx.approx import DrillDown, Tuning, heatmap_ssim, tune
 from kfx.cost import CostReport, LayerCost
 from kfx.engine import DenseNode, Engine, Heatmap, Progress, compile
 from kfx.errors import InputError, KfxError, ModelError, PatchError, TraceError
@@ -13,6 +14,10 @@ from kfx.patch import Patch, grid_positions, occlude
 
 __all__ = [
     "compile",
+    "tune",
+    "DrillDown",
+    "Tuning",
+    "heatmap_ssim",
     "Engine",
     "Heatmap",
     "Progress",

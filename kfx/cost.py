@@ -4,6 +4,8 @@ Q_l = (C_in/groups * k_h * k_w) * (C_out * H_out * W_out) for every conv ([TR] E
 incremental cost Q_inc,l uses the changed box instead of the full output ([TR] Eq. 11). Layers that
 run densely (the global tail: Linear, and any conv after the projection to full) count fully in both,
 as the paper counts its FC layers. Pools and point-wise ops count zero, as in the paper.
+With projective-field thresholding (tau < 1, DESIGN 2.5) the changed boxes are the capped ones that
+patch propagation computed, so the same sums give the paper's speedups with tau ([TR] Fig. 7a).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class CostReport:
     """Per-layer FMAs and the theoretical speedup of incremental inference."""
 
     layers: tuple[LayerCost, ...]
+    tau: float = 1.0  # projective-field threshold the boxes were capped with (1: exact)
 
     @property
     def full_fmas(self) -> int:
@@ -61,6 +64,7 @@ class CostReport:
         rows.append(
             f"total {self.full_fmas / 1e9:.3f} GFMA full, {self.incremental_fmas / 1e9:.3f} GFMA incremental: "
             f"theoretical speedup {self.theoretical_speedup:.2f}x"
+            + ("" if self.tau == 1 else f" (approximate: tau = {self.tau:g})")
         )
         return "\n".join(rows)
 
@@ -71,8 +75,11 @@ def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def static_cost(gm: fx.GraphModule) -> CostReport:
-    """Cost of every conv and linear layer of an annotated graph (kfx.passes.patch_prop)."""
+def static_cost(gm: fx.GraphModule, tau: float = 1.0) -> CostReport:
+    """Cost of every conv and linear layer of an annotated graph (kfx.passes.patch_prop).
+
+    ``tau`` is recorded only: the boxes in ``node.meta`` already carry its caps.
+    """
     modules = dict(gm.named_modules())
     layers = []
     for node in gm.graph.nodes:
@@ -98,4 +105,4 @@ def static_cost(gm: fx.GraphModule) -> CostReport:
         else:
             box, incremental = None, full
         layers.append(LayerCost(node.name, _op_name(node, modules), full, incremental, box, out_hw))
-    return CostReport(tuple(layers))
+    return CostReport(tuple(layers), tau)

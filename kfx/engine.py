@@ -34,6 +34,10 @@ class Heatmap:
     sits at ``(i * stride_h, j * stride_w)``; ``base`` is that class's probability on the
     unoccluded image. Low values mark regions the prediction relies on. Cells that were not
     evaluated (a selection in interactive mode, or a map still filling in) hold NaN.
+
+    ``measured`` (adaptive drill-down only, else None) is a bool mask [H_M, W_M]: True where the
+    value came from a query at that very position, False where it was interpolated from stage 1.
+    ``tau`` is the engine's projective-field threshold: below 1 every value is approximate.
     """
 
     values: torch.Tensor
@@ -41,6 +45,8 @@ class Heatmap:
     base: float
     patch: Patch
     image_size: tuple[int, int] = field(default=(0, 0))
+    measured: torch.Tensor | None = None
+    tau: float = 1.0
 
     @property
     def stride(self) -> tuple[int, int]:
@@ -121,8 +127,10 @@ class Engine:
         dtype: torch.dtype | None = None,
         backend: str = "auto",
         max_memory: int | None = None,
+        tau: float = 1.0,
     ):
         self.image_shape = image_shape
+        self.tau = tau
         self.patch = patch
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         model_dtype, self.device = _model_dtype_device(model)
@@ -135,14 +143,15 @@ class Engine:
         propagate_shapes(
             self.graph_module, torch.zeros(1, *image_shape, dtype=self.dtype, device=self.device)
         )
-        propagate_patches(self.graph_module, (height, width), patch.size)
+        propagate_patches(self.graph_module, (height, width), patch.size, tau)
         fill = patch.fill_tensor(channels, self.dtype, self.device)
-        self._cost = static_cost(self.graph_module)
+        self._cost = static_cost(self.graph_module, tau)
         program = build_program(self.graph_module, fill, self.backend)
         self.program = program.module
         self._slots = program.slots
         self._base = _base_program(self.graph_module, [slot.source for slot in program.slots])
         self._cached: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None
+        self.tuning = None  # kfx.tune's measurements (a kfx.approx.Tuning) when it built this engine
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         # Static estimate of a run's memory: .per_image + batch size x .per_position bytes.
         self.memory: MemoryEstimate = estimate_memory(self.graph_module, [slot.source for slot in self._slots], itemsize)
@@ -183,7 +192,7 @@ class Engine:
         dense = "; ".join(f"{d.node}: {d.reason}" for d in self.dense_nodes) or "none"
         return (
             f"kfx.Engine(image_shape={self.image_shape}, patch={self.patch.size}, stride={self.patch.stride}, "
-            f"backend={self.backend!r}, "
+            f"backend={self.backend!r}, tau={self.tau:g}, "
             f"incremental nodes={incremental}, dense from: {dense}, "
             f"theoretical speedup={self._cost.theoretical_speedup:.2f}x)"
         )
@@ -319,10 +328,11 @@ class Engine:
         for out in self._batches(image, positions, batch_size):
             flat[indices[done : done + out.shape[0]]] = torch.softmax(out, dim=1)[:, target].cpu()
             done += out.shape[0]
-            heatmap = Heatmap(values.clone(), target, base, self.patch, hw)
+            heatmap = Heatmap(values.clone(), target, base, self.patch, hw, tau=self.tau)
             yield Progress(heatmap, done, len(indices), time.perf_counter() - started)
         if not len(indices):
-            yield Progress(Heatmap(values, target, base, self.patch, hw), 0, 0, time.perf_counter() - started)
+            heatmap = Heatmap(values, target, base, self.patch, hw, tau=self.tau)
+            yield Progress(heatmap, 0, 0, time.perf_counter() - started)
 
     def __call__(
         self,
@@ -332,12 +342,24 @@ class Engine:
         cells: torch.Tensor | None = None,
         batch_size: int | None = None,
         show_progress: bool = False,
+        drill_down=None,
     ) -> Heatmap:
         """The occlusion heat map of ``image`` for class ``target`` (default: the predicted class).
 
         ``cells`` (bool [H_M, W_M]) evaluates only a selection (the rest is NaN);
-        ``show_progress`` draws a tqdm bar with positions per second.
+        ``show_progress`` draws a tqdm bar with positions per second. ``drill_down`` (a
+        :class:`kfx.DrillDown`) computes the map approximately in two stages (DESIGN 2.6): a coarse
+        stage 1, then the target stride only in the cells with the largest drops; the rest is
+        interpolated from stage 1 and ``heatmap.measured`` marks which cells were queried.
         """
+        if drill_down is not None:
+            from kfx.approx import drill_down_heatmap
+
+            if cells is not None:
+                raise InputError(
+                    "drill_down chooses its own cells; pass either cells (interactive mode) or drill_down"
+                )
+            return drill_down_heatmap(self, image, target, drill_down, batch_size, show_progress)
         steps = self.stream(image, target, cells=cells, batch_size=batch_size)
         bar = None
         for step in steps:
@@ -361,8 +383,9 @@ def compile(
     dtype: torch.dtype | None = None,
     backend: str = "auto",
     max_memory: int | str | None = None,
+    tau: float = 1.0,
 ) -> Engine:
-    """Compile ``model`` into an exact incremental occlusion engine.
+    """Compile ``model`` into an exact (or, with ``tau < 1``, approximate) incremental occlusion engine.
 
     Args:
         model: a CNN in eval mode that torch.fx can trace, taking one image batch [N, C, H, W].
@@ -378,6 +401,10 @@ def compile(
         backend: kernels for gather/paste/conv/projection: "torch" (plain torch, any device),
             "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), or "auto": Triton for
             CUDA models when triton runs, torch otherwise.
+        tau: projective-field threshold in (0, 1] (DESIGN 2.5, [TR] Eqs. 21-27). Each conv and pool
+            recomputes at most round(tau * H_out) x round(tau * W_out) outputs around the patch and
+            drops the changes beyond them: faster, approximate. 1 (the default) is exact, by the
+            same code. ``kfx.tune`` picks tau for a target SSIM; ``engine.cost()`` shows its speedup.
 
     Returns:
         An :class:`Engine`; ``engine(image)`` gives the heat map, ``engine.outputs(image, positions)``
@@ -404,6 +431,10 @@ def compile(
         raise InputError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise InputError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0 < tau <= 1):
+        raise InputError(
+            f"tau must be a number in (0, 1] (1 = exact, smaller = faster and more approximate), got {tau!r}"
+        )
     if max_memory is not None:
         if batch_size is not None:
             raise InputError("give batch_size or max_memory, not both (max_memory picks the batch size)")
@@ -415,4 +446,4 @@ def compile(
             ) from None
         if max_memory < 1:
             raise InputError(f"max_memory must be positive, got {max_memory}")
-    return Engine(model, shape, patch, batch_size, dtype, backend, max_memory)
+    return Engine(model, shape, patch, batch_size, dtype, backend, max_memory, float(tau))

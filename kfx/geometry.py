@@ -10,6 +10,7 @@ and to sections of shared/DESIGN.md.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 __all__ = [
@@ -24,6 +25,10 @@ __all__ = [
     "shift_inside",
     "union_span",
     "conv_fmas",
+    "projective_field_cap",
+    "thresholded_output_span",
+    "drill_down_speedup",
+    "drill_down_stage1_stride",
 ]
 
 
@@ -134,6 +139,49 @@ def changed_output_span(
     return Span(shift_inside(start, width, out_size), width)
 
 
+def projective_field_cap(out_size: int, tau: float) -> int:
+    """Widest changed box a local layer may output under projective-field thresholding.
+
+    round(tau * W_out) ([TR] Eq. 22, DESIGN 2.5), with Python's round as in the paper's numbers
+    (KRYPTON.md 2), and at least 1: a cap of 0 would drop the occlusion entirely.
+
+    >>> projective_field_cap(56, 0.5), projective_field_cap(7, 0.4), projective_field_cap(1, 0.4)
+    (28, 3, 1)
+    """
+    return max(1, round(tau * out_size))
+
+
+def thresholded_output_span(
+    in_start: int, in_width: int, *, kernel: int, stride: int, padding: int, out_size: int, tau: float
+) -> Span:
+    """Output box of a conv/pool under projective-field thresholding with knob tau ([TR] Eqs. 21-27).
+
+    - width  W_O = min(ceil((w_in + k_eff - 1) / s), W_out)                   ([TR] Eq. 21 = Eq. 14)
+    - if W_O > cap = round(tau * W_out):  W_O = cap                           ([TR] Eqs. 22-23)
+    - input box shrunk to w_in' = W_O * s - k_eff + 1, centred on the old one:
+      x_in' = x_in + (w_in - w_in') / 2                                       ([TR] Eqs. 24-26)
+    - start  x_O = max(ceil((x_in' + p - k_eff + 1) / s), 0)                  ([TR] Eq. 27)
+    - shifted back inside if x_O + W_O > W_out                                ([TR] Eq. 31)
+
+    The shrunk input box only places the output box: x_in' may sit half a pixel off the grid, so
+    Eq. 27 is evaluated with numerator and denominator doubled, exactly as the paper's float code.
+    Uncapped boxes (always so at tau = 1) are :func:`changed_output_span`'s, by the same code.
+
+    >>> thresholded_output_span(100, 16, kernel=3, stride=1, padding=1, out_size=224, tau=0.05)
+    Span(start=103, width=11)
+    >>> thresholded_output_span(100, 16, kernel=3, stride=1, padding=1, out_size=224, tau=1.0)
+    Span(start=99, width=18)
+    """
+    cap = projective_field_cap(out_size, tau)
+    if min(ceil_div(in_width + kernel - 1, stride), out_size) <= cap:
+        return changed_output_span(
+            in_start, in_width, kernel=kernel, stride=stride, padding=padding, out_size=out_size
+        )
+    cropped_width = cap * stride - kernel + 1
+    start = max(ceil_div(2 * (in_start + padding - kernel + 1) + in_width - cropped_width, 2 * stride), 0)
+    return Span(shift_inside(start, cap, out_size), cap)
+
+
 def read_in_span(out_start: int, out_width: int, *, kernel: int, stride: int, padding: int) -> Span:
     """Input window needed to recompute outputs [out_start, out_start + out_width).
 
@@ -168,3 +216,30 @@ def conv_fmas(
     86704128
     """
     return (in_channels // groups) * kernel_h * kernel_w * out_channels * out_h * out_w
+
+
+def drill_down_speedup(stage1_stride: float, stage2_stride: float, fraction: float) -> float:
+    """Query-count speedup of adaptive drill-down over the stage-2 grid ([TR] Eq. 28, DESIGN 2.6).
+
+    S1^2 / (S2^2 + r * S1^2): stage 1 asks (S2/S1)^2 of the queries, stage 2 a fraction r of them.
+
+    >>> round(drill_down_speedup(16, 4, 0.1), 2), round(drill_down_speedup(16, 4, 0.25), 2)
+    (6.15, 3.2)
+    """
+    return stage1_stride**2 / (stage2_stride**2 + fraction * stage1_stride**2)
+
+
+def drill_down_stage1_stride(stage2_stride: float, fraction: float, target_speedup: float) -> float:
+    """Stage-1 stride that gives ``target_speedup`` at drill-down fraction r ([TR] Eq. 29, DESIGN 2.6).
+
+    S1 = S2 * sqrt(t / (1 - r * t)); it exists only for r * t < 1 ([TR] Eq. 30: the speedup stays
+    below 1 / r, since stage 2 alone asks r of the queries).
+
+    >>> round(drill_down_stage1_stride(4, 0.25, 3), 2)
+    13.86
+    """
+    if not fraction * target_speedup < 1:
+        raise ValueError(
+            f"drill-down cannot reach speedup {target_speedup} at fraction {fraction}: needs r * t < 1"
+        )
+    return stage2_stride * math.sqrt(target_speedup / (1 - fraction * target_speedup))

@@ -6,6 +6,12 @@ value is constant (independent of the image), incremental (a changed box per pat
 height and width separately) or dense (recomputed in full after a projection), and for local ops
 the read-in window (DESIGN 2.3). Boxes are tabulated for every patch coordinate along each axis, so
 any position (not only the heat-map grid) can be looked up at run time with one index.
+
+With projective-field thresholding (tau < 1, DESIGN 2.5) every conv and pool caps its changed box
+at round(tau * W_out) ([TR] Eqs. 21-27, kfx.geometry.thresholded_output_span): the steps then
+recompute that box only, so changes outside it are dropped (the output there is the base value).
+Merges take the union of their inputs' (capped) boxes and drop nothing; the next conv or pool caps
+again. At tau = 1 no box is capped and the tables are the exact ones, by the same code.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from kfx.geometry import Span, changed_output_span, read_in_span, shift_inside, union_span
+from kfx.geometry import Span, read_in_span, shift_inside, thresholded_output_span, union_span
 from kfx.passes.ops import LocalSpec, is_global_mean, is_merge, is_pointwise, local_spec
 
 __all__ = ["META_KEY", "SHAPE_ROLES", "State", "AxisBoxes", "NodePatch", "propagate_patches", "spatial_size"]
@@ -81,9 +87,13 @@ def _broadcasts_over_space(node: fx.Node) -> bool:
     return shape is not None and all(d == 1 for d in shape[-2:])
 
 
-def _local_axis(inp: AxisBoxes, spec: LocalSpec, axis: int, out_size: int) -> tuple[AxisBoxes, AxisBoxes]:
+def _local_axis(
+    inp: AxisBoxes, spec: LocalSpec, axis: int, out_size: int, tau: float
+) -> tuple[AxisBoxes, AxisBoxes]:
     kw = dict(kernel=spec.kernel[axis], stride=spec.stride[axis], padding=spec.padding[axis])
-    outs = [changed_output_span(s, inp.width, out_size=out_size, **kw) for s in inp.starts]
+    # The paper caps convs and pools; a constant pad only shifts coordinates, it never grows a box.
+    cap = 1.0 if spec.kind == "pad" else tau
+    outs = [thresholded_output_span(s, inp.width, out_size=out_size, tau=cap, **kw) for s in inp.starts]
     reads = [read_in_span(o.start, o.width, **kw) for o in outs]
     return (
         AxisBoxes(outs[0].width, tuple(o.start for o in outs)),
@@ -151,7 +161,7 @@ def _channel_op(node: fx.Node, source: fx.Node) -> str | None:
     return kind if inner(dim) and only_getitem else None
 
 
-def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodePatch:
+def _classify(node: fx.Node, modules: dict[str, nn.Module], tau: float) -> NodePatch:
     inputs = node.all_input_nodes
     # Values derived from x.size() are metadata, not data: they never force a projection.
     data = [n for n in inputs if n.meta[META_KEY].role not in SHAPE_ROLES]
@@ -196,7 +206,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodePatch:
         spec = local_spec(node, modules, spatial_size(changed[0]))
         if spec is not None:
             box, read = zip(
-                *(_local_axis(changed[0].meta[META_KEY].box[a], spec, a, size[a]) for a in (0, 1))
+                *(_local_axis(changed[0].meta[META_KEY].box[a], spec, a, size[a], tau) for a in (0, 1))
             )
             return NodePatch(State.PATCH, "local", box=tuple(box), read=tuple(read), local=spec)
 
@@ -215,8 +225,13 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodePatch:
     )
 
 
-def propagate_patches(gm: fx.GraphModule, image_hw: tuple[int, int], patch_hw: tuple[int, int]) -> None:
-    """Annotate every node of ``gm`` with its :class:`NodePatch` under ``node.meta["kfx_patch"]``."""
+def propagate_patches(
+    gm: fx.GraphModule, image_hw: tuple[int, int], patch_hw: tuple[int, int], tau: float = 1.0
+) -> None:
+    """Annotate every node of ``gm`` with its :class:`NodePatch` under ``node.meta["kfx_patch"]``.
+
+    ``tau`` in (0, 1] is the projective-field threshold (DESIGN 2.5); 1 keeps every box exact.
+    """
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -226,6 +241,6 @@ def propagate_patches(gm: fx.GraphModule, image_hw: tuple[int, int], patch_hw: t
             node.meta[META_KEY] = NodePatch(State.CONST, "const")
         else:
             try:
-                node.meta[META_KEY] = _classify(node, modules)
+                node.meta[META_KEY] = _classify(node, modules, tau)
             except Exception as exc:  # name the node, as torch.fx's own passes do
                 raise RuntimeError(f"kfx patch propagation failed at {node.format_node()}: {exc}") from exc

@@ -14,7 +14,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @st.composite
-def cases(draw, models=cnn()):
+def cases(draw, models=cnn()):  # noqa: B008 (a strategy object, built once on purpose)
     """A model from ``models``, its patch, positions (all corners included), image and batch size."""
     model, shape = draw(models)
     patch = draw(patch_for(shape[1:], shape[0]))

@@ -29,9 +29,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kfx.kernels import reference as R  # noqa: E402
 
 from kfx.geometry import conv_output_size, effective_kernel  # noqa: E402
+from kfx.kernels import reference as R  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernel tier cannot run")
 
