@@ -32,7 +32,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -121,9 +120,17 @@ def best_time(fn, repeats: int) -> float:
 
 
 # -- peak memory, one method per fresh child process ----------------------------------------------
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _rss_mib(field: str = "VmRSS") -> float:
+    """Current (VmRSS) or peak (VmHWM) resident memory of this process, in MiB. Not ru_maxrss: a
+    spawned child inherits its parent's ru_maxrss across exec, VmHWM is its own address space's."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS (Linux)
+        f.write("5")
 
 
 def _peak_child(name, method, patch_size, stride, batch_size, threads, queue):
@@ -141,6 +148,7 @@ def _measure_peak(name, method, patch_size, stride, batch_size, threads) -> floa
     patch = kfx.Patch(patch_size, stride=stride)
     positions = kfx.grid_positions((side, side), patch)[:batch_size]
     engine = kfx.compile(model, (3, side, side), patch, batch_size=batch_size) if method == "kfx" else None
+    _reset_peak_rss()
     before = _rss_mib()
     if method == "kfx":
         kfx_outputs(engine, image, positions, batch_size)  # includes the image's base activations
@@ -150,7 +158,7 @@ def _measure_peak(name, method, patch_size, stride, batch_size, threads) -> floa
         from captum.attr import Occlusion
 
         captum_attribute(Occlusion(model), image, patch_size, patch_size, 0, batch_size)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    return _rss_mib("VmHWM") - before
 
 
 def peak_memory_mib(name, method, patch_size, stride, batch_size, threads) -> float:
@@ -251,12 +259,16 @@ def run_model(name: str, args) -> dict:
         },
     }
     if not args.no_memory:
-        mem = {
-            method: peak_memory_mib(name, method, args.patch, args.stride, args.memory_batch, args.threads)
-            for method in ("naive", "captum", "kfx")
-        }
-        result["peak_mib"] = {"batch": args.memory_batch, **mem}
+        result["peak_mib"] = measure_memory(name, args)
     return result
+
+
+def measure_memory(name: str, args) -> dict:
+    mem = {
+        method: peak_memory_mib(name, method, args.patch, args.stride, args.memory_batch, args.threads)
+        for method in ("naive", "captum", "kfx")
+    }
+    return {"batch": args.memory_batch, **mem}
 
 
 def markdown(results: list[dict], args, info: dict) -> str:
@@ -306,6 +318,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--quick", action="store_true", help="stride 8, 64 positions, best of 1")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="re-measure peak memory into an existing results file"
+    )
     parser.add_argument("--tag", default=None, help="results file name suffix (default: quick or s<stride>)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -317,15 +332,22 @@ def main(argv=None) -> list[dict]:
         ["benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])]
     )
 
-    results = []
-    for name in args.models:
-        print(f"{name} ...", flush=True)
-        results.append(run_model(name, args))
+    tag = args.tag or ("quick" if args.quick else f"s{args.stride}")
+    if args.memory_only:
+        saved = json.loads((RESULTS / f"compare_{tag}.json").read_text())
+        results, info = saved["results"], saved["machine"]
+        for result in results:
+            result["peak_mib"] = measure_memory(result["model"], args)
+            print(result["model"], result["peak_mib"], flush=True)
+    else:
+        results = []
+        for name in args.models:
+            print(f"{name} ...", flush=True)
+            results.append(run_model(name, args))
     table = markdown(results, args, info)
     print()
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    tag = args.tag or ("quick" if args.quick else f"s{args.stride}")
     (RESULTS / f"compare_{tag}.json").write_text(
         json.dumps({"machine": info, "settings": vars(args), "results": results}, indent=2) + "\n"
     )
