@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kfx.engine import Engine, Heatmap, compile
+from kfx.engine import Engine, Heatmap, _progress_bar, compile, last_heatmap
 from kfx.errors import InputError
 from kfx.geometry import drill_down_speedup, drill_down_stage1_stride
 from kfx.patch import Patch
@@ -190,18 +190,10 @@ def drill_down_heatmap(
     stage1 = torch.zeros(grid, dtype=torch.bool)
     stage1[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = True
 
-    bar = None
-    if show_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(unit="pos", desc="kfx drill-down")
+    bar = _progress_bar("kfx drill-down") if show_progress else None
 
     def query(cells: torch.Tensor, target: int | None) -> Heatmap:
-        start = bar.n if bar is not None else 0
-        for step in engine.stream(image, target, cells=cells, batch_size=batch_size):
-            if bar is not None:
-                bar.update(start + step.done - bar.n)
-        return step.heatmap
+        return last_heatmap(engine.stream(image, target, cells=cells, batch_size=batch_size), bar)
 
     coarse = query(stage1, target)
     samples = coarse.values[stage1].view(len(rows), len(cols)).to(torch.float64)

@@ -154,7 +154,9 @@ class Engine:
         self.tuning = None  # kfx.tune's measurements (a kfx.approx.Tuning) when it built this engine
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         # Static estimate of a run's memory: .per_image + batch size x .per_position bytes.
-        self.memory: MemoryEstimate = estimate_memory(self.graph_module, [slot.source for slot in self._slots], itemsize)
+        self.memory: MemoryEstimate = estimate_memory(
+            self.graph_module, [slot.source for slot in self._slots], itemsize
+        )
         if max_memory is not None:
             self.batch_size = self._batch_size_for(max_memory)
 
@@ -360,18 +362,28 @@ class Engine:
                     "drill_down chooses its own cells; pass either cells (interactive mode) or drill_down"
                 )
             return drill_down_heatmap(self, image, target, drill_down, batch_size, show_progress)
-        steps = self.stream(image, target, cells=cells, batch_size=batch_size)
-        bar = None
-        for step in steps:
-            if show_progress and bar is None:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=step.total, unit="pos", desc="kfx occlusion")
-            if bar is not None:
-                bar.update(step.done - bar.n)
+        bar = _progress_bar("kfx occlusion") if show_progress else None
+        heatmap = last_heatmap(self.stream(image, target, cells=cells, batch_size=batch_size), bar)
         if bar is not None:
             bar.close()
-        return step.heatmap
+        return heatmap
+
+
+def _progress_bar(description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=0, unit="pos", desc=description)
+
+
+def last_heatmap(steps: Iterator[Progress], bar=None) -> Heatmap:
+    """Run a stream to its end and return its final map; ``bar`` (tqdm), if given, counts the
+    positions on top of what it already shows (so several streams can share one bar)."""
+    offset = bar.n if bar is not None else 0
+    for step in steps:
+        if bar is not None:
+            bar.total = offset + step.total
+            bar.update(offset + step.done - bar.n)
+    return step.heatmap
 
 
 def compile(
