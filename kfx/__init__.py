@@ -7,13 +7,14 @@
 
 from kfx.approx import DrillDown, Tuning, heatmap_ssim, tune
 from kfx.cost import CostReport, LayerCost
-from kfx.engine import DenseNode, Engine, Heatmap, Progress, compile
+from kfx.engine import DenseNode, Engine, Heatmap, Progress, compile, paper_cost
 from kfx.errors import InputError, KfxError, ModelError, PatchError, TraceError
 from kfx.neuromask import neuromask
 from kfx.patch import Patch, grid_positions, occlude
 
 __all__ = [
     "compile",
+    "paper_cost",
     "tune",
     "DrillDown",
     "Tuning",

@@ -39,6 +39,9 @@ class CostReport:
 
     layers: tuple[LayerCost, ...]
     tau: float = 1.0  # projective-field threshold the boxes were capped with (1: exact)
+    # How channel concatenations merged boxes: "union" ([TR] Eq. 20, the engine's) or "last" (the
+    # paper's published accounting, kfx.paper_cost: not exact).
+    concat: str = "union"
 
     @property
     def full_fmas(self) -> int:
@@ -65,6 +68,11 @@ class CostReport:
             f"total {self.full_fmas / 1e9:.3f} GFMA full, {self.incremental_fmas / 1e9:.3f} GFMA incremental: "
             f"theoretical speedup {self.theoretical_speedup:.2f}x"
             + ("" if self.tau == 1 else f" (approximate: tau = {self.tau:g})")
+            + (
+                ""
+                if self.concat == "union"
+                else " (the paper's accounting: a concat takes its last input's box)"
+            )
         )
         return "\n".join(rows)
 
@@ -75,10 +83,10 @@ def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def static_cost(gm: fx.GraphModule, tau: float = 1.0) -> CostReport:
+def static_cost(gm: fx.GraphModule, tau: float = 1.0, concat: str = "union") -> CostReport:
     """Cost of every conv and linear layer of an annotated graph (kfx.passes.patch_prop).
 
-    ``tau`` is recorded only: the boxes in ``node.meta`` already carry its caps.
+    ``tau`` and ``concat`` are recorded only: the boxes in ``node.meta`` already carry them.
     """
     modules = dict(gm.named_modules())
     layers = []
@@ -105,4 +113,4 @@ def static_cost(gm: fx.GraphModule, tau: float = 1.0) -> CostReport:
         else:
             box, incremental = None, full
         layers.append(LayerCost(node.name, _op_name(node, modules), full, incremental, box, out_hw))
-    return CostReport(tuple(layers), tau)
+    return CostReport(tuple(layers), tau, concat)

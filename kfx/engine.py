@@ -17,7 +17,7 @@ from kfx.memory import MemoryEstimate, estimate_memory, parse_bytes
 from kfx.passes import META_KEY, build_program, propagate_patches, propagate_shapes, trace
 from kfx.patch import Patch, check_positions, grid_positions
 
-__all__ = ["compile", "Engine", "Heatmap", "Progress", "DenseNode"]
+__all__ = ["compile", "paper_cost", "Engine", "Heatmap", "Progress", "DenseNode"]
 
 DEFAULT_BATCH_SIZE = 64  # positions per batch when none is given
 MAX_MEMORY_BATCH = 256  # max_memory never picks more: larger batches stop paying off on CPU
@@ -386,6 +386,52 @@ def last_heatmap(steps: Iterator[Progress], bar=None) -> Heatmap:
     return step.heatmap
 
 
+def _check_model_shape_patch_tau(
+    model, image_shape, patch, tau, caller: str
+) -> tuple[tuple[int, int, int], Patch]:
+    """The arguments kfx.compile and kfx.paper_cost share, checked: (C, H, W) and a Patch."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{caller} needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(patch, int) and not isinstance(patch, bool):
+        patch = Patch(patch)
+    if not isinstance(patch, Patch):
+        raise PatchError(f"patch must be a kfx.Patch or an int, got {type(patch).__name__}")
+    try:
+        shape = tuple(int(v) for v in image_shape)
+    except (TypeError, ValueError):
+        raise InputError(f"image_shape must be (C, H, W), got {image_shape!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0 < tau <= 1):
+        raise InputError(
+            f"tau must be a number in (0, 1] (1 = exact, smaller = faster and more approximate), got {tau!r}"
+        )
+    return shape, patch
+
+
+def paper_cost(
+    model: nn.Module, image_shape: tuple[int, int, int], patch: Patch | int, *, tau: float = 1.0
+) -> CostReport:
+    """The static cost model as the KRYPTON paper counted it, to compare with its published numbers.
+
+    It differs from ``kfx.compile(...).cost()`` (the exact engine's ceiling) in one rule only: a
+    channel concatenation takes the changed box of its *last* input, not the union of all its
+    inputs' boxes ([TR] Eq. 20). That rule reproduces the paper's Inception3 curves ([TR] Fig. 3,
+    2.27x at patch 16 on 299x299, and Fig. 7a under tau), where the union gives 1.80x; but it is not
+    exact, because the other branches change outside that box (tests/test_cost.py measures it), so
+    no engine runs with it. Models without concatenations get the same numbers as ``engine.cost()``.
+    No inference runs.
+    """
+    shape, patch = _check_model_shape_patch_tau(model, image_shape, patch, tau, "kfx.paper_cost")
+    channels, height, width = shape
+    patch.check_fits((height, width))
+    dtype, device = _model_dtype_device(model)
+    gm = trace(model)
+    propagate_shapes(gm, torch.zeros(1, channels, height, width, dtype=dtype, device=device))
+    propagate_patches(gm, (height, width), patch.size, float(tau), concat="last")
+    return static_cost(gm, float(tau), concat="last")
+
+
 def compile(
     model: nn.Module,
     image_shape: tuple[int, int, int],
@@ -425,28 +471,13 @@ def compile(
     >>> engine = kfx.compile(model.eval(), (3, 224, 224), kfx.Patch(16, stride=4))  # doctest: +SKIP
     >>> heatmap = engine(image)  # doctest: +SKIP
     """
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"kfx.compile needs a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(patch, int) and not isinstance(patch, bool):
-        patch = Patch(patch)
-    if not isinstance(patch, Patch):
-        raise PatchError(f"patch must be a kfx.Patch or an int, got {type(patch).__name__}")
-    try:
-        shape = tuple(int(v) for v in image_shape)
-    except (TypeError, ValueError):
-        raise InputError(f"image_shape must be (C, H, W), got {image_shape!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise InputError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")
+    shape, patch = _check_model_shape_patch_tau(model, image_shape, patch, tau, "kfx.compile")
     if batch_size is not None and (
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
     ):
         raise InputError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise InputError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0 < tau <= 1):
-        raise InputError(
-            f"tau must be a number in (0, 1] (1 = exact, smaller = faster and more approximate), got {tau!r}"
-        )
     if max_memory is not None:
         if batch_size is not None:
             raise InputError("give batch_size or max_memory, not both (max_memory picks the batch size)")

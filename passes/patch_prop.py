@@ -12,6 +12,11 @@ at round(tau * W_out) ([TR] Eqs. 21-27, kfx.geometry.thresholded_output_span): t
 recompute that box only, so changes outside it are dropped (the output there is the base value).
 Merges take the union of their inputs' (capped) boxes and drop nothing; the next conv or pool caps
 again. At tau = 1 no box is capped and the tables are the exact ones, by the same code.
+
+``concat="last"`` is for the cost model only, never for an engine: a channel concatenation then
+takes the box of its last input instead of the union. That is not exact (changes in the other
+branches outside that box are lost), but it is the accounting that reproduces the paper's published
+Inception3 speedups ([TR] Fig. 3 and 7a; see kfx.paper_cost and tests/test_cost.py).
 """
 
 from __future__ import annotations
@@ -161,7 +166,10 @@ def _channel_op(node: fx.Node, source: fx.Node) -> str | None:
     return kind if inner(dim) and only_getitem else None
 
 
-def _classify(node: fx.Node, modules: dict[str, nn.Module], tau: float) -> NodePatch:
+CONCAT_RULES = ("union", "last")
+
+
+def _classify(node: fx.Node, modules: dict[str, nn.Module], tau: float, concat: str) -> NodePatch:
     inputs = node.all_input_nodes
     # Values derived from x.size() are metadata, not data: they never force a projection.
     data = [n for n in inputs if n.meta[META_KEY].role not in SHAPE_ROLES]
@@ -215,6 +223,8 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], tau: float) -> NodeP
         tensors = [n for n in inputs if _shape(n) is not None]
         if all(spatial_size(n) == size or (n in others and _broadcasts_over_space(n)) for n in tensors):
             boxes = [n.meta[META_KEY].box for n in changed]
+            if concat == "last" and node.target is torch.cat:
+                boxes = boxes[-1:]
             box = tuple(_merge_axis([b[a] for b in boxes], size[a]) for a in (0, 1))
             return NodePatch(State.PATCH, "merge", box=box)
         return _dense(f"{what} mixes tensors of different spatial sizes")
@@ -226,12 +236,21 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], tau: float) -> NodeP
 
 
 def propagate_patches(
-    gm: fx.GraphModule, image_hw: tuple[int, int], patch_hw: tuple[int, int], tau: float = 1.0
+    gm: fx.GraphModule,
+    image_hw: tuple[int, int],
+    patch_hw: tuple[int, int],
+    tau: float = 1.0,
+    *,
+    concat: str = "union",
 ) -> None:
     """Annotate every node of ``gm`` with its :class:`NodePatch` under ``node.meta["kfx_patch"]``.
 
     ``tau`` in (0, 1] is the projective-field threshold (DESIGN 2.5); 1 keeps every box exact.
+    ``concat``: "union" ([TR] Eq. 20, exact) or "last" (the paper's published accounting, for the
+    cost model only: see the module docstring).
     """
+    if concat not in CONCAT_RULES:
+        raise ValueError(f"concat must be one of {CONCAT_RULES}, got {concat!r}")
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -241,6 +260,6 @@ def propagate_patches(
             node.meta[META_KEY] = NodePatch(State.CONST, "const")
         else:
             try:
-                node.meta[META_KEY] = _classify(node, modules, tau)
+                node.meta[META_KEY] = _classify(node, modules, tau, concat)
             except Exception as exc:  # name the node, as torch.fx's own passes do
                 raise RuntimeError(f"kfx patch propagation failed at {node.format_node()}: {exc}") from exc
