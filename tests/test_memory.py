@@ -54,7 +54,8 @@ def test_max_memory_picks_the_largest_batch_that_fits():
         small.memory.batch_bytes(small.batch_size) <= budget < small.memory.batch_bytes(small.batch_size + 1)
     )
     image = torch.randn(shape)
-    assert torch.equal(small(image).values, large(image).values)
+    # the same map: float32 convs may round differently at another batch size, hence not bit for bit
+    torch.testing.assert_close(small(image).values, large(image).values, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(
