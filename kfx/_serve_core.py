@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import inspect
 import os
 import re
 import threading
@@ -48,11 +47,6 @@ RUN_COLUMNS = [
     "positions/s",
     "speedup vs naive",
 ]
-
-
-def approximate_available() -> bool:
-    """Whether this kfx build has the approximate mode (projective-field tau and drill-down)."""
-    return hasattr(kfx, "DrillDown")
 
 
 @dataclass(frozen=True)
@@ -320,14 +314,6 @@ def naive_stream(
         yield Progress(heatmap, 0, 0, time.perf_counter() - started)
 
 
-def _accepts(function, name: str) -> bool:
-    """Whether ``function`` takes a keyword argument ``name`` (for features other engineers add)."""
-    try:
-        return name in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _deferred(start_stream) -> Iterator[Progress]:
     """A stream that starts on the first ``next()``: ``Engine.stream`` runs the unoccluded image
     eagerly, and that inference belongs to the run's measured time (as it does for naive_stream)."""
@@ -452,8 +438,6 @@ class Explorer:
             started = time.perf_counter()
             options = {"batch_size": self.batch_size}
             if tau is not None:
-                if not _accepts(kfx.compile, "tau"):
-                    raise InputError("this kfx build has no projective-field threshold (tau)")
                 options["tau"] = float(tau)
             engine = kfx.compile(self.loaded.model, (3, int(size), int(size)), patch, **options)
             self._engines[key] = engine
@@ -468,8 +452,6 @@ class Explorer:
             raise InputError("load an image first: upload one or pick a sample")
         if settings.mode not in MODES:
             raise InputError(f"unknown mode {settings.mode!r}; choose one of {', '.join(MODES)}")
-        if settings.mode == APPROXIMATE and not approximate_available():
-            raise InputError("the approximate mode is not available in this kfx build (no kfx.DrillDown)")
         if int(settings.batch_size) < 1:
             raise InputError(f"batch size must be at least 1, got {settings.batch_size}")
         patch = self.patch(settings)
@@ -525,40 +507,23 @@ class Explorer:
         engine, compile_seconds = self.engine(size, patch, tau)
         if compile_seconds:
             notes.append(f"compiled in {compile_seconds:.1f} s (cached for the next runs)")
-        if settings.mode == EXACT:
-            steps = _deferred(lambda: engine.stream(image, cells=cells, batch_size=int(settings.batch_size)))
-            return steps, EXACT, notes
-        if settings.drill_down:
+        options = {}  # tau, for the approximate mode, is compiled into the engine
+        if settings.mode == APPROXIMATE and settings.drill_down:
             if cells is not None:
                 raise InputError(
                     "drill-down chooses its own positions: clear the selection, or turn drill-down off"
                 )
-            yield Frame(
-                None,
-                status_html(
-                    "Approximate: running",
-                    detail="drill-down: a coarse stage 1, then the target stride where the drops are "
-                    "largest; the map appears when both stages are done",
-                ),
-            )
-        return self._approximate_steps(engine, image, cells, settings), _approximate_label(settings), notes
-
-    def _approximate_steps(self, engine, image, cells, settings) -> Iterator[Progress]:
-        """The approximate map: tau is compiled in; drill-down is passed per run when asked for."""
-        options = {}
-        if settings.drill_down:
             options["drill_down"] = kfx.DrillDown(
                 fraction=float(settings.fraction), target_speedup=float(settings.target_speedup)
             )
-        if not options or _accepts(engine.stream, "drill_down"):
-            yield from engine.stream(image, cells=cells, batch_size=int(settings.batch_size), **options)
-            return
-        # Drill-down does not stream (stage 2 depends on all of stage 1): one call, one step.
-        # Its map has a value in every cell; `measured` marks the cells it queried.
-        started = time.perf_counter()
-        heatmap = engine(image, batch_size=int(settings.batch_size), **options)
-        queried = int(getattr(heatmap, "measured", heatmap.evaluated).sum())
-        yield Progress(heatmap, queried, queried, time.perf_counter() - started)
+            notes.append(
+                "drill-down: a coarse stage 1, the rest interpolated, then the target stride where the "
+                "drops are largest"
+            )
+        steps = _deferred(
+            lambda: engine.stream(image, cells=cells, batch_size=int(settings.batch_size), **options)
+        )
+        return steps, EXACT if settings.mode == EXACT else _approximate_label(settings), notes
 
     def _show_steps(self, steps, photo, display, patch, settings, label_mode, notes) -> Iterator[Frame]:
         """Frames from a stream of progress steps: redrawn at most every RENDER_INTERVAL_S, and

@@ -4,7 +4,7 @@ Projective-field thresholding itself is a compile option (``kfx.compile(..., tau
 it changes the boxes that patch propagation computes, and nothing else. This module holds what
 sits on top of an engine:
 
-- :class:`DrillDown` and :func:`drill_down_heatmap`: the two-stage map of DESIGN 2.6, with the
+- :class:`DrillDown` and :func:`drill_down_stream`: the two-stage map of DESIGN 2.6, with the
   cells outside the drilled regions interpolated from stage 1 instead of painted as coarse blocks;
 - :func:`heatmap_ssim`: the quality measure (scikit-image SSIM on the probability maps);
 - :func:`tune`: pick tau for a target SSIM on sample images (DESIGN 2.7), conservatively.
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from kfx.engine import Engine, Heatmap, _progress_bar, compile, last_heatmap
+from kfx.engine import Engine, Heatmap, Progress, compile
 from kfx.errors import InputError
 from kfx.geometry import drill_down_speedup, drill_down_stage1_stride
 from kfx.patch import Patch
@@ -33,6 +33,7 @@ from kfx.patch import Patch
 __all__ = [
     "DrillDown",
     "drill_down_heatmap",
+    "drill_down_stream",
     "heatmap_ssim",
     "tune",
     "Tuning",
@@ -154,15 +155,15 @@ def _linear_interpolation(samples: list[int], cells: int) -> torch.Tensor:
     return weights
 
 
-def drill_down_heatmap(
+def drill_down_stream(
     engine: Engine,
     image: torch.Tensor,
     target: int | None,
     drill_down: DrillDown,
     batch_size: int | None = None,
-    show_progress: bool = False,
-) -> Heatmap:
-    """The two-stage heat map of DESIGN 2.6; ``engine(image, drill_down=...)`` calls this.
+) -> Iterator[Progress]:
+    """The two-stage heat map of DESIGN 2.6, one :class:`Progress` per batch of queries;
+    ``engine.stream(image, drill_down=...)`` and ``engine(image, drill_down=...)`` call this.
 
     1. Stage 1 queries a sub-grid of the heat-map cells about S1 pixels apart (both ends included).
     2. A bilinear surface through the stage-1 values, at the cells' true patch positions, estimates
@@ -175,45 +176,73 @@ def drill_down_heatmap(
        ([TR] Eq. 28 holds). Stage 2 queries those cells (less the ones stage 1 already did).
     4. The map holds the queried values where ``heatmap.measured`` is True, the estimate elsewhere.
 
-    Both stages run through the engine (its tau and batching), on cells of its grid.
+    While stage 1 runs, the map holds its samples and NaN elsewhere; from stage 2 on, the estimate,
+    overwritten by each batch of stage-2 queries. ``done`` counts queries (both stages); ``total``
+    is an upper bound during stage 1 (it assumes no stage-2 cell was a stage-1 sample) and exact
+    after. Both stages run through the engine (its tau and batching), on cells of its grid; input
+    is checked before the first query.
     """
     if not isinstance(drill_down, DrillDown):
         raise InputError(f"drill_down must be a kfx.DrillDown, got {type(drill_down).__name__}")
     if drill_down.fraction >= 1:  # everything is drilled: stage 1 would be pure waste
-        heatmap = engine(image, target, batch_size=batch_size, show_progress=show_progress)
-        heatmap.measured = torch.ones(heatmap.values.shape, dtype=torch.bool)
-        return heatmap
-    hw = tuple(engine.image_shape[1:])
-    grid = engine.patch.grid_shape(hw)
+        return _all_measured(engine.stream(image, target, batch_size=batch_size))
+    grid = engine.patch.grid_shape(tuple(engine.image_shape[1:]))
     strides = drill_down.stage1_strides(engine.patch.stride)
     rows, cols = (stage1_cells(grid[a], strides[a] / engine.patch.stride[a]) for a in (0, 1))
     stage1 = torch.zeros(grid, dtype=torch.bool)
     stage1[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = True
+    coarse_steps = engine.stream(image, target, cells=stage1, batch_size=batch_size)
+    return _drill(engine, image, drill_down, batch_size, stage1, rows, cols, coarse_steps)
 
-    bar = _progress_bar("kfx drill-down") if show_progress else None
 
-    def query(cells: torch.Tensor, target: int | None) -> Heatmap:
-        return last_heatmap(engine.stream(image, target, cells=cells, batch_size=batch_size), bar)
+def _all_measured(steps: Iterator[Progress]) -> Iterator[Progress]:
+    for step in steps:
+        step.heatmap.measured = step.heatmap.evaluated
+        yield step
 
-    coarse = query(stage1, target)
+
+def _drill(engine, image, drill_down, batch_size, stage1, rows, cols, coarse_steps) -> Iterator[Progress]:
+    """Stage 1's steps, the estimate and regions, then stage 2's steps (see drill_down_stream)."""
+    grid = tuple(stage1.shape)
+    count = max(1, round(drill_down.fraction * grid[0] * grid[1]))
+    sampled = len(rows) * len(cols)
+    for step in coarse_steps:
+        step.heatmap.measured = step.heatmap.evaluated
+        yield Progress(step.heatmap, step.done, sampled + count, step.elapsed)
+    coarse = step.heatmap
     samples = coarse.values[stage1].view(len(rows), len(cols)).to(torch.float64)
     estimate = _linear_interpolation(rows, grid[0]) @ samples @ _linear_interpolation(cols, grid[1]).T
 
-    count = max(1, round(drill_down.fraction * grid[0] * grid[1]))
     order = torch.sort(estimate.flatten(), stable=True).indices[:count]
     selected = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
     selected[order] = True
-    selected = selected.view(grid)
-    drilled = selected & ~stage1
-    fine = query(drilled, coarse.target)
-    if bar is not None:
-        bar.close()
+    drilled = selected.view(grid) & ~stage1
 
     values = estimate.to(coarse.values.dtype)
     values[stage1] = coarse.values[stage1]
-    values[drilled] = fine.values[drilled]
-    measured = stage1 | selected
-    return Heatmap(values, coarse.target, coarse.base, engine.patch, hw, measured=measured, tau=engine.tau)
+    measured = stage1.clone()
+    elapsed = step.elapsed
+    for fine in engine.stream(image, coarse.target, cells=drilled, batch_size=batch_size):
+        queried = fine.heatmap.evaluated
+        values[queried] = fine.heatmap.values[queried]
+        measured |= queried
+        heatmap = Heatmap(
+            values.clone(), coarse.target, coarse.base, engine.patch, coarse.image_size,
+            measured=measured.clone(), tau=engine.tau,
+        )  # fmt: skip
+        yield Progress(heatmap, sampled + fine.done, sampled + fine.total, elapsed + fine.elapsed)
+
+
+def drill_down_heatmap(
+    engine: Engine,
+    image: torch.Tensor,
+    target: int | None,
+    drill_down: DrillDown,
+    batch_size: int | None = None,
+    show_progress: bool = False,
+) -> Heatmap:
+    """The final map of :func:`drill_down_stream`."""
+    return engine(image, target, batch_size=batch_size, show_progress=show_progress, drill_down=drill_down)
 
 
 def _map_values(heatmap) -> np.ndarray:

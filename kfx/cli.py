@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -317,15 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
 # -- checks that need more than one option ------------------------------------------------------------
 
 
-def _accepts(function, name: str) -> bool:
-    """Whether ``function`` takes a keyword argument ``name`` (features that may not be in this build)."""
-    try:
-        parameters = inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-
-
 def _check_method_options(args) -> None:
     """Options of the other method are mistakes, not something to ignore silently."""
     foreign = NEUROMASK_ONLY if args.method == "occlusion" else OCCLUSION_ONLY
@@ -336,15 +327,11 @@ def _check_method_options(args) -> None:
 
 
 def _approximate_options(args) -> tuple[dict, dict]:
-    """``kfx.compile`` and run keyword arguments for --tau / --drill-down, if this build has them."""
+    """``kfx.compile`` and run keyword arguments for --tau / --drill-down."""
     compile_options, run_options = {}, {}
     if args.tau is not None:
-        if not _accepts(kfx.compile, "tau"):
-            raise UsageError("--tau needs approximate modes, not in this kfx build")
         compile_options["tau"] = args.tau
     if args.drill_down is not None:
-        if not hasattr(kfx, "DrillDown"):
-            raise UsageError("--drill-down needs approximate modes, not in this kfx build")
         fraction, speedup = args.drill_down
         try:
             run_options["drill_down"] = kfx.DrillDown(fraction=fraction, target_speedup=speedup)
@@ -621,19 +608,6 @@ def _progress_bar(total: int, desc: str, show: bool):
     )
 
 
-def _occlusion_steps(engine, image, target, batch_size, run_options) -> Iterator[kfx.Progress]:
-    """The map filling in; with a drill-down the engine may compute it in one call (one step)."""
-    if not run_options or _accepts(engine.stream, "drill_down"):
-        yield from engine.stream(image, target, batch_size=batch_size, **run_options)
-        return
-    if not _accepts(engine.__call__, "drill_down"):
-        raise UsageError("--drill-down needs approximate modes, not in this kfx build")
-    started = time.perf_counter()
-    heatmap = engine(image, target, batch_size=batch_size, **run_options)
-    evaluated = int(heatmap.evaluated.sum())
-    yield kfx.Progress(heatmap, evaluated, evaluated, time.perf_counter() - started)
-
-
 def run_occlusion(
     engine, image, target, *, batch_size, run_options, desc: str, show_bar: bool
 ) -> kfx.Progress:
@@ -642,7 +616,7 @@ def run_occlusion(
     bar = _progress_bar(total, desc, show_bar)
     step = None
     try:
-        for step in _occlusion_steps(engine, image, target, batch_size, run_options):
+        for step in engine.stream(image, target, batch_size=batch_size, **run_options):
             if step.total != bar.total:
                 bar.total = step.total
             bar.update(step.done - bar.n)

@@ -303,16 +303,27 @@ class Engine:
         *,
         cells: torch.Tensor | None = None,
         batch_size: int | None = None,
+        drill_down=None,
     ) -> Iterator[Progress]:
         """The heat map filling in: one :class:`Progress` after each batch of positions.
 
         Unevaluated cells are NaN. ``cells`` (bool [H_M, W_M]) restricts the run to a selection
-        (interactive mode). To cancel, stop iterating (``break``, or ``close()`` the generator):
-        no further batch runs. Input is checked before the first batch.
+        (interactive mode). ``drill_down`` (a :class:`kfx.DrillDown`) streams the two-stage
+        approximate map instead (kfx.approx.drill_down_stream). To cancel, stop iterating
+        (``break``, or ``close()`` the generator): no further batch runs. Input is checked before
+        the first batch.
 
         >>> for step in engine.stream(image):  # doctest: +SKIP
         ...     print(f"{step.done}/{step.total}")
         """
+        if drill_down is not None:
+            from kfx.approx import drill_down_stream
+
+            if cells is not None:
+                raise InputError(
+                    "drill_down chooses its own cells; pass either cells (interactive mode) or drill_down"
+                )
+            return drill_down_stream(self, image, target, drill_down, batch_size)
         started = time.perf_counter()
         image = self._check_image(image)
         selected = self._check_cells(cells)
@@ -354,36 +365,23 @@ class Engine:
         stage 1, then the target stride only in the cells with the largest drops; the rest is
         interpolated from stage 1 and ``heatmap.measured`` marks which cells were queried.
         """
-        if drill_down is not None:
-            from kfx.approx import drill_down_heatmap
-
-            if cells is not None:
-                raise InputError(
-                    "drill_down chooses its own cells; pass either cells (interactive mode) or drill_down"
-                )
-            return drill_down_heatmap(self, image, target, drill_down, batch_size, show_progress)
-        bar = _progress_bar("kfx occlusion") if show_progress else None
-        heatmap = last_heatmap(self.stream(image, target, cells=cells, batch_size=batch_size), bar)
-        if bar is not None:
-            bar.close()
-        return heatmap
+        steps = self.stream(image, target, cells=cells, batch_size=batch_size, drill_down=drill_down)
+        bar = _progress_bar("kfx occlusion" if drill_down is None else "kfx drill-down") if show_progress else None
+        try:
+            for step in steps:
+                if bar is not None:
+                    bar.total = step.total
+                    bar.update(step.done - bar.n)
+        finally:
+            if bar is not None:
+                bar.close()
+        return step.heatmap
 
 
 def _progress_bar(description: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=0, unit="pos", desc=description)
-
-
-def last_heatmap(steps: Iterator[Progress], bar=None) -> Heatmap:
-    """Run a stream to its end and return its final map; ``bar`` (tqdm), if given, counts the
-    positions on top of what it already shows (so several streams can share one bar)."""
-    offset = bar.n if bar is not None else 0
-    for step in steps:
-        if bar is not None:
-            bar.total = offset + step.total
-            bar.update(offset + step.done - bar.n)
-    return step.heatmap
 
 
 def _check_model_shape_patch_tau(

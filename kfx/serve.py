@@ -240,8 +240,7 @@ def build_app(loaded_model: LoadedModel, *, batch_size: int = 64, explorer: core
     explorer = explorer or core.Explorer(loaded_model, batch_size=batch_size)
     handlers = Handlers(explorer, gr)
     size = loaded_model.size
-    approximate = core.approximate_available()
-    modes = list(core.MODES) if approximate else [m for m in core.MODES if m != core.APPROXIMATE]
+    modes = list(core.MODES)
 
     with gr.Blocks(title="kfx explorer") as app:
         photo = gr.State(None)
@@ -289,24 +288,17 @@ def build_app(loaded_model: LoadedModel, *, batch_size: int = 64, explorer: core
                     )
                     grid = gr.Markdown(core.grid_summary(size, 16, 4), elem_id="kfx-grid")
                 with gr.Accordion("Approximate mode", open=False) as approximate_knobs:
-                    if not approximate:
-                        gr.Markdown(
-                            "*Not available in this kfx build (it has no `kfx.DrillDown`); the knobs are "
-                            "shown disabled.*"
-                        )
                     tau = gr.Slider(
                         0.1,
                         1.0,
                         value=1.0,
                         step=0.05,
                         label="tau (projective-field threshold)",
-                        interactive=approximate,
                         elem_id="kfx-tau",
                     )
                     drill_down = gr.Checkbox(
                         False,
                         label="Adaptive drill-down (chooses its own positions: no selection)",
-                        interactive=approximate,
                         elem_id="kfx-drill-down",
                     )
                     with gr.Row():
@@ -316,16 +308,14 @@ def build_app(loaded_model: LoadedModel, *, batch_size: int = 64, explorer: core
                             value=0.25,
                             step=0.05,
                             label="drill-down fraction r",
-                            interactive=approximate,
-                        )
+                            )
                         speedup = gr.Slider(
                             1.0,
                             10.0,
                             value=3.0,
                             step=0.5,
                             label="drill-down target speedup t",
-                            interactive=approximate,
-                        )
+                            )
                 with gr.Accordion("NeuroMask", open=False) as neuromask_knobs:
                     steps = gr.Slider(
                         1, 500, value=150, step=1, label="optimisation steps", elem_id="kfx-steps"

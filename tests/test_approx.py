@@ -361,6 +361,29 @@ def test_drill_down_keeps_exact_values_where_it_measured_and_interpolates_elsewh
     assert drill.query_speedup((1, 1)) == pytest.approx(3.0)
 
 
+def test_drill_down_streams_both_stages_and_ends_on_the_same_map():
+    model, patch, image = small_model(), kfx.Patch(4, stride=1), image_for(6, (3, 32, 32))
+    engine = kfx.compile(model, (3, 32, 32), patch)
+    drill = kfx.DrillDown(fraction=0.25, target_speedup=3)
+    steps = list(engine.stream(image, drill_down=drill, batch_size=16))
+    final = engine(image, drill_down=drill, batch_size=16)
+    assert torch.equal(steps[-1].heatmap.values, final.values)
+    assert torch.equal(steps[-1].heatmap.measured, final.measured)
+    # done counts the queries that ran, batch by batch, through both stages; the last total is exact
+    done = [step.done for step in steps]
+    assert done == sorted(done) and len(set(done)) == len(done) > 2
+    assert steps[-1].done == steps[-1].total == int(final.measured.sum())
+    assert all(step.done <= step.total for step in steps)
+    # stage 1 shows its samples and NaN elsewhere; stage 2 shows a whole map
+    assert torch.isnan(steps[0].heatmap.values).any()
+    stage2 = [step for step in steps if not torch.isnan(step.heatmap.values).any()]
+    assert stage2 and stage2[-1] is steps[-1]
+    assert all(
+        torch.equal(step.heatmap.measured, step.heatmap.measured | steps[0].heatmap.measured)
+        for step in stage2
+    )
+
+
 def test_drill_down_combines_with_tau():
     model, patch, image = small_model(), kfx.Patch(4, stride=1), image_for(7, (3, 32, 32))
     tau_engine = kfx.compile(model, (3, 32, 32), patch, tau=0.5)
@@ -445,6 +468,8 @@ def test_drill_down_misuse_is_an_input_error():
     cells = torch.ones(engine.patch.grid_shape((24, 24)), dtype=torch.bool)
     with pytest.raises(kfx.InputError, match="either cells"):
         engine(image, cells=cells, drill_down=kfx.DrillDown(0.25))
+    with pytest.raises(kfx.InputError, match="either cells"):
+        engine.stream(image, cells=cells, drill_down=kfx.DrillDown(0.25))  # before any batch runs
     with pytest.raises(kfx.InputError, match="coarser"):
         engine(image, drill_down=kfx.DrillDown(0.25, stage1_stride=1))
     with pytest.raises(kfx.InputError, match="kfx.DrillDown"):

@@ -11,7 +11,6 @@ and takes the README's picture of the page after a run.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import shutil
@@ -189,58 +188,25 @@ def test_bad_settings_raise_before_any_work(explorer, photo, run_settings, photo
         next(explorer.run(None, None, settings()))
 
 
-def test_approximate_mode_is_refused_without_drill_down(monkeypatch, explorer, photo):
-    monkeypatch.delattr(kfx, "DrillDown", raising=False)  # a kfx build from before the approximate mode
-    assert not core.approximate_available()
-    with pytest.raises(kfx.InputError, match="not available"):
-        next(explorer.run(photo, None, settings(mode=core.APPROXIMATE)))
-
-
-def test_approximate_mode_passes_tau_and_drill_down(monkeypatch, photo):
-    """The wiring for the approximate mode, against stand-ins for kfx.DrillDown and
-    kfx.compile(..., tau=) (the real ones land separately): tau is compiled in, drill-down passed
-    per run, and the run is labelled with both."""
-    seen = {}
-
-    @dataclasses.dataclass(frozen=True)
-    class DrillDown:
-        fraction: float
-        target_speedup: float
-
-    real_compile = kfx.compile
-
-    def compile_with_tau(model, image_shape, patch, *, batch_size=None, tau=1.0):
-        seen["tau"] = tau
-        engine = real_compile(model, image_shape, patch, batch_size=batch_size)
-        exact_stream = engine.stream
-
-        def stream(image, target=None, *, cells=None, batch_size=None, drill_down=None):
-            seen["drill_down"] = drill_down
-            return exact_stream(image, target, cells=cells, batch_size=batch_size)
-
-        engine.stream = stream
-        return engine
-
-    monkeypatch.setattr(kfx, "DrillDown", DrillDown, raising=False)
-    monkeypatch.setattr(kfx, "compile", compile_with_tau)
-    explorer = core.Explorer(tiny_loaded(SIZE))
-    run_settings = settings(mode=core.APPROXIMATE, tau=0.6, drill_down=True, fraction=0.2, target_speedup=2)
-    final = last_frame(explorer.run(photo, None, run_settings))
-    assert seen == {"tau": 0.6, "drill_down": DrillDown(0.2, 2.0)}
-    assert final.record.mode == "Approximate (tau 0.6; drill-down r 0.2, t 2)"
-    assert final.record.positions == FULL_POSITIONS
-
-
-@pytest.mark.skipif(not core.approximate_available(), reason="this kfx build has no approximate mode")
 def test_approximate_mode_with_kfx_tau_and_drill_down(explorer, photo):
     tau_only = last_frame(explorer.run(photo, None, settings(mode=core.APPROXIMATE, tau=0.5)))
     assert tau_only.record.mode == "Approximate (tau 0.5)" and tau_only.record.positions == FULL_POSITIONS
-    drill = settings(mode=core.APPROXIMATE, tau=0.8, drill_down=True, fraction=0.25, target_speedup=2)
+    drill = settings(
+        mode=core.APPROXIMATE, tau=0.8, drill_down=True, fraction=0.25, target_speedup=2, batch_size=16
+    )
     frames = list(explorer.run(photo, None, drill))
-    assert "drill-down" in frames[-2].status  # the page says why the map comes all at once
     final = frames[-1]
     assert final.record.cells == FULL_POSITIONS and final.record.positions < FULL_POSITIONS
-    assert not torch.isnan(final.heatmap.values).any()
+    assert "drill-down" in final.status  # the page says what the two stages did
+    # It streams: stage 1's samples first (NaN elsewhere), then the whole map, refined by stage 2.
+    maps = [f.heatmap for f in frames if f.heatmap is not None]
+    assert len(maps) > 2 and torch.isnan(maps[0].values).any()
+    assert int(final.heatmap.measured.sum()) == final.record.positions
+    # the oracle: the engine's own drill-down on the same input
+    engine, _ = explorer.engine(SIZE, explorer.patch(drill), 0.8)
+    image = explorer.model_input(photo, SIZE)
+    expected = engine(image, batch_size=16, drill_down=kfx.DrillDown(0.25, target_speedup=2))
+    assert torch.equal(final.heatmap.values, expected.values)
     with pytest.raises(kfx.InputError, match="drill-down chooses its own positions"):
         list(explorer.run(photo, [stroke_layer()], drill))
 
@@ -533,11 +499,10 @@ def test_the_page_end_to_end_in_a_browser(tmp_path):
                 hook.remove()
             assert len(runs_rows(page)) == 3  # a stopped run is no finished run
 
-            if core.approximate_available():  # tau only: drill-down is refused with a selection
-                choose_mode(page, "Approximate")
-                set_slider(page, "kfx-tau", 0.5)
-                run_and_wait(page, 3)
-                assert runs_rows(page)[3][1] == "Approximate (tau 0.5)"
+            choose_mode(page, "Approximate")  # tau only: drill-down is refused with a selection
+            set_slider(page, "kfx-tau", 0.5)
+            run_and_wait(page, 3)
+            assert runs_rows(page)[3][1] == "Approximate (tau 0.5)"
 
             # A patch larger than the 64 x 64 input: a message, and the server still answers.
             set_slider(page, "kfx-patch", 100)
