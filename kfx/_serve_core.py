@@ -75,6 +75,7 @@ class MapSettings:
     target_speedup: float = 3.0
     neuromask_steps: int = 150
     selection_shape: str = BRUSH
+    target: int | None = None  # class to explain; None: the predicted one
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,7 @@ def naive_stream(
     *,
     cells: torch.Tensor | None = None,
     batch_size: int = 64,
+    target: int | None = None,
 ) -> Iterator[Progress]:
     """The brute-force baseline as a stream: ``model(kfx.occlude(image, positions, patch))`` per batch.
 
@@ -294,7 +296,7 @@ def naive_stream(
     image = image.to(device)
     with torch.no_grad():
         base_probs = torch.softmax(model(image[None]), dim=1)[0]
-    target = int(base_probs.argmax())
+    target = int(base_probs.argmax()) if target is None else _class_index(target, base_probs.numel())
     values = torch.full(grid, float("nan"), dtype=image.dtype)
     flat = values.view(-1)
     indices = selected.reshape(-1).nonzero()[:, 0]
@@ -312,6 +314,12 @@ def naive_stream(
     if not len(indices):
         heatmap = Heatmap(values, target, float(base_probs[target]), patch, hw)
         yield Progress(heatmap, 0, 0, time.perf_counter() - started)
+
+
+def _class_index(target, num_classes: int) -> int:
+    if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < num_classes:
+        raise InputError(f"the class to explain must be an index in [0, {num_classes}), got {target!r}")
+    return target
 
 
 def _deferred(start_stream) -> Iterator[Progress]:
@@ -409,15 +417,24 @@ class Explorer:
         """The model's input [3, size, size] for ``photo`` (resize, centre crop, normalise)."""
         return self.loaded.prepare(photo.pixels, int(size))
 
-    def predict(self, photo: Photo, size: int | None = None) -> dict[str, float]:
-        """The top classes and their probabilities on the unoccluded photo, for a label widget."""
+    def top_classes(self, photo: Photo, size: int | None = None) -> list[tuple[int, float]]:
+        """(class index, probability) of the most probable classes on the unoccluded photo."""
         image = self.model_input(photo, size or self.loaded.size)
         model = self.loaded.model
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with torch.no_grad():
             probs = torch.softmax(model(image[None].to(device)), dim=1)[0].cpu()
         top = probs.topk(min(TOP_CLASSES, probs.numel()))
-        return {self.loaded.label(int(i)): float(p) for p, i in zip(top.values, top.indices)}
+        return [(int(i), float(p)) for p, i in zip(top.values, top.indices)]
+
+    def predict(self, photo: Photo, size: int | None = None) -> dict[str, float]:
+        """The top classes and their probabilities, for a label widget."""
+        return {self.loaded.label(i): p for i, p in self.top_classes(photo, size)}
+
+    def class_choices(self, photo: Photo, size: int | None = None) -> list[tuple[str, int]]:
+        """(label, class index) of the top classes, most probable first: the classes a user may ask
+        the map to explain (the first is the prediction)."""
+        return [(f"{self.loaded.label(i)} ({p:.1%})", i) for i, p in self.top_classes(photo, size)]
 
     # -- engines --
     def fill_values(self, colour: str) -> tuple[float, ...]:
@@ -493,9 +510,14 @@ class Explorer:
         size = int(settings.size)
         if settings.mode == NAIVE:
             steps = naive_stream(
-                self.loaded.model, image, patch, cells=cells, batch_size=int(settings.batch_size)
+                self.loaded.model,
+                image,
+                patch,
+                cells=cells,
+                batch_size=int(settings.batch_size),
+                target=settings.target,
             )
-            return steps, NAIVE, notes
+            return steps, self._labelled(NAIVE, settings), notes
         tau = float(settings.tau) if settings.mode == APPROXIMATE else None
         yield Frame(
             None,
@@ -521,9 +543,16 @@ class Explorer:
                 "drops are largest"
             )
         steps = _deferred(
-            lambda: engine.stream(image, cells=cells, batch_size=int(settings.batch_size), **options)
+            lambda: engine.stream(
+                image, settings.target, cells=cells, batch_size=int(settings.batch_size), **options
+            )
         )
-        return steps, EXACT if settings.mode == EXACT else _approximate_label(settings), notes
+        label = EXACT if settings.mode == EXACT else _approximate_label(settings)
+        return steps, self._labelled(label, settings), notes
+
+    def _labelled(self, label: str, settings: MapSettings) -> str:
+        """The run's name, saying which class it explains when that is not the predicted one."""
+        return label if settings.target is None else f"{label} for {self.loaded.label(settings.target)}"
 
     def _show_steps(self, steps, photo, display, patch, settings, label_mode, notes) -> Iterator[Frame]:
         """Frames from a stream of progress steps: redrawn at most every RENDER_INTERVAL_S, and
@@ -558,12 +587,12 @@ class Explorer:
             ),
         )
         started = time.perf_counter()
-        mask = kfx.neuromask(self.loaded.model, image, steps=steps)
+        mask = kfx.neuromask(self.loaded.model, image, settings.target, steps=steps)
         seconds = time.perf_counter() - started
-        target = max(self.predict(photo, settings.size).items(), key=lambda kv: kv[1])[0]
-        picture = render_mask(mask, display, target, steps)
+        target = self.top_classes(photo, settings.size)[0][0] if settings.target is None else settings.target
+        picture = render_mask(mask, display, self.loaded.label(target), steps)
         record = RunRecord(
-            f"NeuroMask ({steps} steps)",
+            self._labelled(f"NeuroMask ({steps} steps)", settings),
             NEUROMASK,
             photo.name,
             self._comparison_key(photo, settings),
@@ -580,6 +609,7 @@ class Explorer:
             int(settings.patch),
             int(settings.stride),
             settings.fill,
+            settings.target,
         )
 
     def _record(self, photo, patch, settings, label_mode, step: Progress, seconds: float) -> RunRecord:

@@ -1,8 +1,9 @@
 """``kfx serve``: the interactive explorer, a local web page (Gradio) over :mod:`kfx._serve_core`.
 
-Upload a photo or pick a bundled one, see the prediction, set patch size, stride and colour, choose
-Naive / Exact / Approximate / NeuroMask, draw brush strokes (or a rectangle around them) to evaluate
-only a selection, watch the heat map fill in, stop a run, and compare the modes' run times.
+Upload a photo or pick a bundled one, see the prediction, choose the class to explain, set patch
+size, stride and colour, choose Naive / Exact / Approximate / NeuroMask, draw brush strokes (or a
+rectangle around them) to evaluate only a selection, watch the heat map fill in, stop a run, and
+compare the modes' run times.
 
     kfx serve [--host 127.0.0.1] [--port 7860] [--model torchvision:resnet18] [--weights FILE]
 
@@ -92,7 +93,12 @@ def editor_value(photo: core.Photo | None) -> dict | None:
     return {"background": crop, "layers": [], "composite": crop}
 
 
-def _settings(mode, size, patch, stride, fill, batch_size, tau, drill_down, fraction, speedup, steps, shape):
+PREDICTED_CLASS = -1  # the class menu's value for "the predicted class"
+
+
+def _settings(
+    mode, size, patch, stride, fill, batch_size, tau, drill_down, fraction, speedup, steps, shape, target
+):
     """The page's controls as :class:`MapSettings` (sliders may deliver floats)."""
     return core.MapSettings(
         mode=mode,
@@ -107,6 +113,7 @@ def _settings(mode, size, patch, stride, fill, batch_size, tau, drill_down, frac
         target_speedup=float(speedup),
         neuromask_steps=int(steps),
         selection_shape=shape,
+        target=None if target in (None, PREDICTED_CLASS) else int(target),
     )
 
 
@@ -163,6 +170,19 @@ class Handlers:
         except Exception as exc:
             _warn(self.gr, exc)
             return self.gr.skip()
+
+    def classes(self, photo, size):
+        """The class menu for the photo shown: the predicted class, then each of the top classes."""
+        if photo is None:
+            return self.gr.skip()
+        try:
+            choices = self.explorer.class_choices(photo, int(size))
+        except Exception as exc:
+            _warn(self.gr, exc)
+            return self.gr.skip()
+        return self.gr.update(
+            choices=[("the predicted class", PREDICTED_CLASS), *choices], value=PREDICTED_CLASS
+        )
 
     def clear_selection(self, photo) -> tuple:
         """(editor without strokes, no selection). Setting the editor's value from here fires no
@@ -279,6 +299,12 @@ def build_app(loaded_model: LoadedModel, *, batch_size: int = 64, explorer: core
                     list(core.SELECTION_SHAPES), value=core.BRUSH, label="Selection", elem_id="kfx-shape"
                 )
                 mode = gr.Radio(modes, value=core.EXACT, label="Mode", elem_id="kfx-mode")
+                target = gr.Dropdown(
+                    [("the predicted class", PREDICTED_CLASS)],
+                    value=PREDICTED_CLASS,
+                    label="Explain the probability of",
+                    elem_id="kfx-target",
+                )
                 with gr.Row():
                     patch = gr.Slider(1, 128, value=16, step=1, label="Patch size", elem_id="kfx-patch")
                     stride = gr.Slider(1, 64, value=4, step=1, label="Stride", elem_id="kfx-stride")
@@ -308,14 +334,14 @@ def build_app(loaded_model: LoadedModel, *, batch_size: int = 64, explorer: core
                             value=0.25,
                             step=0.05,
                             label="drill-down fraction r",
-                            )
+                        )
                         speedup = gr.Slider(
                             1.0,
                             10.0,
                             value=3.0,
                             step=0.5,
                             label="drill-down target speedup t",
-                            )
+                        )
                 with gr.Accordion("NeuroMask", open=False) as neuromask_knobs:
                     steps = gr.Slider(
                         1, 500, value=150, step=1, label="optimisation steps", elem_id="kfx-steps"
@@ -365,6 +391,8 @@ def build_app(loaded_model: LoadedModel, *, batch_size: int = 64, explorer: core
             handlers.grid, grid_inputs, [grid]
         )
         input_size.release(handlers.predict, [photo, input_size], [prediction])
+        # A new photo or input size predicts anew; the class menu follows (and resets).
+        prediction.change(handlers.classes, [photo, input_size], [target], show_progress="hidden")
         editor.change(handlers.select, [editor, input_size, patch, stride, shape], [strokes, grid])
         for control in (input_size, patch, stride, shape):
             control.change(handlers.grid, grid_inputs, [grid], show_progress="hidden")
@@ -391,6 +419,7 @@ def build_app(loaded_model: LoadedModel, *, batch_size: int = 64, explorer: core
             speedup,
             steps,
             shape,
+            target,
         ]
         running = run_button.click(
             handlers.run,

@@ -126,9 +126,10 @@ def test_colours_parse_and_map_into_the_models_input_space(explorer):
     assert all(abs(v) < 0.02 for v in explorer.fill_values(hex_mean))  # ImageNet mean -> about 0
 
 
+@pytest.mark.parametrize("target", [None, 2])  # the predicted class, or one the user chose
 @pytest.mark.parametrize("mode", [core.NAIVE, core.EXACT])
-def test_full_maps_equal_brute_force(explorer, photo, mode):
-    frames = list(explorer.run(photo, None, settings(mode=mode, batch_size=50)))
+def test_full_maps_equal_brute_force(explorer, photo, mode, target):
+    frames = list(explorer.run(photo, None, settings(mode=mode, batch_size=50, target=target)))
     final = frames[-1]
     assert final.record.positions == FULL_POSITIONS and final.record.kind == mode
     assert final.picture is not None and final.picture.ndim == 3
@@ -139,9 +140,10 @@ def test_full_maps_equal_brute_force(explorer, photo, mode):
     image = explorer.model_input(photo, SIZE)
     model = explorer.loaded.model
     with torch.no_grad():
-        target = int(model(image[None]).argmax())
+        target = int(model(image[None]).argmax()) if target is None else target
         occluded = kfx.occlude(image, kfx.grid_positions((SIZE, SIZE), patch), patch)
         expected = torch.softmax(model(occluded), dim=1)[:, target].view(13, 13)
+    assert final.heatmap.target == target
     torch.testing.assert_close(final.heatmap.values, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -266,7 +268,24 @@ def test_handler_loads_a_sample_and_predicts(handlers):
     assert set(prediction) <= set(TINY_LABELS) and abs(sum(prediction.values()) - 1) < 1.0
 
 
-CONTROLS = (core.EXACT, SIZE, 16, 4, "#808080", 64, 1.0, False, 0.25, 3.0, 10, core.BRUSH)
+CONTROLS = (core.EXACT, SIZE, 16, 4, "#808080", 64, 1.0, False, 0.25, 3.0, 10, core.BRUSH, -1)
+
+
+def test_handler_class_menu_lists_the_top_classes_and_a_run_explains_the_chosen_one(handlers, photo):
+    from kfx.serve import PREDICTED_CLASS, RunControl
+
+    menu = handlers.classes(photo, SIZE)
+    (first, *top) = menu["choices"]
+    assert first == ("the predicted class", PREDICTED_CLASS) and menu["value"] == PREDICTED_CLASS
+    ranked = [index for _, index in top]
+    model, image = handlers.explorer.loaded.model, handlers.explorer.model_input(photo, SIZE)
+    with torch.no_grad():
+        expected = model(image[None])[0].argsort(descending=True)[: core.TOP_CLASSES].tolist()
+    assert ranked == expected
+    second = ranked[1]
+    outputs = list(handlers.run(photo, None, [], RunControl(), *CONTROLS[:-1], second))
+    picture, status, table, runs, message = outputs[-1]
+    assert message == "" and runs[0].mode == f"Exact for {TINY_LABELS[second]}"
 
 
 def test_handler_counts_the_selection_and_runs_it(handlers, photo):
@@ -448,6 +467,12 @@ def test_the_page_end_to_end_in_a_browser(tmp_path):
             browser, page = open_browser(playwright)
             page.goto(app.local_url)
             wait_for_text(page, "#kfx-prediction", "tiny class")  # the first sample loaded
+            # The class menu follows the prediction: the predicted class, then the top classes.
+            page.click("#kfx-target input")
+            page.get_by_role("option", name=re.compile("tiny class")).first.wait_for()
+            options = page.get_by_role("option").all_inner_texts()
+            assert options[0].endswith("the predicted class") and len(options) == 1 + core.TOP_CLASSES  # ✓ = chosen
+            page.keyboard.press("Escape")
 
             # A file that is not an image: a message in the page, and the page keeps working.
             upload(page, bad)
