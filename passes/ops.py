@@ -117,6 +117,12 @@ def _pool_spec(kind, kernel_size, stride, padding, dilation, ceil_mode, in_hw, a
         return LocalSpec("max_pool", kernel, s, p, -math.inf, apply)
     count_include_pad, divisor_override = avg_flags
     divisor = _avg_divisor(in_hw, k, s, p, ceil_mode, count_include_pad, divisor_override)
+    if bool((divisor == divisor[0, 0]).all()):
+        # One divisor everywhere (Inception's 3x3 pools with count_include_pad): the op divides each
+        # window sum by it in one pass, as the full op does; no per-element divisor to gather.
+        uniform = int(divisor[0, 0])
+        apply = lambda w: F.avg_pool2d(w, k, s, 0, False, True, divisor_override=uniform)
+        return LocalSpec("avg_pool", k, s, p, 0.0, apply)
     # Sum each window (divisor 1), then divide by the full op's own divisor for that output element.
     apply = lambda w: F.avg_pool2d(w, k, s, 0, False, True, divisor_override=1)
     return LocalSpec("avg_pool", k, s, p, 0.0, apply, divisor=divisor)
