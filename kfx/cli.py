@@ -245,8 +245,8 @@ def _add_demo(subparsers) -> None:
         help="heat maps of the bundled photos and the measured speedup",
         description="Occlusion maps of scikit-image's sample photos with the default model, as one "
         "gallery picture, and kfx's speedup over batched full inference measured in this run "
-        f"(patch {DEFAULT_PATCH}, stride {DEMO_STRIDE}: 2,809 positions per photo, 10-15 minutes on a "
-        "shared 2-core CPU; --quick: 729 per photo, 3-4 minutes there).",
+        f"(patch {DEFAULT_PATCH}, stride {DEMO_STRIDE}: 2,809 positions per photo, about 3 minutes on a "
+        "quiet 2-core CPU; --quick: 729 per photo, about a minute there).",
     )
     _add_model_options(parser)
     parser.add_argument(
