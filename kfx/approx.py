@@ -32,7 +32,6 @@ from kfx.patch import Patch
 
 __all__ = [
     "DrillDown",
-    "drill_down_heatmap",
     "drill_down_stream",
     "heatmap_ssim",
     "tune",
@@ -231,18 +230,6 @@ def _drill(engine, image, drill_down, batch_size, stage1, rows, cols, coarse_ste
             measured=measured.clone(), tau=engine.tau,
         )  # fmt: skip
         yield Progress(heatmap, sampled + fine.done, sampled + fine.total, elapsed + fine.elapsed)
-
-
-def drill_down_heatmap(
-    engine: Engine,
-    image: torch.Tensor,
-    target: int | None,
-    drill_down: DrillDown,
-    batch_size: int | None = None,
-    show_progress: bool = False,
-) -> Heatmap:
-    """The final map of :func:`drill_down_stream`."""
-    return engine(image, target, batch_size=batch_size, show_progress=show_progress, drill_down=drill_down)
 
 
 def _map_values(heatmap) -> np.ndarray:

@@ -105,6 +105,14 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     return torch.get_default_dtype(), torch.device("cpu")
 
 
+def _annotated_graph(model, image_shape, patch: Patch, tau: float, dtype, device, concat: str = "union"):
+    """The traced graph with shapes and changed boxes on every node (passes 1-3)."""
+    gm = trace(model)
+    propagate_shapes(gm, torch.zeros(1, *image_shape, dtype=dtype, device=device))
+    propagate_patches(gm, tuple(image_shape[1:]), patch.size, tau, concat=concat)
+    return gm
+
+
 def _base_program(gm: fx.GraphModule, sources: list[str]) -> fx.GraphModule:
     """A copy of the model that also returns the activations the incremental program reads."""
     graph = fx.Graph()
@@ -139,11 +147,7 @@ class Engine:
         channels, height, width = image_shape
         patch.check_fits((height, width))
 
-        self.graph_module = trace(model)
-        propagate_shapes(
-            self.graph_module, torch.zeros(1, *image_shape, dtype=self.dtype, device=self.device)
-        )
-        propagate_patches(self.graph_module, (height, width), patch.size, tau)
+        self.graph_module = _annotated_graph(model, image_shape, patch, tau, self.dtype, self.device)
         fill = patch.fill_tensor(channels, self.dtype, self.device)
         self._cost = static_cost(self.graph_module, tau)
         program = build_program(self.graph_module, fill, self.backend)
@@ -366,7 +370,11 @@ class Engine:
         interpolated from stage 1 and ``heatmap.measured`` marks which cells were queried.
         """
         steps = self.stream(image, target, cells=cells, batch_size=batch_size, drill_down=drill_down)
-        bar = _progress_bar("kfx occlusion" if drill_down is None else "kfx drill-down") if show_progress else None
+        bar = (
+            _progress_bar("kfx occlusion" if drill_down is None else "kfx drill-down")
+            if show_progress
+            else None
+        )
         try:
             for step in steps:
                 if bar is not None:
@@ -421,12 +429,8 @@ def paper_cost(
     No inference runs.
     """
     shape, patch = _check_model_shape_patch_tau(model, image_shape, patch, tau, "kfx.paper_cost")
-    channels, height, width = shape
-    patch.check_fits((height, width))
-    dtype, device = _model_dtype_device(model)
-    gm = trace(model)
-    propagate_shapes(gm, torch.zeros(1, channels, height, width, dtype=dtype, device=device))
-    propagate_patches(gm, (height, width), patch.size, float(tau), concat="last")
+    patch.check_fits(shape[1:])
+    gm = _annotated_graph(model, shape, patch, float(tau), *_model_dtype_device(model), concat="last")
     return static_cost(gm, float(tau), concat="last")
 
 
