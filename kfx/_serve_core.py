@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import kfx
-from kfx.engine import Engine, Heatmap, Progress
+from kfx.engine import Engine, Heatmap, Progress, check_class_index
 from kfx.errors import InputError
 from kfx.models import SAMPLE_PHOTOS, LoadedModel, read_pixels, resize_crop
 from kfx.patch import Patch, grid_positions, occlude
@@ -296,7 +296,7 @@ def naive_stream(
     image = image.to(device)
     with torch.no_grad():
         base_probs = torch.softmax(model(image[None]), dim=1)[0]
-    target = int(base_probs.argmax()) if target is None else _class_index(target, base_probs.numel())
+    target = int(base_probs.argmax()) if target is None else check_class_index(target, base_probs.numel())
     values = torch.full(grid, float("nan"), dtype=image.dtype)
     flat = values.view(-1)
     indices = selected.reshape(-1).nonzero()[:, 0]
@@ -314,12 +314,6 @@ def naive_stream(
     if not len(indices):
         heatmap = Heatmap(values, target, float(base_probs[target]), patch, hw)
         yield Progress(heatmap, 0, 0, time.perf_counter() - started)
-
-
-def _class_index(target, num_classes: int) -> int:
-    if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < num_classes:
-        raise InputError(f"the class to explain must be an index in [0, {num_classes}), got {target!r}")
-    return target
 
 
 def _deferred(start_stream) -> Iterator[Progress]:

@@ -294,10 +294,7 @@ class Engine:
             )
         num_classes = base_output.shape[1]
         base_probs = torch.softmax(base_output, dim=1)[0]
-        if target is None:
-            target = int(base_probs.argmax())
-        elif isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < num_classes:
-            raise InputError(f"target must be a class index in [0, {num_classes}), got {target!r}")
+        target = int(base_probs.argmax()) if target is None else check_class_index(target, num_classes)
         return target, base_probs
 
     def stream(
@@ -384,6 +381,13 @@ class Engine:
             if bar is not None:
                 bar.close()
         return step.heatmap
+
+
+def check_class_index(target, num_classes: int) -> int:
+    """``target`` if it is a class index of a model with ``num_classes`` outputs, else an InputError."""
+    if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < num_classes:
+        raise InputError(f"target must be a class index in [0, {num_classes}), got {target!r}")
+    return target
 
 
 def _progress_bar(description: str):
