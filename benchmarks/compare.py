@@ -94,7 +94,7 @@ def naive_outputs(model, image, positions, patch, batch_size):
 
 
 def kfx_outputs(engine, image, positions, batch_size):
-    engine._cached = None  # include the base inference of the image, as a first call would
+    engine._base_cache = None  # include the base inference of the image, as a first call would
     return engine.outputs(image, positions, batch_size=batch_size)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from kfx import kernels
 from kfx.cost import CostReport, static_cost
 from kfx.errors import InputError, ModelError, PatchError
 from kfx.memory import MemoryEstimate, estimate_memory, parse_bytes
-from kfx.passes import META_KEY, build_program, propagate_patches, propagate_shapes, trace
+from kfx.passes import META_KEY, build_program, check_traced, propagate_patches, propagate_shapes, trace
+from kfx.passes.trace import require_eval_module
 from kfx.patch import Patch, check_positions, grid_positions
 
 __all__ = ["compile", "paper_cost", "Engine", "Heatmap", "Progress", "DenseNode"]
@@ -98,6 +100,34 @@ class DenseNode:
     reason: str
 
 
+@dataclass(frozen=True)
+class _Base:
+    """The unoccluded image's run: its output and the base activations the incremental program reads."""
+
+    image: torch.Tensor  # a copy: the cache key, with the weights' versions
+    versions: tuple[int, ...]
+    output: torch.Tensor
+    activations: list[torch.Tensor]
+
+
+def _model_state(model: nn.Module) -> tuple[tuple, tuple[int, ...]]:
+    """(identity, versions) of the model's parameters and buffers.
+
+    identity changes when a tensor is replaced, re-allocated, or converted (what the traced graph
+    cannot follow); versions change on every in-place write (load_state_dict, optimizer steps,
+    BatchNorm statistics), which the graph does follow.
+    """
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    identity = tuple((name, id(t), t.data_ptr(), t.dtype, t.device) for name, t in tensors)
+    return identity, tuple(t._version for _, t in tensors)
+
+
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+    return batch_size
+
+
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.dtype.is_floating_point:
@@ -106,8 +136,11 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 
 def _annotated_graph(model, image_shape, patch: Patch, tau: float, dtype, device, concat: str = "union"):
-    """The traced graph with shapes and changed boxes on every node (passes 1-3)."""
+    """The traced graph, checked against the model, with shapes and changed boxes on every node (passes 1-3)."""
     gm = trace(model)
+    # A fixed random batch of two: the traced graph must compute what the model does, example by example.
+    example = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    check_traced(model, gm, example.to(dtype=dtype, device=device))
     propagate_shapes(gm, torch.zeros(1, *image_shape, dtype=dtype, device=device))
     propagate_patches(gm, tuple(image_shape[1:]), patch.size, tau, concat=concat)
     return gm
@@ -154,7 +187,14 @@ class Engine:
         self.program = program.module
         self._slots = program.slots
         self._base = _base_program(self.graph_module, [slot.source for slot in program.slots])
-        self._cached: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None
+        # The engine reads the caller's parameters and buffers live (it shares them, it does not copy
+        # them): in-place changes (load_state_dict, an optimizer step, new BatchNorm statistics) are
+        # seen, and the base activations are keyed on every tensor's version counter. Replacing a
+        # tensor or a module is not seen by the traced graph, so it is refused (ModelError).
+        self._model = model
+        self._identity, _ = _model_state(model)
+        self._lock = threading.Lock()  # guards _base_cache: one engine may serve several threads
+        self._base_cache: _Base | None = None
         self.tuning = None  # kfx.tune's measurements (a kfx.approx.Tuning) when it built this engine
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         # Static estimate of a run's memory: .per_image + batch size x .per_position bytes.
@@ -223,30 +263,48 @@ class Engine:
             raise InputError("image holds NaN or infinite values; occlusion maps need finite pixels")
         return image.to(self.device).unsqueeze(0)
 
-    def _prepare(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the unoccluded image once; keep (and reuse for the same image) the base activations."""
-        if self._cached is not None and torch.equal(self._cached[0], image):
-            return self._cached[1], self._cached[2]
-        with torch.no_grad():
-            output, activations = self._base(image)
-            prepared = [
-                kernels.pad_base(act, slot.margins, slot.pad_value)
-                for act, slot in zip(activations, self._slots)
-            ]
-        self._cached = (image.clone(), output, prepared)
-        return output, prepared
+    def _versions(self) -> tuple[int, ...]:
+        """The version counters of the model's tensors; ModelError if the model changed otherwise."""
+        require_eval_module(self._model, "running a kfx engine")
+        identity, versions = _model_state(self._model)
+        if identity != self._identity:
+            raise ModelError(
+                "the model's parameters, buffers or modules were replaced (or moved to another dtype or "
+                "device) after kfx.compile, and the compiled graph still holds the old ones; compile a new "
+                "engine for the changed model"
+            )
+        return versions
 
-    def _batches(self, image, positions: torch.Tensor, batch_size: int | None) -> Iterator[torch.Tensor]:
-        _, prepared = self._prepare(image)
-        step = batch_size or self.batch_size
-        if step < 1:
-            raise InputError(f"batch_size must be at least 1, got {step}")
+    def _prepare(self, image: torch.Tensor) -> _Base:
+        """Run the unoccluded image once; keep (and reuse for the same image and weights) its activations."""
+        versions = self._versions()
+        with self._lock:
+            cached = self._base_cache
+            if cached is not None and cached.versions == versions and torch.equal(cached.image, image):
+                return cached
+            with torch.no_grad():
+                output, activations = self._base(image)
+                prepared = [
+                    kernels.pad_base(act, slot.margins, slot.pad_value)
+                    for act, slot in zip(activations, self._slots)
+                ]
+            self._base_cache = _Base(image.clone(), versions, output, prepared)
+            return self._base_cache
+
+    def _batches(
+        self, base: _Base, positions: torch.Tensor, batch_size: int | None
+    ) -> Iterator[torch.Tensor]:
+        step = self.batch_size if batch_size is None else _check_batch_size(batch_size)
         positions = positions.to(self.device)
         for start in range(0, positions.shape[0], step):
+            if self._versions() != base.versions:
+                raise ModelError(
+                    "the model's weights changed while this map was being computed; run it again"
+                )
             # no_grad per batch, never held across the yield: grad mode is per thread, and a web
-            # server may resume this generator on another thread (found by the explorer's test).
+            # server may resume this generator on another thread.
             with torch.no_grad():
-                out = self.program(positions[start : start + step], *prepared)
+                out = self.program(positions[start : start + step], *base.activations)
             yield out
 
     def outputs(self, image: torch.Tensor, positions, *, batch_size: int | None = None) -> torch.Tensor:
@@ -261,7 +319,11 @@ class Engine:
         """
         image = self._check_image(image)
         positions = check_positions(positions, self.image_shape[1:], self.patch)
-        return torch.cat(list(self._batches(image, positions, batch_size)))
+        base = self._prepare(image)
+        batches = list(self._batches(base, positions, batch_size))
+        if not batches:  # no positions: an empty batch of the model's output shape
+            return base.output.new_empty((0, *base.output.shape[1:]))
+        return torch.cat(batches)
 
     def cells_overlapping(self, pixels: torch.Tensor) -> torch.Tensor:
         """Grid cells [H_M, W_M] whose patch window touches a True pixel of ``pixels`` [H, W].
@@ -328,18 +390,20 @@ class Engine:
         started = time.perf_counter()
         image = self._check_image(image)
         selected = self._check_cells(cells)
-        base_output, _ = self._prepare(image)
-        target, base_probs = self._check_target(base_output, target)
-        return self._fill(image, target, float(base_probs[target]), selected, batch_size, started)
+        if batch_size is not None:
+            _check_batch_size(batch_size)
+        base = self._prepare(image)
+        target, base_probs = self._check_target(base.output, target)
+        return self._fill(base, target, float(base_probs[target]), selected, batch_size, started)
 
-    def _fill(self, image, target, base, selected, batch_size, started) -> Iterator[Progress]:
+    def _fill(self, base_run: _Base, target, base, selected, batch_size, started) -> Iterator[Progress]:
         hw = tuple(self.image_shape[1:])
         values = torch.full(selected.shape, float("nan"), dtype=self.dtype)
         flat = values.view(-1)
         indices = selected.view(-1).nonzero()[:, 0]
         positions = grid_positions(hw, self.patch)[indices]
         done = 0
-        for out in self._batches(image, positions, batch_size):
+        for out in self._batches(base_run, positions, batch_size):
             flat[indices[done : done + out.shape[0]]] = torch.softmax(out, dim=1)[:, target].cpu()
             done += out.shape[0]
             heatmap = Heatmap(values.clone(), target, base, self.patch, hw, tau=self.tau)

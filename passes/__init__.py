@@ -5,7 +5,7 @@ See passes/README.md for what each pass requires and ensures.
 
 from kfx.passes.patch_prop import META_KEY, AxisBoxes, NodePatch, State, propagate_patches
 from kfx.passes.rewrite import BaseSlot, Patches, Program, build_program
-from kfx.passes.trace import functionalize, propagate_shapes, trace
+from kfx.passes.trace import check_traced, functionalize, propagate_shapes, trace
 
 __all__ = [
     "META_KEY",
@@ -16,6 +16,7 @@ __all__ = [
     "Program",
     "State",
     "build_program",
+    "check_traced",
     "functionalize",
     "propagate_patches",
     "propagate_shapes",

@@ -1,14 +1,18 @@
-"""Pass 1: trace a model into a functional torch.fx graph and record every node's shape.
+"""Pass 1: trace a model into a functional torch.fx graph, check it, and record every node's shape.
 
 Requires: an nn.Module in eval mode with one tensor input.
-Ensures: a GraphModule with no in-place ops (so cached base activations can never be overwritten),
-that shares the caller's parameters but not its containers, with ``node.meta["tensor_meta"]`` set
-on every tensor-valued node (torch.fx's ShapeProp).
+Ensures: a GraphModule with no in-place ops (so cached base activations can never be overwritten)
+that computes what the model computes (checked on a random batch at compile time), whose outputs do
+not mix the examples of a batch, that shares the caller's parameters but not its containers, with
+``node.meta["tensor_meta"]`` on every tensor-valued node (torch.fx's ShapeProp) and
+``node.meta["kfx_value"]`` on every node whose value is not a tensor (sizes, shapes, dtypes: static
+for a fixed image shape, so later passes may read them as constants).
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 from torch import fx, nn
@@ -17,7 +21,79 @@ from torch.fx.passes.shape_prop import ShapeProp
 from kfx.errors import ModelError, TraceError
 from kfx.passes.ops import INPLACE_TO_FUNCTIONAL
 
-__all__ = ["require_eval_module", "trace", "functionalize", "propagate_shapes"]
+__all__ = [
+    "require_eval_module",
+    "require_traceable_module",
+    "trace",
+    "functionalize",
+    "check_traced",
+    "propagate_shapes",
+    "VALUE_KEY",
+]
+
+VALUE_KEY = "kfx_value"
+
+# Ops whose result may share storage with their (first) input: an in-place op on one of them, or on
+# their input, is seen through the other. Dropout in eval and Identity return their input itself.
+_ALIAS_METHODS = frozenset(
+    {
+        "view",
+        "view_as",
+        "reshape",
+        "reshape_as",
+        "transpose",
+        "permute",
+        "t",
+        "narrow",
+        "select",
+        "expand",
+        "expand_as",
+        "squeeze",
+        "unsqueeze",
+        "flatten",
+        "unflatten",
+        "chunk",
+        "split",
+        "unbind",
+        "as_strided",
+        "detach",
+        "diagonal",
+        "movedim",
+        "contiguous",
+        "__getitem__",
+    }
+)
+_ALIAS_FUNCTIONS = frozenset(
+    {
+        operator.getitem,
+        torch.flatten,
+        torch.reshape,
+        torch.transpose,
+        torch.permute,
+        torch.squeeze,
+        torch.unsqueeze,
+        torch.narrow,
+        torch.select,
+        torch.chunk,
+        torch.split,
+        torch.unbind,
+        torch.t,
+        torch.movedim,
+        torch.detach,
+        nn.functional.dropout,
+    }
+)
+_ALIAS_MODULES = (
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 
 
 def require_eval_module(model, caller: str) -> None:
@@ -32,12 +108,49 @@ def require_eval_module(model, caller: str) -> None:
         )
 
 
+def require_traceable_module(model: nn.Module, caller: str) -> None:
+    """Raise ModelError for modules torch.fx cannot read: compiled, scripted, or without values."""
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise ModelError(
+            f"{caller} needs the Python module, not a torch.compile'd one: pass model._orig_mod "
+            "(the module you gave torch.compile)"
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError(
+            f"{caller} traces Python modules with torch.fx and cannot read TorchScript: pass the nn.Module "
+            "you gave torch.jit.script / torch.jit.trace"
+        )
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_meta:
+            raise ModelError(
+                f"the model's tensor {name!r} is on the meta device (it has a shape but no values); load its "
+                "weights first, e.g. model.to_empty(device='cpu') and then model.load_state_dict(...)"
+            )
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            not module.track_running_stats or module.running_mean is None
+        ):
+            raise ModelError(
+                f"{type(module).__name__} ({name or 'the model'}) has track_running_stats=False, so even in "
+                "eval mode it normalises with the statistics of the batch: each patch position's output "
+                "would depend on the other positions in its batch. kfx refuses such models; give the layer "
+                "running statistics (track_running_stats=True, then estimate them), or use a per-example "
+                "norm (nn.InstanceNorm2d, nn.GroupNorm)"
+            )
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model`` and rewrite its in-place ops; raise kfx errors on failure."""
     require_eval_module(model, "kfx.compile")
+    require_traceable_module(model, "kfx.compile")
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
+        if "does not support item assignment" in str(exc):
+            raise TraceError(
+                f"{type(model).__name__}'s forward assigns into a tensor in place (x[...] = v), which torch.fx "
+                "cannot trace; build the new tensor out of place (torch.where, torch.cat) and retry"
+            ) from exc
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. kfx needs a model "
             "whose forward has no control flow on tensor values; move such code out of forward, or mark the "
@@ -59,39 +172,208 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, leaf, module)
 
 
-def functionalize(gm: fx.GraphModule) -> None:
-    """Replace in-place ops by their out-of-place twins, in place on ``gm``.
-
-    In-place activations (``ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x += y``,
-    ``x.relu_()``) would overwrite tensors that kfx keeps as base activations. After tracing, every
-    later use already refers to the op's result node, so the out-of-place op computes the same values.
-    A module with ``inplace=True`` is replaced by a shallow copy in ``gm`` only: the caller's model
-    is left untouched.
-    """
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            if getattr(module, "inplace", False) is True:
-                functional = copy.copy(module)
-                functional.inplace = False
-                _set_submodule(gm, node.target, functional)
-        elif node.op == "call_function":
-            if node.target in INPLACE_TO_FUNCTIONAL:
-                node.target = INPLACE_TO_FUNCTIONAL[node.target]
-            if node.kwargs.get("inplace") is True:
-                node.kwargs = {**node.kwargs, "inplace": False}
-        elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
-            functional = node.target[:-1]
-            if hasattr(torch.Tensor, functional):
+def _make_functional(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Turn an in-place op into its out-of-place twin; True if ``node`` was in place."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if getattr(module, "inplace", False) is True:
+            functional = copy.copy(module)  # the graph's own copy: the caller's module is untouched
+            functional.inplace = False
+            _set_submodule(gm, node.target, functional)
+            return True
+        return False
+    if node.op == "call_function":
+        if node.target is operator.setitem:
+            raise TraceError(
+                f"node {node.format_node()} assigns into a tensor in place (x[...] = v); kfx needs a "
+                "functional forward: build the new tensor out of place (torch.where, torch.cat, or "
+                "x = x.clone() first) and retry"
+            )
+        if node.target in INPLACE_TO_FUNCTIONAL:
+            node.target = INPLACE_TO_FUNCTIONAL[node.target]
+            return True
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("_") and getattr(torch, name, None) is node.target:
+            functional = getattr(torch, name[:-1], None)
+            if callable(functional):
                 node.target = functional
+                return True
+        if node.kwargs.get("inplace") is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+            return True
+        return False
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+        functional = node.target[:-1]
+        if callable(getattr(torch.Tensor, functional, None)):
+            node.target = functional
+            return True
+        raise TraceError(
+            f"node {node.format_node()} calls the in-place method .{node.target}() that kfx has no "
+            "out-of-place twin for; write it out of place and retry"
+        )
+    return False
+
+
+def _is_alias(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """True if ``node`` may return a view of (or the very tensor of) its first input."""
+    if node.op == "call_method":
+        return node.target in _ALIAS_METHODS
+    if node.op == "call_function":
+        return node.target in _ALIAS_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _ALIAS_MODULES)
+    return False
+
+
+def _alias_group(node: fx.Node, gm: fx.GraphModule) -> set[fx.Node]:
+    """Every node that may share storage with ``node``: its view ancestors and their view descendants."""
+    root = node
+    while _is_alias(root, gm) and root.args and isinstance(root.args[0], fx.Node):
+        root = root.args[0]
+    group, todo = set(), [root]
+    while todo:
+        current = todo.pop()
+        if current not in group:
+            group.add(current)
+            todo.extend(u for u in current.users if _is_alias(u, gm) and u.args and u.args[0] is current)
+    return group
+
+
+def functionalize(gm: fx.GraphModule) -> None:
+    """Replace in-place ops by their out-of-place twins, in place on ``gm``, keeping what they compute.
+
+    An in-place op changes the tensor it is applied to, so every *later* use of that tensor sees
+    the result: ``y.relu_()`` as a statement, ``F.relu(y, inplace=True)`` whose input is used again,
+    ``z = y; y += 1; use(z)``. After the op becomes out of place, those later uses are rebound to its
+    result node, which is what eager PyTorch computes. A mutation seen through a view
+    (``y[:, :3].mul_(0)``, or ``v = y.view(...)`` used after ``y.relu_()``) has no such rebinding:
+    kfx refuses it with a TraceError naming the node. An in-place op on a parameter or buffer
+    (state kept across calls) is refused too.
+    """
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if not _make_functional(node, gm):
+            continue
+        mutated = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if mutated is None:
+            continue
+        if mutated.op == "get_attr":
+            raise TraceError(
+                f"node {node.format_node()} changes the model's own tensor {mutated.target!r} in place at every "
+                "call; kfx needs a forward without side effects"
+            )
+        position = order[node]
+        aliases = _alias_group(mutated, gm) - {mutated, node}
+        seen_later = [a.name for a in aliases if any(order[u] > position for u in a.users)]
+        if seen_later:
+            raise TraceError(
+                f"in-place op {node.format_node()} changes a tensor that is also read later through a view "
+                f"({', '.join(sorted(seen_later))}); kfx cannot make that functional. Write the op out of "
+                "place (y = y.relu() instead of y.relu_()) and retry"
+            )
+        for user in list(mutated.users):
+            if user is not node and order[user] > position:
+                user.replace_input_with(mutated, node)
+    gm.graph.lint()
     gm.recompile()
 
 
-def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Run ``gm`` once on ``example`` and record each node's TensorMetadata (torch.fx ShapeProp)."""
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to rounding: batch sizes and fused kernels may sum in another order."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.dtype.is_floating_point:
+        return torch.equal(a, b)
+    tolerance = {torch.float64: 1e-9, torch.float32: 1e-4}.get(a.dtype, 2e-2)
+    scale = max(float(b.abs().max()) if b.numel() else 0.0, 1e-3)
+    return bool(((a - b).abs() <= tolerance * scale).all()) and torch.equal(a.isnan(), b.isnan())
+
+
+def _check_output(output, model: nn.Module, batch: int) -> None:
+    name = type(model).__name__
+    if isinstance(output, (tuple, list, dict)):
+        kind = type(output).__name__
+        raise ModelError(
+            f"{name} returns a {kind}, but kfx explains one tensor of class scores [N, num_classes] (the value "
+            "the softmax is taken of). Wrap the model so that forward returns the output to explain, e.g. "
+            "a module whose forward(x) returns model(x)[0] or model(x)['logits']"
+        )
+    if not isinstance(output, torch.Tensor):
+        raise ModelError(
+            f"{name} returns a {type(output).__name__}, but kfx explains one tensor of class scores "
+            "[N, num_classes]; wrap the model so that forward returns that tensor"
+        )
+    if output.dim() == 0 or output.shape[0] != batch:
+        raise ModelError(
+            f"{name} returned shape {list(output.shape)} for a batch of {batch} images; kfx needs one row per "
+            "image ([N, num_classes] scores, or [N, ...] for engine.outputs). Wrap the model so that forward "
+            "keeps the batch dimension"
+        )
+
+
+def check_traced(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Check on ``example`` (a batch of at least two images) that ``gm`` computes what ``model`` does.
+
+    The safety net under every graph rewrite: a traced graph that computes another function (an
+    in-place op or alias the functionalisation missed, a torch.fx tracing gap) raises TraceError,
+    and a model whose outputs depend on the other examples of the batch raises ModelError, since
+    kfx evaluates many patch positions per batch. Inputs are cloned: an eager forward may change them.
+    """
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example)
+            eager = model(example.clone())
+    except Exception as exc:
+        raise ModelError(
+            f"the model failed on an input of shape {list(example.shape)} and dtype {example.dtype}: "
+            f"{type(exc).__name__}: {exc}. Check image_shape against what the model expects"
+        ) from exc
+    _check_output(eager, model, example.shape[0])
+    try:
+        with torch.no_grad():
+            traced = gm(example.clone())
+            alone = gm(example[:1].clone())
+    except Exception as exc:
+        raise TraceError(
+            f"the traced graph of {type(model).__name__} fails where the model runs: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not _close(traced, eager):
+        difference = (
+            (traced.double() - eager.double()).abs().max() if traced.shape == eager.shape else "shape"
+        )
+        raise TraceError(
+            f"the torch.fx graph of {type(model).__name__} computes something other than the model (largest "
+            f"difference {difference} on a random batch), so kfx's maps would be wrong. This happens with "
+            "in-place ops on views or on tensors used again later; write them out of place and retry"
+        )
+    if not _close(alone, traced[:1]):
+        raise ModelError(
+            f"{type(model).__name__}'s output for an image depends on the other images in its batch (an op "
+            "mixes the examples of a batch, e.g. batch statistics or a mean over dim 0); kfx evaluates many "
+            "patch positions per batch, so its maps would be wrong. Make the model's forward per example"
+        )
+
+
+class _ValueProp(ShapeProp):
+    """ShapeProp that also keeps the values of non-tensor nodes (x.size(), x.shape[2], x.dim())."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if not isinstance(result, torch.Tensor) and _is_static(result):
+            n.meta[VALUE_KEY] = result
+        return result
+
+
+def _is_static(value) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_is_static(v) for v in value)
+    return isinstance(value, (int, float, bool, str, torch.dtype, torch.device, torch.Size, type(None)))
+
+
+def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Run ``gm`` once on ``example``; record each node's TensorMetadata and non-tensor values."""
+    try:
+        with torch.no_grad():
+            _ValueProp(gm).propagate(example)
     except Exception as exc:
         raise ModelError(
             f"the model failed on an input of shape {list(example.shape)} and dtype {example.dtype}: "

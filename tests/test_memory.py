@@ -36,7 +36,7 @@ def test_estimate_bounds_the_live_batch_tensors(name):
     image = torch.randn(shape, dtype=torch.float64)
     n = 12
     positions = kfx.grid_positions(shape[1:], engine.patch)[:n]
-    _, prepared = engine._prepare(engine._check_image(image))
+    prepared = engine._prepare(engine._check_image(image)).activations
     interpreter = LiveBytes(engine.program, n)
     with torch.no_grad():
         interpreter.run(positions, *prepared)
