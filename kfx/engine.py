@@ -18,6 +18,7 @@ from kfx.memory import MemoryEstimate, estimate_memory, parse_bytes
 from kfx.passes import META_KEY, build_program, check_traced, propagate_patches, propagate_shapes, trace
 from kfx.passes.trace import require_eval_module
 from kfx.patch import Patch, check_positions, grid_positions
+from kfx.validation import check_batch_size, check_class_index
 
 __all__ = ["compile", "paper_cost", "Engine", "Heatmap", "Progress", "DenseNode"]
 
@@ -122,12 +123,6 @@ def _model_state(model: nn.Module) -> tuple[tuple, tuple[int, ...]]:
     return identity, tuple(t._version for _, t in tensors)
 
 
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
-
-
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.dtype.is_floating_point:
@@ -139,9 +134,10 @@ def _annotated_graph(model, image_shape, patch: Patch, tau: float, dtype, device
     """The traced graph, checked against the model, with shapes and changed boxes on every node (passes 1-3)."""
     gm = trace(model)
     # A fixed random batch of two: the traced graph must compute what the model does, example by example.
+    propagate_shapes(gm, torch.zeros(1, *image_shape, dtype=dtype, device=device))
+    # A fixed random batch of two: the traced graph must compute what the model does, example by example.
     example = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     check_traced(model, gm, example.to(dtype=dtype, device=device))
-    propagate_shapes(gm, torch.zeros(1, *image_shape, dtype=dtype, device=device))
     propagate_patches(gm, tuple(image_shape[1:]), patch.size, tau, concat=concat)
     return gm
 
@@ -259,6 +255,8 @@ class Engine:
                 f"image dtype is {image.dtype} but the model computes in {self.dtype}; "
                 f"convert it with image.to({self.dtype})"
             )
+        if image.is_meta:
+            raise InputError("the image is on the meta device (a shape without values); pass a real tensor")
         if not torch.isfinite(image).all():
             raise InputError("image holds NaN or infinite values; occlusion maps need finite pixels")
         return image.to(self.device).unsqueeze(0)
@@ -294,7 +292,7 @@ class Engine:
     def _batches(
         self, base: _Base, positions: torch.Tensor, batch_size: int | None
     ) -> Iterator[torch.Tensor]:
-        step = self.batch_size if batch_size is None else _check_batch_size(batch_size)
+        step = self.batch_size if batch_size is None else check_batch_size(batch_size)
         positions = positions.to(self.device)
         for start in range(0, positions.shape[0], step):
             if self._versions() != base.versions:
@@ -356,6 +354,11 @@ class Engine:
             )
         num_classes = base_output.shape[1]
         base_probs = torch.softmax(base_output, dim=1)[0]
+        if not torch.isfinite(base_probs).all():
+            raise ModelError(
+                "the model's scores for the unoccluded image hold NaN or infinite values, so no map can be "
+                "read from them; check the model's weights and the image's scaling"
+            )
         target = int(base_probs.argmax()) if target is None else check_class_index(target, num_classes)
         return target, base_probs
 
@@ -391,7 +394,7 @@ class Engine:
         image = self._check_image(image)
         selected = self._check_cells(cells)
         if batch_size is not None:
-            _check_batch_size(batch_size)
+            check_batch_size(batch_size)
         base = self._prepare(image)
         target, base_probs = self._check_target(base.output, target)
         return self._fill(base, target, float(base_probs[target]), selected, batch_size, started)
@@ -445,13 +448,6 @@ class Engine:
             if bar is not None:
                 bar.close()
         return step.heatmap
-
-
-def check_class_index(target, num_classes: int) -> int:
-    """``target`` if it is a class index of a model with ``num_classes`` outputs, else an InputError."""
-    if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < num_classes:
-        raise InputError(f"target must be a class index in [0, {num_classes}), got {target!r}")
-    return target
 
 
 def _progress_bar(description: str):
@@ -542,10 +538,8 @@ def compile(
     >>> heatmap = engine(image)  # doctest: +SKIP
     """
     shape, patch = _check_model_shape_patch_tau(model, image_shape, patch, tau, "kfx.compile")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise InputError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    if batch_size is not None:
+        check_batch_size(batch_size)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise InputError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     if max_memory is not None:
@@ -553,7 +547,7 @@ def compile(
             raise InputError("give batch_size or max_memory, not both (max_memory picks the batch size)")
         try:
             max_memory = parse_bytes(max_memory)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise InputError(
                 f"max_memory must be bytes (an int) or a size such as '2GB' or '512MiB', got {max_memory!r}"
             ) from None

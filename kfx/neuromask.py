@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from torch import nn
 
 from kfx.errors import InputError, ModelError
 from kfx.passes.trace import require_eval_module
+from kfx.validation import as_int, check_class_index
 
 __all__ = ["neuromask"]
 
@@ -92,23 +92,6 @@ def _check_image(image, dtype: torch.dtype) -> torch.Tensor:
     if not torch.isfinite(image).all():
         raise InputError("image holds NaN or infinite values; NeuroMask needs finite pixels")
     return image
-
-
-def _as_int(value) -> int | None:
-    """``value`` as an int if it is an integer (Python, NumPy or 0-d tensor; not bool), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
-def _check_target(target, num_classes: int) -> int:
-    index = _as_int(target)
-    if index is None or not 0 <= index < num_classes:
-        raise InputError(f"target must be a class index in [0, {num_classes}) or None, got {target!r}")
-    return index
 
 
 def neuromask(
@@ -194,7 +177,7 @@ def neuromask(
     (torch.Size([224, 224]), True, True)
     """
     _check_model(model)
-    n_steps = _as_int(steps)
+    n_steps = as_int(steps)
     if n_steps is None or n_steps < 1:
         raise InputError(f"steps must be an int >= 1, got {steps!r}")
     lr = _check_number("lr", lr, positive=True)
@@ -202,7 +185,7 @@ def neuromask(
     l_p = _check_number("l_p", l_p, positive=False)
     l_sp = _check_number("l_sp", l_sp, positive=False)
     l_sm = _check_number("l_sm", l_sm, positive=False)
-    seed_int = _as_int(seed)
+    seed_int = as_int(seed)
     if seed_int is None:
         raise InputError(f"seed must be an int, got {seed!r}")
     if not isinstance(image, torch.Tensor):
@@ -222,7 +205,7 @@ def neuromask(
             f"NeuroMask needs a model that returns [1, num_classes] scores; this one returns "
             f"{type(base).__name__} of shape {list(getattr(base, 'shape', []))}"
         )
-    label = int(base[0].argmax()) if target is None else _check_target(target, base.shape[1])
+    label = int(base[0].argmax()) if target is None else check_class_index(target, base.shape[1])
 
     # Everything autograd sees is made inside inference_mode(False) (x cloned there), so callers
     # inside torch.no_grad() or torch.inference_mode() get a mask too.

@@ -164,6 +164,11 @@ def occlude(image: torch.Tensor, positions, patch: Patch) -> torch.Tensor:
             [1., 1., 1., 1.],
             [1., 1., 1., 1.]])
     """
+    if not isinstance(image, torch.Tensor):
+        raise InputError(
+            f"image must be a torch.Tensor [C, H, W], got {type(image).__name__}; convert a NumPy array "
+            "with torch.from_numpy(array)"
+        )
     if image.dim() == 4 and image.shape[0] == 1:
         image = image[0]
     if image.dim() != 3:

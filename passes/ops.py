@@ -59,12 +59,27 @@ def _pair(v) -> tuple[int, int]:
     return (v[0], v[0]) if len(v) == 1 else (int(v[0]), int(v[1]))
 
 
+# Set by shape propagation on nodes whose value is not a tensor (kfx.passes.trace.VALUE_KEY).
+_VALUE_KEY = "kfx_value"
+
+
+def static_value(arg):
+    """``arg`` with every node that computes a shape-derived value (x.size(2) // 2, x.shape[2:])
+    replaced by that value: for a fixed image shape it is a constant, so an op whose kernel size or
+    padding was computed from a shape has a static geometry. Other nodes are left as they are."""
+    if isinstance(arg, fx.Node):
+        return arg.meta[_VALUE_KEY] if _VALUE_KEY in arg.meta and "tensor_meta" not in arg.meta else arg
+    if isinstance(arg, (tuple, list)):
+        return type(arg)(static_value(a) for a in arg)
+    return arg
+
+
 def bind_args(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
-    """Positional and keyword arguments of a call_function/call_method node, by parameter name."""
+    """Arguments of a call_function/call_method node by parameter name, shape-derived ones resolved."""
     bound = dict(defaults)
     bound.update(zip(names, node.args))
     bound.update(node.kwargs)
-    return bound
+    return {name: value if name == "input" else static_value(value) for name, value in bound.items()}
 
 
 def _same_padding(kernel_eff: tuple[int, int]) -> tuple[int, int]:
@@ -400,8 +415,10 @@ def is_global_mean(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     ):
         a = bind_args(node, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
         dims = a["dim"]
+        source = getattr(a["input"], "meta", {}).get("tensor_meta")
         return (
             isinstance(dims, (tuple, list))
+            and len(getattr(source, "shape", ())) == 4  # [1, C, H, W]: dims -2, -1 are the spatial ones
             and sorted(d % 4 for d in dims) == [2, 3]
             and "dtype" not in node.kwargs
         )

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from kfx.errors import TraceError
 from kfx.geometry import Span, read_in_span, shift_inside, thresholded_output_span, union_span
 from kfx.passes.ops import LocalSpec, is_global_mean, is_merge, is_pointwise, local_spec
 
@@ -65,7 +66,9 @@ class NodePatch:
     """What patch propagation knows about one node."""
 
     state: State
-    role: str  # const | input | pointwise | local | merge | channel | mean_delta | shape | shape_arith | dense
+    role: (
+        str  # const | input | pointwise | local | merge | channel | mean_delta | shape | shape_arith | dense
+    )
     box: Box | None = None  # changed box (PATCH nodes)
     read: Box | None = None  # read-in window (local nodes)
     local: LocalSpec | None = None
@@ -133,10 +136,21 @@ def _is_shape_query(node: fx.Node) -> bool:
 
 SHAPE_ROLES = ("shape", "shape_arith")
 
-_CHANNEL_METHODS = {"view": "reshape", "reshape": "reshape", "transpose": "transpose", "permute": "permute",
-                    "chunk": "split", "split": "split"}
-_CHANNEL_FUNCTIONS = {torch.reshape: "reshape", torch.transpose: "transpose", torch.permute: "permute",
-                      torch.chunk: "split", torch.split: "split"}
+_CHANNEL_METHODS = {
+    "view": "reshape",
+    "reshape": "reshape",
+    "transpose": "transpose",
+    "permute": "permute",
+    "chunk": "split",
+    "split": "split",
+}
+_CHANNEL_FUNCTIONS = {
+    torch.reshape: "reshape",
+    torch.transpose: "transpose",
+    torch.permute: "permute",
+    torch.chunk: "split",
+    torch.split: "split",
+}
 
 
 def _channel_op(node: fx.Node, source: fx.Node) -> str | None:
@@ -144,8 +158,13 @@ def _channel_op(node: fx.Node, source: fx.Node) -> str | None:
     two (spatial) dims where they are (channel shuffle, branch splits), or None."""
     if node.op == "call_function" and node.target is operator.getitem:
         return "getitem" if source.meta[META_KEY].role == "channel" and _shape(source) is None else None
-    kind = (_CHANNEL_METHODS.get(node.target) if node.op == "call_method"
-            else _CHANNEL_FUNCTIONS.get(node.target) if node.op == "call_function" else None)
+    kind = (
+        _CHANNEL_METHODS.get(node.target)
+        if node.op == "call_method"
+        else _CHANNEL_FUNCTIONS.get(node.target)
+        if node.op == "call_function"
+        else None
+    )
     src = _shape(source)
     if kind is None or src is None or len(src) < 4 or src[0] != 1:
         return None
@@ -218,7 +237,6 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], tau: float, concat: 
             )
             return NodePatch(State.PATCH, "local", box=tuple(box), read=tuple(read), local=spec)
 
-
     if is_merge(node):
         tensors = [n for n in inputs if _shape(n) is not None]
         if all(spatial_size(n) == size or (n in others and _broadcasts_over_space(n)) for n in tensors):
@@ -262,4 +280,7 @@ def propagate_patches(
             try:
                 node.meta[META_KEY] = _classify(node, modules, tau, concat)
             except Exception as exc:  # name the node, as torch.fx's own passes do
-                raise RuntimeError(f"kfx patch propagation failed at {node.format_node()}: {exc}") from exc
+                raise TraceError(
+                    f"kfx cannot analyse node {node.format_node()} ({type(exc).__name__}: {exc}); please report "
+                    "it with the model, and meanwhile compute that op out of the model's forward"
+                ) from exc

@@ -47,6 +47,26 @@ class FunctionalConv(nn.Module):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+def _relu_statement(x):
+    x.relu_()
+    return x
+
+
+def _clamp_statement(x):
+    x.clamp_(-0.5, 0.5)
+    return x
+
+
+def _chained_statement(x):
+    x.add_(1).mul_(2)
+    return x
+
+
+def _inplace_then_reuse(x):
+    y = F.relu(x, inplace=True)  # eager changes x as well: the later use of x sees the ReLU
+    return y + x
+
+
 POINTWISE = [
     ("ReLU(inplace)", lambda c: nn.ReLU(inplace=True)),
     ("ReLU6", lambda c: nn.ReLU6()),
@@ -63,6 +83,11 @@ POINTWISE = [
     ("BatchNorm2d", lambda c: _random_bn(c)),
     ("F.relu(inplace)", lambda c: Functional("F.relu(inplace)", lambda x: F.relu(x, inplace=True))),
     ("x.relu_()", lambda c: Functional("x.relu_()", lambda x: x.relu_())),
+    # In-place ops as statements: only later uses of x see the change (kfx rebinds them, issue #14).
+    ("x.relu_(); x", lambda c: Functional("x.relu_(); x", _relu_statement)),
+    ("x.clamp_(); x", lambda c: Functional("x.clamp_(); x", _clamp_statement)),
+    ("x.add_(1).mul_(2); x", lambda c: Functional("x.add_(1).mul_(2); x", _chained_statement)),
+    ("F.relu(x, inplace) + x", lambda c: Functional("F.relu(x, inplace) + x", _inplace_then_reuse)),
     ("torch.sigmoid", lambda c: Functional("torch.sigmoid", torch.sigmoid)),
     ("scalar arith", lambda c: Functional("2*x-1", lambda x: 2.0 * x - 1.0)),
     ("x/3+0.5", lambda c: Functional("x/3+0.5", lambda x: x / 3 + 0.5)),

@@ -119,3 +119,159 @@ def test_non_classifier_output_needs_outputs():
     with pytest.raises(kfx.ModelError, match=r"engine.outputs"):
         engine(torch.zeros(3, 8, 8))
     assert engine.outputs(torch.zeros(3, 8, 8), [[0, 0]]).shape == (1, 2, 8, 8)
+
+
+# -- issue #14.8: odd models and arguments get a KfxError (or work), never a raw exception ----------
+
+
+class Returns(nn.Module):
+    """small_model's scores wrapped in another container."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        self.body, self.wrap = small_model(), wrap
+
+    def forward(self, x):
+        return self.wrap(self.body(x))
+
+
+@pytest.mark.parametrize(
+    "wrap, match",
+    [
+        (lambda y: (y, y), "returns a tuple.*model\\(x\\)\\[0\\]"),
+        (lambda y: {"logits": y}, "returns a dict"),
+        (lambda y: [y], "returns a list"),
+        (lambda y: y.sum(), r"returned shape \[\] for a batch of 2"),
+    ],
+)
+def test_models_without_one_score_tensor_are_refused_at_compile(wrap, match):
+    with pytest.raises(kfx.ModelError, match=match):
+        kfx.compile(Returns(wrap).eval(), (3, 8, 8), kfx.Patch(3))
+
+
+def test_models_that_need_batch_size_1_are_refused_at_compile():
+    class BatchOfOne(nn.Module):
+        def forward(self, x):
+            return x.view(1, -1)
+
+    with pytest.raises(kfx.ModelError, match=r"for a batch of 2 images"):
+        kfx.compile(BatchOfOne().eval(), (3, 8, 8), kfx.Patch(3))
+
+
+def test_no_positions_give_an_empty_batch(engine):
+    out = engine.outputs(torch.zeros(3, 8, 8), torch.zeros(0, 2, dtype=torch.long))
+    assert out.shape == (0, 5)
+
+
+class SizedByShape(nn.Module):
+    """Pool sizes and padding computed from x.size() and x.shape (static for a fixed image shape)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        pad = x.size(-1) // 8
+        y = self.conv(torch.nn.functional.pad(x, (pad, pad, pad, pad), value=x.shape[1] / 10))
+        y = torch.nn.functional.max_pool2d(y, y.size(2) // 2)
+        y = torch.nn.functional.avg_pool2d(y, y.shape[2:])
+        return self.fc(y.flatten(1))
+
+
+def test_pool_sizes_and_pad_values_from_shapes_are_exact():
+    model = SizedByShape().double().eval()
+    engine = kfx.compile(model, (3, 8, 8), kfx.Patch(3, stride=1))
+    image = torch.randn(3, 8, 8, dtype=torch.float64)
+    positions = kfx.grid_positions((8, 8), engine.patch)
+    with torch.no_grad():
+        expected = model(kfx.occlude(image, positions, engine.patch))
+    torch.testing.assert_close(engine.outputs(image, positions), expected, rtol=1e-12, atol=1e-12)
+
+
+class FiveDMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.view(y.size(0), 2, 2, 8, 8).mean((-2, -1)).flatten(1)
+
+
+def test_a_mean_over_the_last_two_dims_of_a_5d_view_is_exact():
+    model = FiveDMean().double().eval()
+    engine = kfx.compile(model, (3, 8, 8), kfx.Patch(3))
+    image = torch.randn(3, 8, 8, dtype=torch.float64)
+    positions = torch.tensor([[0, 0], [5, 2]])
+    with torch.no_grad():
+        expected = model(kfx.occlude(image, positions, engine.patch))
+    torch.testing.assert_close(engine.outputs(image, positions), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("budget", ["inf", 1e400, float("nan"), "-3GB", "lots"])
+def test_bad_memory_budgets(budget):
+    with pytest.raises(kfx.InputError, match="max_memory"):
+        kfx.compile(small_model(), (3, 8, 8), kfx.Patch(3), max_memory=budget)
+
+
+@pytest.mark.parametrize("batch_size", [2.5, "8", 0, -1, True])
+def test_bad_batch_sizes_at_call_time(engine, batch_size):
+    image = torch.zeros(3, 8, 8)
+    with pytest.raises(kfx.InputError, match="batch_size"):
+        engine.outputs(image, [[0, 0]], batch_size=batch_size)
+    with pytest.raises(kfx.InputError, match="batch_size"):
+        engine(image, batch_size=batch_size)
+
+
+def test_occlude_needs_a_tensor():
+    import numpy as np
+
+    with pytest.raises(kfx.InputError, match=r"torch.Tensor.*torch.from_numpy"):
+        kfx.occlude(np.zeros((3, 8, 8)), [[0, 0]], kfx.Patch(3))
+
+
+def test_numpy_and_0d_tensor_targets_are_accepted(engine):
+    import numpy as np
+
+    image = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(1))
+    expected = engine(image, target=3).values
+    for target in (np.int64(3), np.array(3), torch.tensor(3)):
+        torch.testing.assert_close(engine(image, target=target).values, expected, rtol=0, atol=0)
+    with pytest.raises(kfx.InputError, match="class index"):
+        engine(image, target=torch.tensor([3, 4]))
+    with pytest.raises(kfx.InputError, match="class index"):
+        engine(image, target=np.float64(3.0))
+
+
+def test_meta_tensors_are_refused():
+    with torch.device("meta"):
+        meta_model = small_model()
+    with pytest.raises(kfx.ModelError, match="meta device.*load_state_dict"):
+        kfx.compile(meta_model.eval(), (3, 8, 8), kfx.Patch(3))
+    engine = kfx.compile(small_model(), (3, 8, 8), kfx.Patch(3))
+    with pytest.raises(kfx.InputError, match="meta device"):
+        engine(torch.zeros(3, 8, 8, device="meta"))
+
+
+def test_compiled_and_scripted_models_name_the_fix():
+    model = small_model()
+    with pytest.raises(kfx.ModelError, match="_orig_mod"):
+        kfx.compile(torch.compile(model), (3, 8, 8), kfx.Patch(3))
+    with pytest.raises(kfx.ModelError, match="TorchScript"):
+        kfx.compile(torch.jit.script(model), (3, 8, 8), kfx.Patch(3))
+
+
+def test_a_model_that_gives_nan_is_refused_with_a_reason():
+    class NaNScores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = small_model()
+
+        def forward(self, x):
+            return self.body(x) * float("nan")
+
+    engine = kfx.compile(NaNScores().eval(), (3, 8, 8), kfx.Patch(3))  # the graph does match the model
+    with pytest.raises(kfx.ModelError, match="NaN or infinite"):
+        engine(torch.zeros(3, 8, 8))

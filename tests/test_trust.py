@@ -307,3 +307,19 @@ def test_batch_dependent_models_are_refused(cls, match):
     model = cls().double().eval()
     with pytest.raises(kfx.ModelError, match=match):
         kfx.compile(model, SHAPE, PATCH)
+
+
+def test_a_view_made_after_the_in_place_op_sees_its_result():
+    """Found by hypothesis: x.relu_() on the input, then Flatten (a view of x) made afterwards."""
+    from tests.strategies import Functional, _relu_statement
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Functional("x.relu_(); x", _relu_statement), nn.Flatten(), nn.Linear(48, 5))
+    model = model.double().eval()
+    shape = (3, 4, 4)
+    engine = kfx.compile(model, shape, kfx.Patch(2, stride=1))
+    x = torch.randn(shape, dtype=torch.float64)
+    positions = kfx.grid_positions(shape[1:], engine.patch)
+    with torch.no_grad():
+        expected = model(kfx.occlude(x.clone(), positions, engine.patch))
+    torch.testing.assert_close(engine.outputs(x, positions), expected, rtol=1e-12, atol=1e-12)
