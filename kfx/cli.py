@@ -7,17 +7,21 @@
 Exit status: 0 success; 2 a bad command line (an unknown option, a bad option value, a patch that
 does not fit, a target the model does not have, an option this kfx build lacks); 1 a runtime failure
 (an image that is missing or unreadable, a model or weights that cannot be loaded or traced, an
-output that cannot be written). Every failure prints one line, ``kfx: error: ...``, to stderr.
+output that cannot be written); 130 interrupted (Ctrl-C, at any point). Every failure prints one
+line, ``kfx: error: ...``, to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
 import os
+import stat
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -293,7 +297,10 @@ def _add_serve(subparsers) -> None:
 
 
 def _fail_serve(reason: str) -> int:
-    raise ModelError(f"kfx serve is unavailable in this installation ({reason})")
+    """Exit 2, as for Gradio missing: this installation lacks the subcommand, nothing ran."""
+    raise UsageError(
+        f"kfx serve is unavailable in this installation ({_one_line(reason)}); reinstall it: pip install 'kfx[ui]'"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 success; 2 a bad command line (unknown option, bad option value, patch "
         "larger than the input, unknown --target, --tau/--drill-down without approximate modes); 1 a "
         "runtime failure (missing or unreadable image, model or weights that cannot be loaded or "
-        "traced, output that cannot be written). Errors are one line on stderr: 'kfx: error: ...'.",
+        "traced, output that cannot be written); 130 interrupted (Ctrl-C). Errors are one line on stderr: "
+        "'kfx: error: ...'.",
     )
     parser.add_argument("--version", action="version", version=f"kfx {kfx.__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -353,6 +361,18 @@ def _patch(args, size: int) -> kfx.Patch:
 
 def _pair_text(value) -> str:
     return f"{value[0]}x{value[1]}" if isinstance(value, tuple) else str(value)
+
+
+def _load_model(args):
+    """The --model / --weights model; --weights with the default model is a usage error (exit 2)."""
+    from kfx.models import DEFAULT_MODEL, load_model
+
+    if args.weights is not None and args.model in (None, DEFAULT_MODEL):
+        raise UsageError(
+            f"--weights applies to --model torchvision:NAME or package.module:factory, not the default "
+            f"{DEFAULT_MODEL} (its ImageNet weights are built in)"
+        )
+    return load_model(args.model, args.weights)
 
 
 def _device(choice: str) -> torch.device:
@@ -446,6 +466,11 @@ def _probabilities(model: torch.nn.Module, image: torch.Tensor, size: int) -> to
         raise ModelError(
             f"heat maps need a model that returns [1, num_classes] scores; it returns "
             f"{type(scores).__name__} of shape {list(getattr(scores, 'shape', []))}"
+        )
+    if not bool(torch.isfinite(scores).all()):  # every probability of the map would be NaN
+        raise ModelError(
+            f"the model's scores on the unoccluded image hold NaN or infinite values (dtype "
+            f"{str(scores.dtype).removeprefix('torch.')}); check the model and its --weights"
         )
     return torch.softmax(scores, dim=1)[0]
 
@@ -546,15 +571,51 @@ def _check_writable_place(path: Path) -> None:
         raise OutputError(f"cannot write {path}: no permission to write in {parent}")
 
 
-def _writing(path, write) -> None:
-    """Run ``write(path)``, turning OS and format errors into one-line OutputErrors naming the file."""
+def _new_file_mode(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would leave: the old file's, or the umask's for a new one."""
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write(path)
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """A temporary path beside ``path`` (same extension, so writers pick the format from it) that
+    replaces ``path`` in one step once the block succeeds, and is removed if it fails."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(descriptor)
+    try:
+        yield temporary
+        os.chmod(temporary, _new_file_mode(path))
+        os.replace(temporary, path)
+    except BaseException:  # Ctrl-C included: never leave the temporary file behind
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _writing(path, write) -> None:
+    """Run ``write(temporary path)`` and move the file onto ``path`` when it is complete, so that a
+    failure midway (a full disk, Ctrl-C) leaves no truncated file and an older one intact. OS and
+    format errors become one-line OutputErrors naming the file."""
+    target = Path(os.path.realpath(path))  # through a symlink, as a plain write would go
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _replacing(target) as temporary:
+            write(temporary)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     except ValueError as exc:  # e.g. a picture format matplotlib does not know
         raise OutputError(f"cannot write {path}: {exc}") from None
+
+
+def _numpy_values(values: torch.Tensor):
+    """The map as a NumPy array in its own dtype; bfloat16, which NumPy lacks, as float32 (exact)."""
+    values = values.detach().cpu()
+    return (values.float() if values.dtype == torch.bfloat16 else values).numpy()
 
 
 def _json_values(values: torch.Tensor) -> list:
@@ -622,6 +683,16 @@ def run_occlusion(
             bar.update(step.done - bar.n)
     finally:
         bar.close()
+    values = step.heatmap.values
+    missing = int(torch.isnan(values).sum())
+    if missing:  # every cell was run: NaN is the model's arithmetic failing (float16 overflow, ...)
+        dtype = str(values.dtype).removeprefix("torch.")
+        half = values.dtype in (torch.float16, torch.bfloat16)
+        hint = "run it in float32" if half else "check what it computes on occluded inputs (--fill)"
+        raise ModelError(
+            f"{desc}: the model gave NaN probabilities at {missing} of {values.numel()} patch "
+            f"positions (dtype {dtype}); {hint}"
+        )
     return step
 
 
@@ -685,6 +756,11 @@ def _explain_neuromask(
     started = time.perf_counter()
     mask = kfx.neuromask(session.model, image, target, steps=steps, seed=seed)
     run_s = time.perf_counter() - started
+    if not bool(torch.isfinite(mask).all()):  # never written as a map with holes (JSON nulls)
+        raise ModelError(
+            f"{name}: NeuroMask's mask holds NaN or infinite values after {steps} steps with the model "
+            f"in {str(image.dtype).removeprefix('torch.')}; run it in float32 (or try another --seed)"
+        )
     details = {
         "model": session.loaded.name,
         "size": int(image.shape[-1]),
@@ -716,7 +792,7 @@ def _write_outputs(result: Explanation, image: torch.Tensor, outputs: Outputs) -
         )
     written.append(str(outputs.picture))
     if outputs.npy is not None:
-        _writing(outputs.npy, lambda p: np.save(p, result.values.detach().cpu().numpy()))
+        _writing(outputs.npy, lambda p: np.save(p, _numpy_values(result.values)))
         written.append(str(outputs.npy))
     if isinstance(outputs.json, Path):
         written.append(str(outputs.json))
@@ -757,8 +833,6 @@ def _show_progress(args) -> bool:
 
 def _explain(args) -> int:
     """``kfx explain``: every check that needs no model first, then load, compile once, run each image."""
-    from kfx.models import load_model
-
     _check_method_options(args)
     occlusion = args.method == "occlusion"
     compile_options, run_options = _approximate_options(args) if occlusion else ({}, {})
@@ -766,7 +840,7 @@ def _explain(args) -> int:
     backend = _check_backend(args.backend, device) if occlusion else None
     stems = [_stem(name) for name in args.images]
     plans = plan_outputs(args, stems)
-    loaded = load_model(args.model, args.weights)
+    loaded = _load_model(args)
     model = loaded.model.to(device)
     size = args.size or loaded.size
     patch = _patch(args, size) if occlusion else None
@@ -905,14 +979,14 @@ def _demo_report(
 def _demo(args) -> int:
     """``kfx demo``: maps of the sample photos, a gallery, and the speedup measured side by side."""
     from kfx import plot
-    from kfx.models import SAMPLE_PHOTOS, load_model
+    from kfx.models import SAMPLE_PHOTOS
 
     device = _device(args.device)
     out = Path(args.out) if Path(args.out).suffix else Path(args.out).with_suffix(".png")
     _check_picture_format(out)
     _check_writable_place(out)
     photos = args.photos or list(SAMPLE_PHOTOS)
-    loaded = load_model(args.model, args.weights)
+    loaded = _load_model(args)
     model = loaded.model.to(device)
     images = [_model_input(loaded, read_image(name), name, loaded.size, device) for name in photos]
     patch = kfx.Patch(DEFAULT_PATCH, stride=DEMO_QUICK_STRIDE if args.quick else DEMO_STRIDE, fill=0.0)
@@ -951,8 +1025,31 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``kfx`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+def _error(message: str, status: int) -> int:
+    print(f"kfx: error: {message}", file=sys.stderr, flush=True)
+    return status
+
+
+def _out_of_memory(exc: BaseException) -> str:
+    where = "GPU" if isinstance(exc, torch.cuda.OutOfMemoryError) else "CPU"
+    advice = "use a smaller --batch-size or --size, or --device cpu"
+    return f"out of {where} memory ({_first_line(exc)}); {advice}"
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so that the interpreter's last flush at exit does not fail
+    again on the closed pipe (Python's documented recipe for SIGPIPE)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -960,15 +1057,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return args.handler(args)
+    except BrokenPipeError:  # stdout's reader (e.g. `| head`) stopped reading
+        _silence_stdout()
+        return _error("stdout was closed before kfx finished writing; the rest was not run", EXIT_RUNTIME)
     except UsageError as exc:
-        print(f"kfx: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(_one_line(exc), EXIT_USAGE)
     except (KfxError, OSError) as exc:
-        print(f"kfx: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_RUNTIME
-    except KeyboardInterrupt:
-        print("kfx: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _error(_one_line(exc), EXIT_RUNTIME)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        return _error(_out_of_memory(exc), EXIT_RUNTIME)
+    except Exception as exc:  # a failure kfx does not anticipate: still one line, and said to be a bug
+        return _error(
+            f"unexpected {_first_line(exc)}; this is a bug: please report it with the command line",
+            EXIT_RUNTIME,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``kfx`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # at any point, start-up included; written files are whole (_writing)
+        return _error(
+            "interrupted (Ctrl-C); the files written before it are complete, none is half-written",
+            EXIT_INTERRUPTED,
+        )
 
 
 if __name__ == "__main__":

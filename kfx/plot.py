@@ -83,14 +83,15 @@ def plot(
     extent = (pw / 2 - sw / 2, pw / 2 + (w_m - 0.5) * sw, ph / 2 + (h_m - 0.5) * sh, ph / 2 - sh / 2)
     if image is not None:
         ax.imshow(_displayable(image, gray=True), extent=(0, width, height, 0), cmap="gray")
+    values = heatmap.values.detach().cpu().float()  # float16/bfloat16 maps: no quantile, no NumPy
     shown = ax.imshow(
-        heatmap.values.detach().cpu().float().numpy(),
+        values.numpy(),
         cmap="jet_r",
         alpha=alpha if image is not None else 1.0,
         extent=extent,
         interpolation="bilinear",
-        vmin=_nan_or(heatmap.values.nanquantile(0.0), 0.0),
-        vmax=max(heatmap.base, _nan_or(heatmap.values.nanquantile(1.0), heatmap.base)),
+        vmin=_nan_or(values.nanquantile(0.0), 0.0),
+        vmax=max(heatmap.base, _nan_or(values.nanquantile(1.0), heatmap.base)),
     )
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
