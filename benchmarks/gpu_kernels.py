@@ -8,7 +8,7 @@ Baselines are imported from kfx.kernels.reference so that the two cannot drift.
 
 Workload: VGG16 (13 convs 3x3/pad 1, 5 max-pools 2x2) on 224x224, a 16x16 patch, a batch of 128
 patch positions drawn from the stride-4 grid (53 x 53 positions). Box sizes per layer follow
-kfx.geometry (DESIGN 2.3) with the uniform width; starts vary per position.
+kfx.geometry (docs/design.md §2.3) with the uniform width; starts vary per position.
 
 For each conv layer it times
   gather_paste   gather_paste_triton                  vs reference gather_windows + paste
@@ -26,7 +26,7 @@ every input element read once from where it comes from (patch or base; a base el
 several positions' windows counted once per window up to the base's size), weights once.
 
 Paper estimate for an H100 SXM (3.35 TB/s HBM3, ~67 TFLOP/s fp32 FMA, ~495 TFLOP/s dense TF32),
-fp32, batch 128, patch 16 at the image centre (the worst case; DESIGN 2.4):
+fp32, batch 128, patch 16 at the image centre (the worst case; docs/design.md §2.7):
 
     layer    C_in->C_out @H  box->window->out  gather_paste MB, us@peak  conv GFLOP, us@peak  conv MB
     conv1_1     3->  64 @224   16 -> 20 -> 18       1.2      0.4            0.1       2         11

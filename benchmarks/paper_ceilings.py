@@ -1,7 +1,7 @@
 """The static cost model against the paper's theoretical speedups ([TR] Fig. 3 and 7a).
 
 No inference and no timing: for each model and patch size (patch at the centre) it prints the
-paper's value read off its plots (KRYPTON.md 2.2 and 4), kfx's exact ceiling (``engine.cost()``,
+paper's value read off its plots (docs/design.md §8), kfx's exact ceiling (``engine.cost()``,
 concatenations merge the union of their inputs' boxes, [TR] Eq. 20) and ``kfx.paper_cost`` (a
 concatenation takes its last input's box, the accounting that reproduces the paper's Inception3
 numbers; not exact). Writes benchmarks/results/paper_ceilings.md.

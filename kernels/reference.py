@@ -20,7 +20,7 @@ def pad_base(base: torch.Tensor, margins: tuple[int, int, int, int], value: floa
     """Pad a base activation [1, C, H, W] by (top, bottom, left, right) with ``value``.
 
     Done once per image, so that per-batch gathers never index outside the tensor: read-in windows
-    may reach into the op's padding (DESIGN 2.3). Returns [C, H + top + bottom, W + left + right].
+    may reach into the op's padding (docs/design.md §2.4). Returns [C, H + top + bottom, W + left + right].
     """
     top, bottom, left, right = margins
     if not any(margins):
@@ -101,7 +101,7 @@ def _paste_at(windows: torch.Tensor, patch: torch.Tensor, offset: torch.Tensor, 
 
 
 def project(base: torch.Tensor, patch: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
-    """Projection to full (DESIGN 2.2): N copies of base [C, H, W] with each patch painted in."""
+    """Projection to full (docs/design.md §2.6): N copies of base [C, H, W] with each patch painted in."""
     n, c, h, w = patch.shape
     _, height, width = base.shape
     # clone, not contiguous(): for N == 1 the expanded view is already contiguous, and scattering

@@ -1,13 +1,13 @@
 """Approximate occlusion maps: adaptive drill-down, SSIM against the exact map, and tuning tau.
 
-Projective-field thresholding itself is a compile option (``kfx.compile(..., tau=0.5)``, DESIGN 2.5):
+Projective-field thresholding itself is a compile option (``kfx.compile(..., tau=0.5)``, docs/design.md §4.1):
 it changes the boxes that patch propagation computes, and nothing else. This module holds what
 sits on top of an engine:
 
-- :class:`DrillDown` and :func:`drill_down_stream`: the two-stage map of DESIGN 2.6, with the
+- :class:`DrillDown` and :func:`drill_down_stream`: the two-stage map of docs/design.md §4.2, with the
   cells outside the drilled regions interpolated from stage 1 instead of painted as coarse blocks;
 - :func:`heatmap_ssim`: the quality measure (scikit-image SSIM on the probability maps);
-- :func:`tune`: pick tau for a target SSIM on sample images (DESIGN 2.7), conservatively.
+- :func:`tune`: pick tau for a target SSIM on sample images (docs/design.md §4.3), conservatively.
 
 >>> engine = kfx.compile(model, (3, 224, 224), kfx.Patch(16, stride=4), tau=0.5)  # doctest: +SKIP
 >>> heatmap = engine(image, drill_down=kfx.DrillDown(fraction=0.25, target_speedup=3))  # doctest: +SKIP
@@ -39,7 +39,7 @@ __all__ = [
     "DEFAULT_TAUS",
 ]
 
-DEFAULT_TAUS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # the paper's grid (DESIGN 2.7)
+DEFAULT_TAUS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # the paper's grid (docs/design.md §4.3)
 
 
 def _positive_number(value, name: str) -> float:
@@ -50,7 +50,7 @@ def _positive_number(value, name: str) -> float:
 
 @dataclass(frozen=True, init=False)
 class DrillDown:
-    """Adaptive drill-down settings (DESIGN 2.6, [TR] §4.2).
+    """Adaptive drill-down settings (docs/design.md §4.2, [TR] §4.2).
 
     Stage 1 queries a coarse sub-grid of the heat map (spacing ``stage1_stride`` pixels); stage 2
     queries, at the engine's own stride, the ``fraction`` r of the map's cells whose interpolated
@@ -161,7 +161,7 @@ def drill_down_stream(
     drill_down: DrillDown,
     batch_size: int | None = None,
 ) -> Iterator[Progress]:
-    """The two-stage heat map of DESIGN 2.6, one :class:`Progress` per batch of queries;
+    """The two-stage heat map of docs/design.md §4.2, one :class:`Progress` per batch of queries;
     ``engine.stream(image, drill_down=...)`` and ``engine(image, drill_down=...)`` call this.
 
     1. Stage 1 queries a sub-grid of the heat-map cells about S1 pixels apart (both ends included).
@@ -276,7 +276,7 @@ class Tuning:
     grid tau at which this and every larger grid tau meet ``target_ssim``. ``fit`` holds the
     paper's second-degree polynomial through the mean SSIM (highest power first); ``paper_tau``
     is what the paper's rule, the lowest tau (0.01 steps) whose fitted mean meets the target,
-    would have picked: usually lower, and wrong for more images (DESIGN 2.7).
+    would have picked: usually lower, and wrong for more images (docs/design.md §4.3).
     """
 
     taus: tuple[float, ...]
@@ -315,7 +315,7 @@ def tune(
     dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> Engine:
-    """Compile an engine whose tau meets ``target_ssim`` on images like ``samples`` (DESIGN 2.7).
+    """Compile an engine whose tau meets ``target_ssim`` on images like ``samples`` (docs/design.md §4.3).
 
     For every sample, the exact map and the map at each tau in ``taus`` are computed (predicted
     class of the sample) and compared by :func:`heatmap_ssim` (data_range = the exact map's range:

@@ -6,7 +6,7 @@
 >>> occlusion.last_fallback_reason is None  # the kfx fast path was taken  # doctest: +SKIP
 True
 
-Semantics (Captum 0.9, ``captum/attr/_core/occlusion.py`` and ``feature_ablation.py``; STYLE.md 7):
+Semantics (Captum 0.9, ``captum/attr/_core/occlusion.py`` and ``feature_ablation.py``; docs/design.md §7.1):
 windows start at 0 and step by the stride until the axis is covered, ``ceil((D - w) / s) + 1`` per
 axis (:func:`kfx.geometry.captum_heatmap_size`), the last one clipped at the border. The occluded
 input is ``input * (1 - mask) + baseline * mask``, and every element gets the mean, over the windows

@@ -1,10 +1,10 @@
-"""The static cost model (DESIGN 2.4): FMAs per layer, full vs incremental, with no inference.
+"""The static cost model (docs/design.md §2.7): FMAs per layer, full vs incremental, with no inference.
 
 Q_l = (C_in/groups * k_h * k_w) * (C_out * H_out * W_out) for every conv ([TR] Eq. 9); the
 incremental cost Q_inc,l uses the changed box instead of the full output ([TR] Eq. 11). Layers that
 run densely (the global tail: Linear, and any conv after the projection to full) count fully in both,
 as the paper counts its FC layers. Pools and point-wise ops count zero, as in the paper.
-With projective-field thresholding (tau < 1, DESIGN 2.5) the changed boxes are the capped ones that
+With projective-field thresholding (tau < 1, docs/design.md §4.1) the changed boxes are the capped ones that
 patch propagation computed, so the same sums give the paper's speedups with tau ([TR] Fig. 7a).
 """
 
@@ -53,7 +53,7 @@ class CostReport:
 
     @property
     def theoretical_speedup(self) -> float:
-        """(sum Q + dense tail) / (sum Q_inc + dense tail), DESIGN 2.4."""
+        """(sum Q + dense tail) / (sum Q_inc + dense tail), docs/design.md §2.7."""
         return self.full_fmas / max(self.incremental_fmas, 1)
 
     def __str__(self) -> str:

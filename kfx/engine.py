@@ -225,7 +225,7 @@ class Engine:
         return {n.name: n.meta[META_KEY].role for n in self.graph_module.graph.nodes if n.op != "output"}
 
     def cost(self) -> CostReport:
-        """Static cost model (DESIGN 2.4): per-layer FMAs full vs incremental; no inference."""
+        """Static cost model (docs/design.md §2.7): per-layer FMAs full vs incremental; no inference."""
         return self._cost
 
     def __repr__(self) -> str:
@@ -429,7 +429,7 @@ class Engine:
 
         ``cells`` (bool [H_M, W_M]) evaluates only a selection (the rest is NaN);
         ``show_progress`` draws a tqdm bar with positions per second. ``drill_down`` (a
-        :class:`kfx.DrillDown`) computes the map approximately in two stages (DESIGN 2.6): a coarse
+        :class:`kfx.DrillDown`) computes the map approximately in two stages (docs/design.md §4.2): a coarse
         stage 1, then the target stride only in the cells with the largest drops; the rest is
         interpolated from stage 1 and ``heatmap.measured`` marks which cells were queried.
         """
@@ -525,7 +525,7 @@ def compile(
         backend: kernels for gather/paste/conv/projection: "torch" (plain torch, any device),
             "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), or "auto": Triton for
             CUDA models when triton runs, torch otherwise.
-        tau: projective-field threshold in (0, 1] (DESIGN 2.5, [TR] Eqs. 21-27). Each conv and pool
+        tau: projective-field threshold in (0, 1] (docs/design.md §4.1, [TR] Eqs. 21-27). Each conv and pool
             recomputes at most round(tau * H_out) x round(tau * W_out) outputs around the patch and
             drops the changes beyond them: faster, approximate. 1 (the default) is exact, by the
             same code. ``kfx.tune`` picks tau for a target SSIM; ``engine.cost()`` shows its speedup.

@@ -4,8 +4,8 @@ Every equation kfx relies on lives here once; the passes, the kernels, the cost 
 all call these. No torch import: these are plain integers. Coordinates start at the top-left of the
 *unpadded* tensor; height and width are handled separately by calling each function once per axis.
 
-Equation numbers refer to Nakandala et al., SIGMOD 2019 ("[TR]"), digested in shared/KRYPTON.md,
-and to sections of shared/DESIGN.md.
+Equation numbers are those of KRYPTON (Nakandala, Kumar, Papakonstantinou, SIGMOD 2019; "[TR]"),
+explained in docs/design.md §2 and §4 (departures from the paper: §6).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def ceil_div(a: int, b: int) -> int:
 
 
 def effective_kernel(kernel: int, dilation: int = 1) -> int:
-    """Extent of a dilated kernel, k_eff = d * (k - 1) + 1 (DESIGN 2.3).
+    """Extent of a dilated kernel, k_eff = d * (k - 1) + 1 (docs/design.md §1.2).
 
     >>> effective_kernel(3, 2)
     5
@@ -70,7 +70,7 @@ def conv_output_size(
     ceil_mode: bool = False,
     padding_after: int | None = None,
 ) -> int:
-    """Output length of a conv/pool along one axis, PyTorch's own formula (DESIGN 2.3, [TR] Eq. 8).
+    """Output length of a conv/pool along one axis, PyTorch's own formula (docs/design.md §2.3, [TR] Eq. 8).
 
     floor((W + p_before + p_after - k_eff) / s) + 1, or the ceiling with ``ceil_mode``, where a
     last window that would start inside the right padding is dropped (as PyTorch does).
@@ -87,7 +87,7 @@ def conv_output_size(
 
 
 def heatmap_size(image: int, patch: int, stride: int) -> int:
-    """Number of patch positions along one axis: x = 0, S, 2S, ... while x + p <= W (DESIGN 2.1).
+    """Number of patch positions along one axis: x = 0, S, 2S, ... while x + p <= W (docs/design.md §2.1).
 
     This is kfx's convention, floor((W - p) / S) + 1: every window lies inside the image. The paper's
     Eq. 1 writes floor((W - p + 1) / S), one fewer at 224/16/4.
@@ -99,7 +99,7 @@ def heatmap_size(image: int, patch: int, stride: int) -> int:
 
 
 def captum_heatmap_size(image: int, patch: int, stride: int) -> int:
-    """Captum's count of windows along one axis: ceil((W - p) / S) + 1, the last one clipped (STYLE.md 7).
+    """Captum's windows per axis: ceil((W - p) / S) + 1, the last one clipped (docs/design.md §2.1).
 
     >>> captum_heatmap_size(10, 4, 4)
     3
@@ -142,8 +142,8 @@ def changed_output_span(
 def projective_field_cap(out_size: int, tau: float) -> int:
     """Widest changed box a local layer may output under projective-field thresholding.
 
-    round(tau * W_out) ([TR] Eq. 22, DESIGN 2.5), with Python's round as in the paper's numbers
-    (KRYPTON.md 2), and at least 1: a cap of 0 would drop the occlusion entirely.
+    round(tau * W_out) ([TR] Eq. 22, docs/design.md §4.1), with Python's round as in the paper's numbers
+    (docs/design.md §8), and at least 1: a cap of 0 would drop the occlusion entirely.
 
     >>> projective_field_cap(56, 0.5), projective_field_cap(7, 0.4), projective_field_cap(1, 0.4)
     (28, 3, 1)
@@ -219,7 +219,7 @@ def conv_fmas(
 
 
 def drill_down_speedup(stage1_stride: float, stage2_stride: float, fraction: float) -> float:
-    """Query-count speedup of adaptive drill-down over the stage-2 grid ([TR] Eq. 28, DESIGN 2.6).
+    """Query-count speedup of adaptive drill-down over the stage-2 grid ([TR] Eq. 28, docs/design.md §4.2).
 
     S1^2 / (S2^2 + r * S1^2): stage 1 asks (S2/S1)^2 of the queries, stage 2 a fraction r of them.
 
@@ -230,7 +230,7 @@ def drill_down_speedup(stage1_stride: float, stage2_stride: float, fraction: flo
 
 
 def drill_down_stage1_stride(stage2_stride: float, fraction: float, target_speedup: float) -> float:
-    """Stage-1 stride that gives ``target_speedup`` at drill-down fraction r ([TR] Eq. 29, DESIGN 2.6).
+    """Stage-1 stride that gives ``target_speedup`` at fraction r ([TR] Eq. 29, docs/design.md §4.2).
 
     S1 = S2 * sqrt(t / (1 - r * t)); it exists only for r * t < 1 ([TR] Eq. 30: the speedup stays
     below 1 / r, since stage 2 alone asks r of the queries).

@@ -1,4 +1,4 @@
-"""NeuroMask: a learned-mask explanation, a second opinion beside the occlusion map (DESIGN section 5).
+"""NeuroMask: a learned-mask explanation, a second opinion beside the occlusion map (docs/design.md §7.2).
 
 Alzantot et al. learn one weight per pixel instead of sliding a patch. With parameters ``W`` [H, W]
 initialised uniformly in ``[-t, t]``, the mask is ``m = sigmoid(W)`` and the model sees ``m * x``

@@ -108,7 +108,7 @@ class Patch:
             )
 
     def grid_shape(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        """Heat-map shape (H_M, W_M) for an image of size ``image_hw`` (DESIGN 2.1)."""
+        """Heat-map shape (H_M, W_M) for an image of size ``image_hw`` (docs/design.md §2.1)."""
         self.check_fits(image_hw)
         return tuple(heatmap_size(image_hw[a], self.size[a], self.stride[a]) for a in (0, 1))
 

@@ -1,4 +1,4 @@
-"""Which traced op belongs to which layer class (DESIGN 2.2), and how to run it on a window.
+"""Which traced op belongs to which layer class (docs/design.md §2.2), and how to run it on a window.
 
 Pure description, no graph surgery: given an fx node, say whether it is point-wise, local (conv,
 pool, constant pad), a merge (add/mul of spatial tensors, channel concat) or anything else (global:
@@ -342,7 +342,7 @@ POINTWISE_METHODS: frozenset = frozenset(
     }
 )
 
-# Binary ops whose two spatial operands may both carry changes: merge nodes (DESIGN 2.2).
+# Binary ops whose two spatial operands may both carry changes: merge nodes (docs/design.md §2.5).
 MERGE_FUNCTIONS: frozenset = frozenset(
     {
         operator.add,
@@ -375,7 +375,7 @@ INPLACE_TO_FUNCTIONAL: dict = {
 
 
 def is_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """True if the node's op acts element by element on its spatial input (DESIGN 2.2)."""
+    """True if the node's op acts element by element on its spatial input (docs/design.md §2.2)."""
     if node.op == "call_module":
         m = modules[node.target]
         if isinstance(m, POINTWISE_MODULES):
@@ -426,7 +426,7 @@ def is_global_mean(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def is_merge(node: fx.Node) -> bool:
-    """True for element-wise binary ops and channel concatenation (merge nodes, DESIGN 2.2)."""
+    """True for element-wise binary ops and channel concatenation (merge nodes, docs/design.md §2.5)."""
     if node.op == "call_function":
         if node.target is torch.cat:
             dim = bind_args(node, ("tensors", "dim"), {"dim": 0})["dim"]

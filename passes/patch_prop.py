@@ -4,10 +4,10 @@ Requires: a traced, functional graph with ``tensor_meta`` on its nodes (kfx.pass
 Ensures: every node carries ``node.meta["kfx_patch"]``, a :class:`NodePatch` saying whether its
 value is constant (independent of the image), incremental (a changed box per patch position,
 height and width separately) or dense (recomputed in full after a projection), and for local ops
-the read-in window (DESIGN 2.3). Boxes are tabulated for every patch coordinate along each axis, so
+the read-in window (docs/design.md §2.3). Boxes are tabulated for every patch coordinate along each axis, so
 any position (not only the heat-map grid) can be looked up at run time with one index.
 
-With projective-field thresholding (tau < 1, DESIGN 2.5) every conv and pool caps its changed box
+With projective-field thresholding (tau < 1, docs/design.md §4.1) every conv and pool caps its changed box
 at round(tau * W_out) ([TR] Eqs. 21-27, kfx.geometry.thresholded_output_span): the steps then
 recompute that box only, so changes outside it are dropped (the output there is the base value).
 Merges take the union of their inputs' (capped) boxes and drop nothing; the next conv or pool caps
@@ -216,7 +216,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], tau: float, concat: 
         if kind is not None:
             return NodePatch(State.PATCH, "channel", box=changed[0].meta[META_KEY].box)
     if len(changed) == 1 and node.args[0] is changed[0] and is_global_mean(node, modules):
-        # mean_new = mean_base + (sum(new box) - sum(old box)) / (H * W): exact, no projection (DESIGN 2.2).
+        # mean_new = mean_base + (sum(new box) - sum(old box)) / (H * W): exact (docs/design.md §2.6).
         return NodePatch(State.DENSE, "mean_delta")
     if (
         len(changed) == 1
@@ -263,7 +263,7 @@ def propagate_patches(
 ) -> None:
     """Annotate every node of ``gm`` with its :class:`NodePatch` under ``node.meta["kfx_patch"]``.
 
-    ``tau`` in (0, 1] is the projective-field threshold (DESIGN 2.5); 1 keeps every box exact.
+    ``tau`` in (0, 1] is the projective-field threshold (docs/design.md §4.1); 1 keeps every box exact.
     ``concat``: "union" ([TR] Eq. 20, exact) or "last" (the paper's published accounting, for the
     cost model only: see the module docstring).
     """

@@ -226,7 +226,7 @@ class ShapeStep(nn.Module):
 
 
 class MeanDeltaStep(nn.Module):
-    """Global average pooling from the base mean and the change inside the box (exact, DESIGN 2.2)."""
+    """Global average pooling from the base mean and the box's change (exact, docs/design.md §2.6)."""
 
     def __init__(self, in_hw: tuple[int, int], out_shape: tuple[int, ...]):
         super().__init__()
@@ -241,7 +241,7 @@ class MeanDeltaStep(nn.Module):
 
 
 class ProjectStep(nn.Module):
-    """Projection to full: paint the changes into N copies of the base (DESIGN 2.2)."""
+    """Projection to full: paint the changes into N copies of the base (docs/design.md §2.6)."""
 
     def __init__(self, backend: str = "torch"):
         super().__init__()

@@ -1,4 +1,4 @@
-"""The static cost model (DESIGN 2.4) against the paper's numbers and a hand count."""
+"""The static cost model (docs/design.md §2.7) against the paper's numbers and a hand count."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import kfx
 from kfx.geometry import Span, conv_fmas
 from kfx.passes import META_KEY, propagate_patches, propagate_shapes, trace
 
-# [TR] Fig. 3: theoretical speedup of the exact method, patch at the centre, 224x224 (KRYPTON.md 2.2),
+# [TR] Fig. 3: theoretical speedup of the exact method, patch at the centre, 224x224 (docs/design.md §8),
 # read off the plot, hence the 0.05 tolerance.
 PAPER_FIG3 = {
     "vgg16": {4: 8.6, 16: 6.5, 32: 5.05},

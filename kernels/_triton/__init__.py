@@ -3,8 +3,8 @@
 Each op is a ``_op_kernel`` (triton.jit) plus an ``op_triton`` host launcher that computes grid and
 block sizes; the torch functions in kfx.kernels.reference are their oracles:
 
-    gather_paste_triton      paste(gather_windows(...)) in one launch          (DESIGN 2.3)
-    project_triton           reference.project                                 (DESIGN 2.2)
+    gather_paste_triton      paste(gather_windows(...)) in one launch          (docs/design.md §2.4)
+    project_triton           reference.project                                 (docs/design.md §2.6)
     incremental_conv_triton  F.conv2d over gather_paste's windows, fused, + bias + activation
 
 Kernels take CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before this package was

@@ -1,6 +1,6 @@
 """Shared device helpers: reading one element of a read-in window, and fused activations.
 
-A read-in window (DESIGN 2.3) of position ``n`` is never materialized by the fused kernels. Its
+A read-in window (docs/design.md §2.3-2.4) of position ``n`` is never materialized by the fused kernels. Its
 element at window coordinates (y, x) is
 
     patch[n, c, y - py, x - px]          if that lies inside the changed patch, else

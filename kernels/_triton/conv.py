@@ -9,7 +9,7 @@ Semantics (oracle: torch):
 No read-in window is materialized: each input element the conv needs is fetched through
 _window._window_source (patch if the patch covers it, else base, else pad_value). Output size per
 axis is PyTorch's formula with padding 0 (kfx.geometry.conv_output_size), so for the read-in
-window of DESIGN 2.3 (w_rd = k_eff + (w_out - 1) * s) it is exactly the changed box w_out.
+window of docs/design.md §2.3 (w_rd = k_eff + (w_out - 1) * s) it is exactly the changed box w_out.
 
 Two kernels, chosen by the host (``algorithm="auto"``):
 

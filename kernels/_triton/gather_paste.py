@@ -1,4 +1,4 @@
-"""Batched read-in windows with each position's patch pasted in, one launch (DESIGN 2.3).
+"""Batched read-in windows with each position's patch pasted in, one launch (docs/design.md §2.4).
 
 Semantics (the oracle is kfx.kernels.reference):
 

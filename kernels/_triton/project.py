@@ -1,4 +1,4 @@
-"""Projection to full (DESIGN 2.2): N copies of the base with each position's patch painted in.
+"""Projection to full (docs/design.md §2.6): N copies of the base with each position's patch painted in.
 
 Semantics (oracle: kfx.kernels.reference.project): out[n] = base with patch[n] at origin[n].
 This is the window read of _window._window_source with the whole tensor as every position's window
