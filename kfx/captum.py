@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfx.engine import DEFAULT_BATCH_SIZE, Engine, compile
+from kfx.engine import DEFAULT_BATCH_SIZE, Engine, compile, model_state
 from kfx.errors import InputError, KfxError, ModelError, PatchError
 from kfx.geometry import captum_heatmap_size
 from kfx.passes.trace import require_eval_module
@@ -280,9 +280,9 @@ def _parameters_dtype_device(model: nn.Module) -> tuple[torch.dtype | None, torc
 
 
 def _weights_version(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is modified in place (optimizer steps, load_state_dict),
-    so cached engines, which may hold derived constants, are never used with stale weights."""
-    return (id(model), tuple(t._version for t in chain(model.parameters(), model.buffers())))
+    """Changes whenever a parameter or buffer is modified in place (optimizer steps, load_state_dict)
+    or replaced (``model.fc = ...``), so cached engines are recompiled for the model as it is now."""
+    return (id(model), *model_state(model))
 
 
 def _captum_occlusion():

@@ -111,7 +111,7 @@ class _Base:
     activations: list[torch.Tensor]
 
 
-def _model_state(model: nn.Module) -> tuple[tuple, tuple[int, ...]]:
+def model_state(model: nn.Module) -> tuple[tuple, tuple[int, ...]]:
     """(identity, versions) of the model's parameters and buffers.
 
     identity changes when a tensor is replaced, re-allocated, or converted (what the traced graph
@@ -188,7 +188,7 @@ class Engine:
         # seen, and the base activations are keyed on every tensor's version counter. Replacing a
         # tensor or a module is not seen by the traced graph, so it is refused (ModelError).
         self._model = model
-        self._identity, _ = _model_state(model)
+        self._identity, _ = model_state(model)
         self._lock = threading.Lock()  # guards _base_cache: one engine may serve several threads
         self._base_cache: _Base | None = None
         self.tuning = None  # kfx.tune's measurements (a kfx.approx.Tuning) when it built this engine
@@ -264,7 +264,7 @@ class Engine:
     def _versions(self) -> tuple[int, ...]:
         """The version counters of the model's tensors; ModelError if the model changed otherwise."""
         require_eval_module(self._model, "running a kfx engine")
-        identity, versions = _model_state(self._model)
+        identity, versions = model_state(self._model)
         if identity != self._identity:
             raise ModelError(
                 "the model's parameters, buffers or modules were replaced (or moved to another dtype or "

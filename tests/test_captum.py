@@ -393,3 +393,19 @@ def test_bad_perturbations_per_eval_raise_input_errors():
 
 def test_doctests():
     assert doctest.testmod(kfx.captum).failed == 0
+
+
+def test_a_replaced_module_recompiles_the_cached_engines():
+    """kfx.captum caches engines per model; replacing a layer must not serve the old one (issue #14)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    model = model.double().eval()
+    images = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    kwargs = dict(sliding_window_shapes=(3, 3, 3), strides=(3, 2, 2), baselines=0.0, target=1)
+    occlusion = kfx.captum.Occlusion(model)
+    occlusion.attribute(images, **kwargs)
+    model[3] = nn.Linear(4 * 8 * 8, 3).double().eval()
+    expected = captum_attr.Occlusion(model).attribute(images, **kwargs)
+    got = occlusion.attribute(images, **kwargs)
+    assert occlusion.last_fallback_reason is None
+    torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-5, atol=1e-6)
