@@ -5,12 +5,14 @@
 >>> heatmap = engine(image)  # heatmap.values[i, j]: P(target) with the patch at (4i, 4j)  # doctest: +SKIP
 """
 
-from kfx.approx import DrillDown, Tuning, heatmap_ssim, tune
+from kfx.approx import DrillDown, heatmap_ssim
 from kfx.cost import CostReport, LayerCost
-from kfx.engine import DenseNode, Engine, Heatmap, Progress, compile, paper_cost
+from kfx.engine import Engine, compile, paper_cost
 from kfx.errors import InputError, KfxError, ModelError, PatchError, TraceError
 from kfx.neuromask import neuromask
 from kfx.patch import Patch, grid_positions, occlude
+from kfx.results import DenseNode, Heatmap, Progress
+from kfx.tuning import Tuning, tune
 
 __all__ = [
     "compile",

@@ -7,7 +7,8 @@ sits on top of an engine:
 - :class:`DrillDown` and :func:`drill_down_stream`: the two-stage map of docs/design.md §4.2, with the
   cells outside the drilled regions interpolated from stage 1 instead of painted as coarse blocks;
 - :func:`heatmap_ssim`: the quality measure (scikit-image SSIM on the probability maps);
-- :func:`tune`: pick tau for a target SSIM on sample images (docs/design.md §4.3), conservatively.
+
+Tuning tau for a target SSIM (docs/design.md §4.3) lives in :mod:`kfx.tuning`.
 
 >>> engine = kfx.compile(model, (3, 224, 224), kfx.Patch(16, stride=4), tau=0.5)  # doctest: +SKIP
 >>> heatmap = engine(image, drill_down=kfx.DrillDown(fraction=0.25, target_speedup=3))  # doctest: +SKIP
@@ -18,28 +19,21 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-from kfx.engine import Engine, Heatmap, Progress, compile
 from kfx.errors import InputError
 from kfx.geometry import drill_down_speedup, drill_down_stage1_stride
-from kfx.patch import Patch
+from kfx.results import Heatmap, Progress
 
 __all__ = [
     "DrillDown",
     "drill_down_stream",
     "heatmap_ssim",
-    "tune",
-    "Tuning",
-    "DEFAULT_TAUS",
 ]
-
-DEFAULT_TAUS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # the paper's grid (docs/design.md §4.3)
 
 
 def _positive_number(value, name: str) -> float:
@@ -155,7 +149,7 @@ def _linear_interpolation(samples: list[int], cells: int) -> torch.Tensor:
 
 
 def drill_down_stream(
-    engine: Engine,
+    engine,
     image: torch.Tensor,
     target: int | None,
     drill_down: DrillDown,
@@ -265,128 +259,3 @@ def heatmap_ssim(exact, approximate) -> float:
         raise InputError(f"SSIM needs maps of at least 3 x 3 cells, got {list(reference.shape)}")
     data_range = float(reference.max() - reference.min()) or 1.0
     return float(structural_similarity(reference, other, data_range=data_range, win_size=window))
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """What :func:`tune` measured and chose (``engine.tuning``).
-
-    ``ssim[i][j]``: SSIM of sample i's map at ``taus[j]`` against its exact map. ``lower[j]``: the
-    ``quantile`` of column j (an observed value, numpy's "lower" method); ``tau`` is the lowest
-    grid tau at which this and every larger grid tau meet ``target_ssim``. ``fit`` holds the
-    paper's second-degree polynomial through the mean SSIM (highest power first); ``paper_tau``
-    is what the paper's rule, the lowest tau (0.01 steps) whose fitted mean meets the target,
-    would have picked: usually lower, and wrong for more images (docs/design.md §4.3).
-    """
-
-    taus: tuple[float, ...]
-    ssim: tuple[tuple[float, ...], ...]
-    mean: tuple[float, ...]
-    lower: tuple[float, ...]
-    fit: tuple[float, float, float]
-    target_ssim: float
-    quantile: float
-    tau: float
-    paper_tau: float
-
-    def predicted_ssim(self, tau: float) -> float:
-        """The fitted mean SSIM at ``tau`` (the paper's curve)."""
-        return float(np.polyval(self.fit, tau))
-
-
-def _check_samples(samples) -> list[torch.Tensor]:
-    if isinstance(samples, torch.Tensor):
-        samples = list(samples) if samples.dim() == 4 else [samples]
-    if not isinstance(samples, Sequence) or not samples:
-        raise InputError("samples must be a non-empty list of images [C, H, W] (or a tensor [N, C, H, W])")
-    return list(samples)
-
-
-def tune(
-    model: nn.Module,
-    image_shape: tuple[int, int, int],
-    patch: Patch | int,
-    samples,
-    target_ssim: float = 0.9,
-    *,
-    taus: Sequence[float] = DEFAULT_TAUS,
-    quantile: float = 0.1,
-    batch_size: int | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str = "auto",
-) -> Engine:
-    """Compile an engine whose tau meets ``target_ssim`` on images like ``samples`` (docs/design.md §4.3).
-
-    For every sample, the exact map and the map at each tau in ``taus`` are computed (predicted
-    class of the sample) and compared by :func:`heatmap_ssim` (data_range = the exact map's range:
-    stricter than a fixed range of 1). The paper fits SSIM(tau) to the mean and picks the lowest
-    tau whose fit meets the target; its held-out images then missed the target by up to 0.15.
-    kfx picks conservatively instead: the lowest grid tau at which the ``quantile`` (default 0.1:
-    nine in ten samples at least this good) of the per-image SSIM meets the target, at that tau
-    and at every larger one. Both the paper's fit and its choice are kept in ``engine.tuning``.
-    With ~30 samples of the production domain, about 90% of new images should meet the target.
-
-    Deterministic for fixed samples: no randomness is involved.
-
-    Returns:
-        The engine compiled at the chosen tau, with ``engine.tuning`` (a :class:`Tuning`).
-
-    >>> engine = kfx.tune(model, (3, 224, 224), kfx.Patch(16), samples, target_ssim=0.9)  # doctest: +SKIP
-    >>> engine.tau, engine.tuning.lower  # doctest: +SKIP
-    """
-    target_ssim = _positive_number(target_ssim, "target_ssim")
-    if not -1 < target_ssim <= 1:
-        raise InputError(f"target_ssim must be in (-1, 1] (SSIM's range; 1 = exact), got {target_ssim}")
-    quantile = _positive_number(quantile, "quantile")
-    if not 0 <= quantile <= 0.5:
-        raise InputError(
-            f"quantile must be in [0, 0.5] (0 = the worst sample, 0.5 = the median), got {quantile}"
-        )
-    try:
-        grid = sorted({float(_positive_number(t, "tau")) for t in taus}, reverse=True)
-    except TypeError:
-        raise InputError(f"taus must be a sequence of numbers in (0, 1], got {taus!r}") from None
-    if not grid or not all(0 < t <= 1 for t in grid):
-        raise InputError(f"taus must be numbers in (0, 1], got {taus!r}")
-    if len(grid) < 3:
-        raise InputError(f"taus needs at least 3 values for the quadratic fit, got {grid}")
-    images = _check_samples(samples)
-    options = dict(batch_size=batch_size, dtype=dtype, backend=backend)
-
-    exact = compile(model, image_shape, patch, **options)
-    reference = [exact(image) for image in images]
-    scores = np.ones((len(images), len(grid)))
-    engines = {1.0: exact}
-    for j, tau in enumerate(grid):
-        if tau == 1.0:
-            continue  # tau = 1 runs the exact program: SSIM 1 by construction
-        engines[tau] = compile(model, image_shape, patch, tau=tau, **options)
-        for i, image in enumerate(images):
-            approximate = engines[tau](image, reference[i].target)
-            scores[i, j] = heatmap_ssim(reference[i], approximate)
-
-    mean = scores.mean(axis=0)
-    lower = np.quantile(scores, quantile, axis=0, method="lower")
-    chosen = 1.0
-    for tau, value in zip(grid, lower):  # from tau = 1 down: stop at the first miss
-        if value < target_ssim:
-            break
-        chosen = tau
-    fit = np.polyfit(grid, mean, 2)
-    fine = np.round(np.arange(1.0, min(grid) - 1e-9, -0.01), 2)
-    meets = [t for t in fine if np.polyval(fit, t) >= target_ssim]
-    paper_tau = float(min(meets)) if meets else 1.0
-
-    engine = engines.get(chosen) or compile(model, image_shape, patch, tau=chosen, **options)
-    engine.tuning = Tuning(
-        taus=tuple(grid),
-        ssim=tuple(tuple(float(v) for v in row) for row in scores),
-        mean=tuple(float(v) for v in mean),
-        lower=tuple(float(v) for v in lower),
-        fit=tuple(float(v) for v in fit),
-        target_ssim=target_ssim,
-        quantile=quantile,
-        tau=chosen,
-        paper_tau=paper_tau,
-    )
-    return engine

@@ -5,19 +5,21 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from kfx import kernels
+from kfx.approx import drill_down_stream
 from kfx.cost import CostReport, static_cost
 from kfx.errors import InputError, ModelError, PatchError
 from kfx.memory import MemoryEstimate, estimate_memory, parse_bytes
 from kfx.passes import META_KEY, build_program, check_traced, propagate_patches, propagate_shapes, trace
 from kfx.passes.trace import require_eval_module
 from kfx.patch import Patch, check_positions, grid_positions
+from kfx.results import DenseNode, Heatmap, Progress
 from kfx.validation import check_batch_size, check_class_index
 
 __all__ = ["compile", "paper_cost", "Engine", "Heatmap", "Progress", "DenseNode"]
@@ -27,78 +29,6 @@ MAX_MEMORY_BATCH = 256  # max_memory never picks more: larger batches stop payin
 # The static estimate (kfx.memory) undercounts peak RSS by 10-40% on VGG16/ResNet18/Inception v3
 # (allocator slack, conv scratch); max_memory divides the budget by this before choosing.
 MEMORY_SAFETY = 1.5
-
-
-@dataclass
-class Heatmap:
-    """An occlusion heat map.
-
-    ``values[i, j]`` is the softmax probability of class ``target`` when the patch's top-left corner
-    sits at ``(i * stride_h, j * stride_w)``; ``base`` is that class's probability on the
-    unoccluded image. Low values mark regions the prediction relies on. Cells that were not
-    evaluated (a selection in interactive mode, or a map still filling in) hold NaN.
-
-    ``measured`` (adaptive drill-down only, else None) is a bool mask [H_M, W_M]: True where the
-    value came from a query at that very position, False where it was interpolated from stage 1.
-    ``tau`` is the engine's projective-field threshold: below 1 every value is approximate.
-    """
-
-    values: torch.Tensor
-    target: int
-    base: float
-    patch: Patch
-    image_size: tuple[int, int] = field(default=(0, 0))
-    measured: torch.Tensor | None = None
-    tau: float = 1.0
-
-    @property
-    def stride(self) -> tuple[int, int]:
-        return self.patch.stride
-
-    @property
-    def evaluated(self) -> torch.Tensor:
-        """Bool mask [H_M, W_M] of the cells that hold a computed value."""
-        return ~torch.isnan(self.values)
-
-    def to_pixels(self) -> torch.Tensor:
-        """Per-pixel map [H, W]: mean over covering windows of (base - occluded probability)."""
-        from kfx.plot import to_pixels
-
-        return to_pixels(self)
-
-    def plot(self, image: torch.Tensor | None = None, **kwargs):
-        """Draw the map (over ``image`` if given) with a colour bar; returns the matplotlib Axes."""
-        from kfx.plot import plot
-
-        return plot(self, image, **kwargs)
-
-    def save(self, path, image: torch.Tensor | None = None, **kwargs) -> None:
-        """Write the picture of :meth:`plot` to ``path``."""
-        from kfx.plot import save
-
-        save(self, path, image, **kwargs)
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One step of :meth:`Engine.stream`: the map so far and how much of it is done."""
-
-    heatmap: Heatmap
-    done: int  # positions evaluated so far
-    total: int  # positions this run evaluates
-    elapsed: float  # seconds since the run started (base inference included)
-
-    @property
-    def positions_per_second(self) -> float:
-        return self.done / self.elapsed if self.elapsed > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class DenseNode:
-    """A node where incremental execution stops and the rest of the graph runs densely."""
-
-    node: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -191,7 +121,7 @@ class Engine:
         self._identity, _ = model_state(model)
         self._lock = threading.Lock()  # guards _base_cache: one engine may serve several threads
         self._base_cache: _Base | None = None
-        self.tuning = None  # kfx.tune's measurements (a kfx.approx.Tuning) when it built this engine
+        self.tuning = None  # kfx.tune's measurements (a kfx.Tuning) when it built this engine
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         # Static estimate of a run's memory: .per_image + batch size x .per_position bytes.
         self.memory: MemoryEstimate = estimate_memory(
@@ -383,8 +313,6 @@ class Engine:
         ...     print(f"{step.done}/{step.total}")
         """
         if drill_down is not None:
-            from kfx.approx import drill_down_stream
-
             if cells is not None:
                 raise InputError(
                     "drill_down chooses its own cells; pass either cells (interactive mode) or drill_down"
