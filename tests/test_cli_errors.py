@@ -19,7 +19,7 @@ from kfx import cli
 
 TINY = "cli_models:tiny"  # tests/cli_models.py
 SIZE = ["--size", "32"]
-KFX_ROOT = str(Path(cli.__file__).resolve().parents[1])  # the kfx under test, in the child process too
+KFX_ROOT = str(Path(cli.__file__).resolve().parents[2])  # the kfx under test, in the child process too
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,283 @@
+"""``kfx explain``: occlusion heat maps or NeuroMask masks of images, written as pictures, JSON, .npy."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+import kfx
+
+# read_image and run_occlusion are looked up on the package when called, so that replacing
+# kfx.cli.read_image or kfx.cli.run_occlusion (as the tests do) takes effect here too.
+from kfx import cli
+from kfx.cli.checks import (
+    _approximate_options,
+    _check_backend,
+    _check_method_options,
+    _device,
+    _load_model,
+    _patch,
+)
+from kfx.cli.common import EXIT_OK, PROGRESS_DELAY_S
+from kfx.cli.images import _model_input, _named_target, _probabilities, _stem, _target
+from kfx.cli.outputs import Outputs, _json_values, _numpy_values, _writing, plan_outputs
+from kfx.errors import ModelError
+
+# -- explaining one image ---------------------------------------------------------------------------
+
+
+@dataclass
+class Explanation:
+    """One image's result: the map (or mask), what it explains, and how long it took."""
+
+    image: str
+    method: str
+    target: int
+    label: str
+    base: float
+    values: torch.Tensor  # occlusion: probabilities on the grid; neuromask: the mask [H, W]
+    run_s: float
+    positions: int = 0  # occlusion: positions evaluated
+    heatmap: kfx.Heatmap | None = None
+    details: dict = field(default_factory=dict)
+
+    def to_json(self, written: list[str]) -> dict:
+        """The --json document: what was explained, the settings, the map, the files written."""
+        return {
+            "image": self.image,
+            "method": self.method,
+            "target": self.target,
+            "label": self.label,
+            "base_probability": self.base,
+            **self.details,
+            "map": _json_values(self.values),
+            "outputs": written,
+        }
+
+
+def _progress_bar(total: int, desc: str, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="pos",
+        delay=PROGRESS_DELAY_S,
+        disable=not show,
+        file=sys.stderr,
+        leave=False,
+    )
+
+
+def run_occlusion(
+    engine, image, target, *, batch_size, run_options, desc: str, show_bar: bool
+) -> kfx.Progress:
+    """Compute the map, driving a tqdm bar (positions/s) from the engine's stream; the last step."""
+    total = math.prod(engine.patch.grid_shape(tuple(image.shape[-2:])))
+    bar = _progress_bar(total, desc, show_bar)
+    step = None
+    try:
+        for step in engine.stream(image, target, batch_size=batch_size, **run_options):
+            if step.total != bar.total:
+                bar.total = step.total
+            bar.update(step.done - bar.n)
+    finally:
+        bar.close()
+    values = step.heatmap.values
+    missing = int(torch.isnan(values).sum())
+    if missing:  # every cell was run: NaN is the model's arithmetic failing (float16 overflow, ...)
+        dtype = str(values.dtype).removeprefix("torch.")
+        half = values.dtype in (torch.float16, torch.bfloat16)
+        hint = "run it in float32" if half else "check what it computes on occluded inputs (--fill)"
+        raise ModelError(
+            f"{desc}: the model gave NaN probabilities at {missing} of {values.numel()} patch "
+            f"positions (dtype {dtype}); {hint}"
+        )
+    return step
+
+
+@dataclass(frozen=True)
+class Session:
+    """What every image of one ``kfx explain`` shares: the options, the model, the compiled engine."""
+
+    args: argparse.Namespace
+    loaded: object  # kfx.models.LoadedModel
+    model: torch.nn.Module
+    engine: object | None = None  # kfx.Engine, for --method occlusion
+    compile_s: float = 0.0
+    run_options: dict = field(default_factory=dict)  # e.g. drill_down, passed to each run
+
+
+def _explain_occlusion(session: Session, name: str, image: torch.Tensor, target: int) -> Explanation:
+    """The occlusion map of one image, with its settings and timings for --json."""
+    args, engine = session.args, session.engine
+    step = cli.run_occlusion(
+        engine,
+        image,
+        target,
+        batch_size=args.batch_size,
+        run_options=session.run_options,
+        desc=_stem(name),
+        show_bar=_show_progress(args),
+    )
+    heatmap, patch = step.heatmap, engine.patch
+    details = {
+        "model": session.loaded.name,
+        "size": int(image.shape[-1]),
+        "grid": list(heatmap.values.shape),
+        "patch": list(patch.size),
+        "stride": list(patch.stride),
+        "fill": list(patch.fill) if isinstance(patch.fill, tuple) else patch.fill,
+        "tau": args.tau,
+        "drill_down": list(args.drill_down) if args.drill_down else None,
+        "backend": engine.backend,
+        "timings": {
+            "compile_s": session.compile_s,  # once, for all the images of this command
+            "run_s": step.elapsed,
+            "positions": step.done,
+            "positions_per_second": step.positions_per_second,
+        },
+        "theoretical_speedup": engine.cost().theoretical_speedup,
+        "threads": torch.get_num_threads(),
+    }
+    return Explanation(
+        name, "occlusion", heatmap.target, session.loaded.label(heatmap.target), heatmap.base,
+        heatmap.values, step.elapsed, step.done, heatmap, details,
+    )  # fmt: skip
+
+
+def _explain_neuromask(
+    session: Session, name: str, image: torch.Tensor, target: int, base: float
+) -> Explanation:
+    """The NeuroMask mask of one image (kfx.neuromask's defaults unless --steps / --seed)."""
+    args = session.args
+    steps = args.steps or inspect.signature(kfx.neuromask).parameters["steps"].default
+    seed = 0 if args.seed is None else args.seed
+    started = time.perf_counter()
+    mask = kfx.neuromask(session.model, image, target, steps=steps, seed=seed)
+    run_s = time.perf_counter() - started
+    if not bool(torch.isfinite(mask).all()):  # never written as a map with holes (JSON nulls)
+        raise ModelError(
+            f"{name}: NeuroMask's mask holds NaN or infinite values after {steps} steps with the model "
+            f"in {str(image.dtype).removeprefix('torch.')}; run it in float32 (or try another --seed)"
+        )
+    details = {
+        "model": session.loaded.name,
+        "size": int(image.shape[-1]),
+        "steps": steps,
+        "seed": seed,
+        "timings": {"run_s": run_s, "steps_per_second": steps / run_s if run_s > 0 else 0.0},
+        "threads": torch.get_num_threads(),
+    }
+    label = session.loaded.label(target)
+    return Explanation(name, "neuromask", target, label, base, mask.cpu(), run_s, details=details)
+
+
+def _write_outputs(result: Explanation, image: torch.Tensor, outputs: Outputs) -> list[str]:
+    """Write the picture, the .npy and the JSON; the paths written (JSON to stdout not included)."""
+    import numpy as np
+
+    from kfx import plot
+
+    written = []
+    if result.heatmap is not None:
+        _writing(outputs.picture, lambda p: plot.save(result.heatmap, p, image, label=result.label))
+    else:
+        steps = result.details.get("steps")
+        _writing(
+            outputs.picture,
+            lambda p: plot.save_mask(
+                result.values, p, image, label=result.label, base=result.base, steps=steps
+            ),
+        )
+    written.append(str(outputs.picture))
+    if outputs.npy is not None:
+        _writing(outputs.npy, lambda p: np.save(p, _numpy_values(result.values)))
+        written.append(str(outputs.npy))
+    if isinstance(outputs.json, Path):
+        written.append(str(outputs.json))
+    if outputs.json is not None:
+        text = json.dumps(result.to_json(written))
+        if outputs.json == "-":
+            print(text, flush=True)
+        else:
+            _writing(outputs.json, lambda p: Path(p).write_text(text + "\n", encoding="utf-8"))
+    return written
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1.0 else f"{value:.1f} s"
+
+
+def _summary(result: Explanation, written: list[str]) -> str:
+    """One line per image: what the model sees, where the files went, how fast it was."""
+    named = (
+        result.label
+        if result.label == f"class {result.target}"
+        else f"{result.label} (class {result.target})"
+    )
+    head = f"{result.image}: {named}, p = {result.base:.3f} -> {', '.join(written)}"
+    if result.method == "neuromask":
+        return f"{head}; NeuroMask, {result.details['steps']} steps in {_seconds(result.run_s)}"
+    speed = result.positions / result.run_s if result.run_s > 0 else 0.0
+    return f"{head}; {result.positions} positions in {_seconds(result.run_s)}, {speed:,.0f} positions/s"
+
+
+def _show_progress(args) -> bool:
+    """A bar only for a person watching: not with --quiet, not when stderr is a file or a pipe."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+# -- subcommands ----------------------------------------------------------------------------------
+
+
+def _explain(args) -> int:
+    """``kfx explain``: every check that needs no model first, then load, compile once, run each image."""
+    _check_method_options(args)
+    occlusion = args.method == "occlusion"
+    compile_options, run_options = _approximate_options(args) if occlusion else ({}, {})
+    device = _device(args.device)
+    backend = _check_backend(args.backend, device) if occlusion else None
+    stems = [_stem(name) for name in args.images]
+    plans = plan_outputs(args, stems)
+    loaded = _load_model(args)
+    model = loaded.model.to(device)
+    size = args.size or loaded.size
+    patch = _patch(args, size) if occlusion else None
+    named_target = _named_target(loaded, args.target)
+    pixels = [cli.read_image(name) for name in args.images]  # all first: a bad file fails before long work
+    images = [_model_input(loaded, p, name, size, device) for p, name in zip(pixels, args.images)]
+    # The unoccluded predictions first: a model that fails on this --size, or a --target it does
+    # not have, is reported before compiling and before any long run.
+    probabilities = [_probabilities(model, image, size) for image in images]
+    targets = [_target(named_target, p.shape[0], int(p.argmax())) for p in probabilities]
+    session = Session(args, loaded, model, run_options=run_options)
+    if occlusion:
+        started = time.perf_counter()
+        engine = kfx.compile(
+            model,
+            tuple(images[0].shape),
+            patch,
+            batch_size=args.batch_size,
+            backend=backend,
+            **compile_options,
+        )
+        session = replace(session, engine=engine, compile_s=time.perf_counter() - started)
+    summaries = sys.stderr if args.json == "-" else sys.stdout  # keep stdout pure JSON with --json -
+    for name, image, outputs, probability, target in zip(args.images, images, plans, probabilities, targets):
+        if occlusion:
+            result = _explain_occlusion(session, name, image, target)
+        else:
+            result = _explain_neuromask(session, name, image, target, float(probability[target]))
+        written = _write_outputs(result, image, outputs)
+        if not args.quiet:
+            print(_summary(result, written), file=summaries, flush=True)
+    return EXIT_OK

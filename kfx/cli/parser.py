@@ -1,0 +1,287 @@
+"""The ``kfx`` argument parser: option types, the subcommands (explain, demo, serve) and their options."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import kfx
+from kfx.cli.common import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_PATCH,
+    DEMO_NAIVE_POSITIONS,
+    DEMO_QUICK_STRIDE,
+    DEMO_STRIDE,
+    EXIT_USAGE,
+    UsageError,
+    _one_line,
+)
+from kfx.cli.demo import _demo
+from kfx.cli.explain import _explain
+
+# -- option types (argparse calls them; ArgumentTypeError becomes a one-line usage error) ----------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _int_pair(text: str) -> int | tuple[int, int]:
+    """``16`` (square) or ``16x8`` (height x width), each at least 1."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 16 or 16x8), got {text!r}")
+    try:
+        values = [_positive_int(part) for part in parts]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected N or HxW with positive integers (e.g. 16 or 16x8), got {text!r}"
+        ) from None
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _fill(text: str) -> float | tuple[float, ...]:
+    """One float for every channel, or comma-separated floats, one per channel (R,G,B)."""
+    values = tuple(_finite_float(part.strip()) for part in text.split(","))
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(
+            f"expected one value or three (R,G,B), got {len(values)} in {text!r}"
+        )
+    return values[0] if len(values) == 1 else values
+
+
+def _tau(text: str) -> float:
+    value = _finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"tau must be in (0, 1] (1 = exact), got {value}")
+    return value
+
+
+def _drill_down(text: str) -> tuple[float, float]:
+    """``FRACTION:SPEEDUP``, e.g. ``0.25:3``."""
+    fraction_text, colon, speedup_text = text.partition(":")
+    if not colon:
+        raise argparse.ArgumentTypeError(f"expected FRACTION:SPEEDUP (e.g. 0.25:3), got {text!r}")
+    fraction, speedup = _finite_float(fraction_text), _finite_float(speedup_text)
+    if not 0.0 < fraction <= 1.0:
+        raise argparse.ArgumentTypeError(f"FRACTION must be in (0, 1], got {fraction}")
+    if speedup <= 0.0:
+        raise argparse.ArgumentTypeError(f"SPEEDUP must be positive, got {speedup}")
+    return fraction, speedup
+
+
+# -- the parser ------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: ``kfx: error: ...`` and where to find help."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"kfx: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="efficientnet-lite0 (the default: embedded ImageNet weights), torchvision:NAME "
+        "(random weights unless --weights), or package.module:factory (a callable returning an "
+        "nn.Module, or an nn.Module)",
+    )
+    parser.add_argument(
+        "--weights", metavar="FILE", help="a state_dict file for a torchvision or factory model"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the model runs (default auto: cuda when available, else cpu)",
+    )
+
+
+def _add_explain(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "explain",
+        help="heat maps of images (occlusion, or a NeuroMask mask)",
+        description="Explain a model's prediction on each IMAGE: an occlusion heat map (exact, "
+        "incremental) or a NeuroMask mask, written as a picture (and optionally JSON / .npy).",
+        epilog="Outputs (--out, --json, --npy) take a file path, a directory (existing, or ending "
+        "in '/'; gets <stem>_kfx.<ext>), or a pattern with {stem} (the image's file name without "
+        "extension, or the sample name). With several images a single file path is an error. "
+        "--json - writes JSON to stdout, one line per image, and the summary lines go to stderr. "
+        "The progress bar appears only when stderr is a terminal and a map takes over a second.",
+    )
+    parser.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="an image file, or a scikit-image sample photo name (chelsea, coffee, astronaut, rocket, ...)",
+    )
+    _add_model_options(parser)
+    parser.add_argument(
+        "--method",
+        choices=("occlusion", "neuromask"),
+        default="occlusion",
+        help="occlusion (default): the exact occlusion map; neuromask: a learned mask (kfx.neuromask)",
+    )
+    parser.add_argument(
+        "--size",
+        type=_positive_int,
+        metavar="N",
+        help="input side: images are resized and centre-cropped to it (default: the model's, 224)",
+    )
+    parser.add_argument(
+        "--target", metavar="CLASS", help="class index or label name (default: the predicted class)"
+    )
+    occlusion = parser.add_argument_group("occlusion options")
+    occlusion.add_argument(
+        "--patch", type=_int_pair, metavar="N|HxW", help=f"patch side in pixels (default {DEFAULT_PATCH})"
+    )
+    occlusion.add_argument("--stride", type=_int_pair, metavar="N|HxW", help="grid step (default patch // 4)")
+    occlusion.add_argument(
+        "--fill",
+        type=_fill,
+        metavar="V|R,G,B",
+        help="value painted in the patch, in model-input space (after normalisation), one float or "
+        "one per channel (default 0.0: the mean colour for ImageNet-normalised models, mid-gray for "
+        "the default model's [-1, 1] inputs)",
+    )
+    occlusion.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        help=f"positions per batch (default {DEFAULT_BATCH_SIZE})",
+    )
+    occlusion.add_argument(
+        "--backend",
+        choices=("auto", "torch", "triton"),
+        help="kernels (default auto: triton on CUDA when available)",
+    )
+    occlusion.add_argument(
+        "--tau",
+        type=_tau,
+        help="approximate: projective-field threshold in (0, 1], 1 = exact (needs a kfx build with approximate modes)",
+    )
+    occlusion.add_argument(
+        "--drill-down",
+        type=_drill_down,
+        metavar="FRACTION:SPEEDUP",
+        help="approximate: adaptive drill-down, e.g. 0.25:3 = kfx.DrillDown(fraction=0.25, "
+        "target_speedup=3) (needs a kfx build with approximate modes)",
+    )
+    neuromask = parser.add_argument_group("neuromask options")
+    neuromask.add_argument(
+        "--steps", type=_positive_int, metavar="N", help="optimisation steps (default kfx.neuromask's, 150)"
+    )
+    neuromask.add_argument(
+        "--seed", type=int, metavar="N", help="seed of the mask's random start (default 0)"
+    )
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument(
+        "--out",
+        metavar="PATH",
+        help="the picture (PNG; PDF/SVG/JPG by extension); default <stem>_kfx.png here",
+    )
+    outputs.add_argument(
+        "--json",
+        metavar="PATH",
+        help="JSON with the map, target, label, probability, grid and timings ('-' = stdout)",
+    )
+    outputs.add_argument("--npy", metavar="PATH", help="the map's values as a NumPy .npy file")
+    outputs.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary lines")
+    parser.set_defaults(handler=_explain)
+
+
+def _add_demo(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="heat maps of the bundled photos and the measured speedup",
+        description="Occlusion maps of scikit-image's sample photos with the default model, as one "
+        "gallery picture, and kfx's speedup over batched full inference measured in this run "
+        f"(patch {DEFAULT_PATCH}, stride {DEMO_STRIDE}: 2,809 positions per photo, about 3 minutes on a "
+        "quiet 2-core CPU; --quick: 729 per photo, about a minute there).",
+    )
+    _add_model_options(parser)
+    parser.add_argument(
+        "--out", default="gallery.png", metavar="PATH", help="the gallery picture (default gallery.png)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"stride {DEMO_QUICK_STRIDE} instead of {DEMO_STRIDE}"
+    )
+    parser.add_argument(
+        "--photos",
+        nargs="+",
+        metavar="NAME",
+        help="scikit-image photos (default: chelsea coffee astronaut rocket)",
+    )
+    parser.add_argument(
+        "--naive-positions",
+        type=_positive_int,
+        default=DEMO_NAIVE_POSITIONS,
+        metavar="N",
+        help="positions per photo on which full inference is timed; its time is scaled to all positions "
+        f"(default {DEMO_NAIVE_POSITIONS})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help="positions per batch, kfx and full inference alike (default 64)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no printed lines")
+    parser.set_defaults(handler=_demo)
+
+
+def _add_serve(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="the interactive explorer, a local web page (needs kfx[ui])")
+    try:
+        from kfx import serve
+    except Exception as exc:  # an optional part: a broken import must not take explain/demo down
+        reason = f"{type(exc).__name__}: {exc}"
+        parser.set_defaults(handler=lambda args: _fail_serve(reason))
+        return
+    serve.add_arguments(parser)
+    parser.set_defaults(handler=serve.run)
+
+
+def _fail_serve(reason: str) -> int:
+    """Exit 2, as for Gradio missing: this installation lacks the subcommand, nothing ran."""
+    raise UsageError(
+        f"kfx serve is unavailable in this installation ({_one_line(reason)}); reinstall it: pip install 'kfx[ui]'"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kfx`` parser with its subcommands (explain, demo, serve)."""
+    parser = _Parser(
+        prog="kfx",
+        description="Exact, incremental occlusion heat maps for PyTorch CNNs.",
+        epilog="Exit status: 0 success; 2 a bad command line (unknown option, bad option value, patch "
+        "larger than the input, unknown --target, --tau/--drill-down without approximate modes); 1 a "
+        "runtime failure (missing or unreadable image, model or weights that cannot be loaded or "
+        "traced, output that cannot be written); 130 interrupted (Ctrl-C). Errors are one line on stderr: "
+        "'kfx: error: ...'.",
+    )
+    parser.add_argument("--version", action="version", version=f"kfx {kfx.__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_explain(subparsers)
+    _add_demo(subparsers)
+    _add_serve(subparsers)
+    return parser
