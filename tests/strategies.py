@@ -3,9 +3,15 @@
 Every drawn layer keeps the spatial size >= 1 (its output size is computed with kfx.geometry's
 formula, which test_geometry checks against torch), every patch fits its image, every position lets
 the patch fit. Draws are labelled so that failures read well.
+
+Weights are a function of a drawn seed (:func:`seed_weights`), never of torch's global RNG: a failing
+example replays with the same weights, and shrinking the seed is a change hypothesis knows about.
+:func:`painted` is the tests' own occlusion, independent of ``kfx.occlude`` and ``Patch.fill_tensor``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +51,17 @@ class FunctionalConv(nn.Module):
 
     def forward(self, x):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class FunctionalMaxPool(nn.Module):
+    """F.max_pool2d called in forward (a call_function node), its geometry kept for the tests' oracles."""
+
+    def __init__(self, kernel_size, stride, padding, ceil_mode: bool):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding, self.ceil_mode = kernel_size, stride, padding, ceil_mode
+
+    def forward(self, x):
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, ceil_mode=self.ceil_mode)
 
 
 def _relu_statement(x):
@@ -97,12 +114,47 @@ POINTWISE = [
 
 def _random_bn(channels: int) -> nn.BatchNorm2d:
     bn = nn.BatchNorm2d(channels)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
+    _randomize_bn(bn, None)
     return bn
+
+
+def _randomize_bn(bn: nn.BatchNorm2d, generator: torch.Generator | None) -> None:
+    """Statistics and affine terms far from the identity, so that BatchNorm really changes values."""
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1, generator=generator)
+        bn.running_var.uniform_(0.5, 2, generator=generator)
+        bn.weight.uniform_(0.5, 1.5, generator=generator)
+        bn.bias.uniform_(-0.5, 0.5, generator=generator)
+
+
+def seed_weights(model: nn.Module, seed: int) -> nn.Module:
+    """Redraw every floating-point parameter and buffer of ``model`` from ``seed``; returns ``model``.
+
+    Convs and linears get torch's default range U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and
+    bias, BatchNorm the ranges of :func:`_random_bn`. A tensor of any other module is an error: left
+    alone it would keep values from torch's global RNG, and examples would stop replaying.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            floating = [t for t in own if t.is_floating_point()]
+            if not floating:
+                continue
+            if isinstance(module, nn.BatchNorm2d):
+                _randomize_bn(module, generator)
+                drawn = [module.weight, module.bias, module.running_mean, module.running_var]
+            elif isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() >= 2:
+                bound = 1 / math.sqrt(module.weight[0].numel())
+                drawn = [module.weight, module.bias]
+                for tensor in drawn:
+                    if tensor is not None:
+                        tensor.uniform_(-bound, bound, generator=generator)
+            else:
+                drawn = []
+            if not all(any(t is d for d in drawn) for t in floating):
+                raise TypeError(f"seed_weights does not know how to draw the tensors of {module!r}")
+    return model
 
 
 @st.composite
@@ -154,8 +206,7 @@ def pool_layer(draw, channels: int, size: tuple[int, int]):
     if kind == "avg":
         include = draw(st.booleans(), label="count_include_pad")
         return nn.AvgPool2d(k, s, p, ceil_mode=ceil_mode, count_include_pad=include), channels, out
-    fn = lambda x: F.max_pool2d(x, k, s, p, ceil_mode=ceil_mode)
-    return Functional("F.max_pool2d", fn), channels, out
+    return FunctionalMaxPool(k, s, p, ceil_mode), channels, out
 
 
 @st.composite
@@ -179,12 +230,16 @@ def cnn(draw, max_layers: int = 6):
     elif tail == "flatten_linear":
         layers += [nn.Flatten(), nn.Linear(c * size[0] * size[1], 3)]
     model = nn.Sequential(*layers).double().eval()
-    return model, (channels, *image)
+    return seed_weights(model, draw(st.integers(0, 2**32 - 1), label="weight_seed")), (channels, *image)
 
 
 @st.composite
 def patch_for(draw, image_hw: tuple[int, int], channels: int):
-    size = tuple(draw(st.integers(1, image_hw[a]), label=f"patch{a}") for a in (0, 1))
+    # Half the examples get a patch at most a quarter of the image on each axis (a sixteenth of its
+    # area): the case incremental inference is for, where its changed boxes stay small.
+    small = draw(st.booleans(), label="small_patch")
+    limits = [max(1, hw // 4) if small else hw for hw in image_hw]
+    size = tuple(draw(st.integers(1, limits[a]), label=f"patch{a}") for a in (0, 1))
     stride = tuple(draw(st.integers(1, 5), label=f"stride{a}") for a in (0, 1))
     fill_kind = draw(st.sampled_from(["scalar", "channels", "tensor"]), label="fill_kind")
     if fill_kind == "scalar":
@@ -209,6 +264,25 @@ def positions_for(draw, image_hw: tuple[int, int], patch: kfx.Patch, max_positio
         label="positions",
     )
     return torch.tensor(corners + extra, dtype=torch.long)
+
+
+def painted(image: torch.Tensor, positions, patch: kfx.Patch) -> torch.Tensor:
+    """The oracles' occluded batch [N, C, H, W]: one copy of ``image`` [C, H, W] per (y, x) corner,
+    ``patch.fill`` assigned into the ``patch.size`` window there.
+
+    Built from the patch's public fields with slice assignment and broadcasting only: it shares no
+    code with ``kfx.occlude`` or ``Patch.fill_tensor``, which the engine uses for its own fill.
+    """
+    fill = patch.fill
+    if isinstance(fill, torch.Tensor):  # [C, h, w], the window's values one by one
+        fill = fill.to(image.dtype)
+    elif isinstance(fill, tuple):  # one value per channel, broadcast over the window
+        fill = torch.tensor(fill, dtype=image.dtype)[:, None, None]
+    h, w = patch.size
+    out = image.expand(len(positions), *image.shape).clone()
+    for i, (y, x) in enumerate(torch.as_tensor(positions).tolist()):
+        out[i, :, y : y + h, x : x + w] = fill
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,4 +423,4 @@ def dag_cnn(draw, max_blocks: int = 4):
         layers.append(block)
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 3)]
     model = nn.Sequential(*layers).double().eval()
-    return model, (channels, *image)
+    return seed_weights(model, draw(st.integers(0, 2**32 - 1), label="weight_seed")), (channels, *image)

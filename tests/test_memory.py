@@ -1,9 +1,11 @@
 """max_memory and the static memory model: the estimate bounds the live batch tensors that the
 incremental program really holds (measured by running it under a torch.fx Interpreter)."""
 
+import math
+
 import pytest
 import torch
-from torch import fx
+from torch import fx, nn
 
 import kfx
 from kfx.memory import parse_bytes
@@ -44,18 +46,49 @@ def test_estimate_bounds_the_live_batch_tensors(name):
     assert interpreter.peak <= estimate <= 6 * interpreter.peak, (interpreter.peak, estimate)
 
 
+SAFETY = 1.5  # the margin kfx.compile promises: the estimate times 1.5 must fit max_memory
+MAX_BATCH = 256  # and it never picks a larger batch
+
+
+def batch_that_fits(estimate, max_memory: int) -> int:
+    """The oracle: the largest batch (at most 256) whose estimate with the margin fits, 0 if none."""
+    return max(
+        (b for b in range(1, MAX_BATCH + 1) if estimate.batch_bytes(b) * SAFETY <= max_memory), default=0
+    )
+
+
+def least_budget_for(estimate, batch_size: int) -> int:
+    """The fewest bytes whose budget holds ``batch_size`` positions with the margin."""
+    return math.ceil(estimate.batch_bytes(batch_size) * SAFETY)
+
+
 def test_max_memory_picks_the_largest_batch_that_fits():
     model, shape = build("resnet18").float(), (3, 64, 64)
     small = kfx.compile(model, shape, 8, max_memory="40MiB")
     large = kfx.compile(model, shape, 8, max_memory=2**30)
-    assert 1 <= small.batch_size < large.batch_size <= 256
-    budget = 40 * 2**20 / 1.5
-    assert (
-        small.memory.batch_bytes(small.batch_size) <= budget < small.memory.batch_bytes(small.batch_size + 1)
-    )
+    assert 1 <= small.batch_size < large.batch_size <= MAX_BATCH
+    assert small.batch_size == batch_that_fits(small.memory, 40 * 2**20)
     image = torch.randn(shape)
     # the same map: float32 convs may round differently at another batch size, hence not bit for bit
     torch.testing.assert_close(small(image).values, large(image).values, rtol=1e-5, atol=1e-7)
+
+
+def test_max_memory_keeps_the_safety_margin_to_the_byte():
+    # At the least budget for b positions the engine takes b; one byte less and b no longer fits.
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1)
+    ).eval()
+    shape, patch = (3, 32, 32), kfx.Patch(6, stride=2)
+    estimate = kfx.compile(model, shape, patch).memory
+    chosen = lambda max_memory: kfx.compile(model, shape, patch, max_memory=max_memory).batch_size
+    for b in (1, 2, 37, MAX_BATCH):
+        budget = least_budget_for(estimate, b)
+        assert chosen(budget) == batch_that_fits(estimate, budget) == b
+        if b > 1:
+            assert chosen(budget - 1) == batch_that_fits(estimate, budget - 1) == b - 1
+    assert chosen(least_budget_for(estimate, 10 * MAX_BATCH)) == MAX_BATCH
+    with pytest.raises(kfx.InputError, match="below what one patch position needs"):
+        chosen(least_budget_for(estimate, 1) - 1)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """Interactive mode: streaming partial maps, selections of cells, cancelling. The oracle is the
 full heat map of the same engine (itself checked against brute force) and brute force directly."""
 
+import threading
+
 import pytest
 import torch
 from hypothesis import given
@@ -8,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kfx
+from tests.strategies import painted
 
 
 def small_model() -> nn.Module:
@@ -37,7 +40,7 @@ def setup():
 
 def brute_force(model, image, positions, patch, target):
     with torch.no_grad():
-        return torch.softmax(model(kfx.occlude(image, positions, patch)), dim=1)[:, target]
+        return torch.softmax(model(painted(image, positions, patch)), dim=1)[:, target]
 
 
 def test_stream_fills_in_batch_by_batch_and_ends_at_the_full_map(setup):
@@ -62,7 +65,7 @@ def test_selection_evaluates_exactly_the_cells_whose_window_touches_it(setup, y,
     cells = engine.cells_overlapping(pixels)
     # oracle: a window at (4i, 4j) touches the selection iff the occluded pixels intersect it
     positions = kfx.grid_positions((24, 24), engine.patch)
-    occluded = kfx.occlude(torch.ones(1, 24, 24), positions, engine.patch)[:, 0] == 0
+    occluded = painted(torch.ones(1, 24, 24), positions, engine.patch)[:, 0] == 0
     expected_cells = (occluded & pixels).flatten(1).any(dim=1).view_as(cells)
     assert torch.equal(cells, expected_cells)
     part = engine(image, cells=cells)
@@ -120,17 +123,36 @@ def test_bad_selection_mask_is_rejected(setup):
         engine.cells_overlapping(torch.ones(10, 10, dtype=torch.bool))
 
 
-def test_a_stream_resumed_on_another_thread_stays_gradient_free(setup):
-    # Web servers resume generators on whichever worker thread is free; grad mode is per thread.
-    import threading
-
+def test_a_stream_resumed_on_another_thread_stays_gradient_free(setup, monkeypatch):
+    # Web servers resume generators on whichever worker thread is free; grad mode is per thread:
+    # every batch must run without grad on the thread that runs it, and leave each thread's grad
+    # mode as it found it.
     _, engine, image = setup
+    batches = []  # (thread that ran the batch, its grad mode while the batch ran)
+    program = engine.program
+
+    def recording_program(*args):
+        batches.append((threading.get_ident(), torch.is_grad_enabled()))
+        return program(*args)
+
+    monkeypatch.setattr(engine, "program", recording_program)
     stream = engine.stream(image)
     first = next(stream)
-    later = []
-    worker = threading.Thread(target=lambda: later.extend(stream))
+    assert torch.is_grad_enabled()  # the thread that started the stream
+    later, worker_grad = [], []
+
+    def resume():
+        later.extend(stream)
+        worker_grad.append(torch.is_grad_enabled())  # the thread that resumed it
+
+    worker = threading.Thread(target=resume)
     worker.start()
     worker.join()
+    assert worker_grad == [True]
     assert torch.is_grad_enabled()
+    assert len(batches) == 1 + len(later) > 1
+    assert batches[0][0] == threading.get_ident()
+    assert all(thread == worker.ident for thread, _ in batches[1:])
+    assert not any(grad for _, grad in batches)
     assert not first.heatmap.values.requires_grad
     assert later and not any(step.heatmap.values.requires_grad for step in later)
