@@ -12,7 +12,7 @@ kfx.geometry (docs/design.md §2.3) with the uniform width; starts vary per posi
 
 For each conv layer it times
   gather_paste   gather_paste_triton                  vs reference gather_windows + paste
-  conv           incremental_conv_triton (+ReLU) fp32  vs reference gather + paste + F.conv2d + relu
+  conv           incremental_conv_triton fp32          vs reference gather + paste + F.conv2d
                  ("ieee": exact fp32 FMAs; "tf32": tensor cores, ~1e-3 relative error; cuDNN with
                  allow_tf32 matching)
 and once the projection to full before the classifier (project_triton vs reference project).
@@ -233,11 +233,11 @@ def bench_conv_layer(kt, layer: dict, n: int, device, dtype, bench, report, *, s
         return kt.gather_paste_triton(padded, read_padded, window, patch, rel)
 
     def ref_conv():
-        return torch.relu(F.conv2d(ref_windows(), weight, bias))
+        return F.conv2d(ref_windows(), weight, bias)
 
     def fused(precision, config=None, algorithm="auto"):
         return kt.incremental_conv_triton(
-            padded, read_padded, window, patch, rel, weight, bias, activation="relu",
+            padded, read_padded, window, patch, rel, weight, bias,
             input_precision=precision, algorithm=algorithm, config=config,
         )  # fmt: skip
 
@@ -334,11 +334,11 @@ def ptxas_report(arch: int = 90) -> int:
         acc = tl.float64 if dtype == torch.float64 else tl.float32
         for precision in ("ieee", "tf32") if dtype == torch.float32 else ("ieee",):
             cfg = conv.gemm_config(dtype, 512, 512)
-            consts = dict(HAS_BIAS=True, ACT=1, ACC_DTYPE=acc, PRECISION=precision, **cfg)
+            consts = dict(HAS_BIAS=True, ACC_DTYPE=acc, PRECISION=precision, **cfg)
             compile_one(
                 conv._incremental_conv_gemm_kernel, dtype, consts, f"conv gemm {names[dtype]} {precision}"
             )
-        consts = dict(HAS_BIAS=True, ACT=1, ACC_DTYPE=acc, **conv.direct_config(dtype, 512))
+        consts = dict(HAS_BIAS=True, ACC_DTYPE=acc, **conv.direct_config(dtype, 512))
         compile_one(conv._incremental_conv_direct_kernel, dtype, consts, f"conv direct {names[dtype]}")
         compile_one(
             gather_paste._gather_paste_kernel,

@@ -105,7 +105,7 @@ def project(base: torch.Tensor, patch: torch.Tensor, origin: torch.Tensor) -> to
     n, c, h, w = patch.shape
     _, height, width = base.shape
     # clone, not contiguous(): for N == 1 the expanded view is already contiguous, and scattering
-    # into it would overwrite the cached base activation (found by the property test).
+    # into it would overwrite the cached base activation that later batches read.
     out = base.expand(n, c, height, width).clone(memory_format=torch.contiguous_format)
     index = _flat_window_index(origin, (h, w), width).view(n, 1, h * w).expand(n, c, h * w)
     out.view(n, c, height * width).scatter_(2, index, patch.reshape(n, c, h * w))

@@ -7,7 +7,7 @@ composition it replaces:
 
     gather_paste_triton      == paste(gather_windows(pad_base(base), read + margin), ...)
     project_triton           == project
-    incremental_conv_triton  ~= act(F.conv2d(<those windows>, weight, bias, stride, 0, dilation, groups))
+    incremental_conv_triton  ~= F.conv2d(<those windows>, weight, bias, stride, 0, dilation, groups)
 
 Copies (gather/paste/project) must match bit for bit; the conv to float tolerance.
 """
@@ -57,15 +57,6 @@ if not kt.available(DEVICE):
     pytest.skip("TRITON_INTERPRET=0 and no CUDA device: nothing can run the kernels", allow_module_level=True)
 
 DTYPES = [torch.float32, torch.float64]
-# Fused activations and their torch meaning.
-ACTIVATIONS = {
-    None: lambda x: x,
-    "relu": F.relu,
-    "relu6": F.relu6,
-    "hardswish": F.hardswish,
-    "sigmoid": torch.sigmoid,
-    "silu": F.silu,
-}
 TOL = {
     torch.float64: dict(atol=1e-10, rtol=1e-10),
     torch.float32: dict(atol=1e-4, rtol=1e-4),
@@ -199,15 +190,12 @@ def test_project_clips_patches_off_the_tensor():
     assert torch.equal(got, want)
 
 
-def _conv_reference(
-    base, read, size, patch, rel, weight, bias, stride, dilation, groups, activation, pad_value=0.0
-):
+def _conv_reference(base, read, size, patch, rel, weight, bias, stride, dilation, groups, pad_value=0.0):
     # The reference runs in float64 so that a float32 kernel is compared with the exact value.
     windows = reference_windows(base, read, size, patch, rel, pad_value).double()
-    out = F.conv2d(
+    return F.conv2d(
         windows, weight.double(), None if bias is None else bias.double(), stride, 0, dilation, groups
     )
-    return ACTIVATIONS[activation](out)
 
 
 def _check_conv(
@@ -218,7 +206,6 @@ def _check_conv(
     stride,
     dilation,
     out_hw,
-    activation,
     algorithm,
     dtype,
     *,
@@ -264,14 +251,11 @@ def _check_conv(
         stride=stride,
         dilation=dilation,
         groups=groups,
-        activation=activation,
         pad_value=pad_value,
         algorithm=algorithm,
         config=_tiles(algorithm, blocks),
     )
-    want = _conv_reference(
-        base, read, size, patch, rel, weight, b, stride, dilation, groups, activation, pad_value
-    )
+    want = _conv_reference(base, read, size, patch, rel, weight, b, stride, dilation, groups, pad_value)
     assert got.shape == (n, c_out, *out_hw) and got.dtype == dtype
     torch.testing.assert_close(got.double(), want, **TOL[dtype])
 
@@ -302,39 +286,29 @@ def test_conv_matches_conv2d_on_windows(
     c_in, c_out, groups, kernel, stride, dilation, out_hw, algorithm, dtype
 ):
     blocks = (16, 16, 16) if algorithm == "gemm" else (16, 4)  # several M and C tiles, partial ones
-    _check_conv(
-        c_in, c_out, groups, kernel, stride, dilation, out_hw, "relu", algorithm, dtype, blocks=blocks
-    )
-
-
-@pytest.mark.parametrize("activation", list(ACTIVATIONS))
-@pytest.mark.parametrize("algorithm", ["gemm", "direct"])
-def test_conv_fused_activations(activation, algorithm):
-    _check_conv(4, 5, 1, (3, 2), (1, 1), (1, 1), (2, 2), activation, algorithm, torch.float64, n=2)
+    _check_conv(c_in, c_out, groups, kernel, stride, dilation, out_hw, algorithm, dtype, blocks=blocks)
 
 
 @pytest.mark.parametrize("algorithm", ["gemm", "direct"])
 def test_conv_without_bias_and_auto_choice(algorithm):
-    _check_conv(3, 4, 1, (2, 2), (1, 1), (1, 1), (2, 2), None, algorithm, torch.float32, bias=False, n=2)
-    _check_conv(17, 18, 1, (1, 1), (1, 1), (1, 1), (2, 2), None, "auto", torch.float32, n=2)  # auto -> gemm
-    _check_conv(4, 4, 4, (3, 3), (1, 1), (1, 1), (2, 2), None, "auto", torch.float32, n=2)  # auto -> direct
+    _check_conv(3, 4, 1, (2, 2), (1, 1), (1, 1), (2, 2), algorithm, torch.float32, bias=False, n=2)
+    _check_conv(17, 18, 1, (1, 1), (1, 1), (1, 1), (2, 2), "auto", torch.float32, n=2)  # auto -> gemm
+    _check_conv(4, 4, 4, (3, 3), (1, 1), (1, 1), (2, 2), "auto", torch.float32, n=2)  # auto -> direct
 
 
 def test_conv_gemm_loops_over_channel_chunks():
     """C_in/groups = 20 > BLOCK_K = 16 and C_out/groups = 18 > BLOCK_N = 16: partial K and N tiles."""
-    _check_conv(
-        40, 36, 2, (2, 1), (1, 1), (1, 1), (2, 2), "relu", "gemm", torch.float64, blocks=(16, 16, 16), n=2
-    )
+    _check_conv(40, 36, 2, (2, 1), (1, 1), (1, 1), (2, 2), "gemm", torch.float64, blocks=(16, 16, 16), n=2)
 
 
 @pytest.mark.parametrize("algorithm", ["gemm", "direct"])
 def test_conv_float16_accumulates_in_float32(algorithm):
-    _check_conv(16, 16, 1, (3, 3), (1, 1), (1, 1), (2, 2), "relu", algorithm, torch.float16, n=2)
+    _check_conv(16, 16, 1, (3, 3), (1, 1), (1, 1), (2, 2), algorithm, torch.float16, n=2)
 
 
 def test_conv_reads_pad_value_past_the_base():
     """A conv after a constant-pad with a non-zero value: reads past the base see pad_value."""
-    _check_conv(3, 4, 1, (3, 3), (1, 1), (1, 1), (3, 3), None, "direct", torch.float64, pad_value=0.5, n=3)
+    _check_conv(3, 4, 1, (3, 3), (1, 1), (1, 1), (3, 3), "direct", torch.float64, pad_value=0.5, n=3)
 
 
 @st.composite
@@ -371,7 +345,7 @@ def test_conv_property(cfg, algorithm):
     cfg = dict(cfg)
     args = [cfg.pop(k) for k in ("c_in", "c_out", "groups", "kernel", "stride", "dilation", "out_hw")]
     blocks = (16, 16, 16) if algorithm == "gemm" else (16, 2)
-    _check_conv(*args, "relu", algorithm, torch.float64, blocks=blocks, **cfg)
+    _check_conv(*args, algorithm, torch.float64, blocks=blocks, **cfg)
 
 
 def test_conv_output_size_is_pytorchs():
@@ -389,8 +363,10 @@ def test_errors_name_the_op():
         kt.gather_paste_triton(base, read, (2, 2), patch.float(), read)
     with pytest.raises(ValueError, match=r"project_triton: origin must be an integer tensor \[1, 2\]"):
         kt.project_triton(base, patch, read.double())
-    with pytest.raises(ValueError, match="incremental_conv_triton: activation"):
-        kt.incremental_conv_triton(base, read, (2, 2), patch, read, _randn(2, 2, 1, 1), activation="gelu")
+    with pytest.raises(ValueError, match="incremental_conv_triton: stride must be positive"):
+        kt.incremental_conv_triton(base, read, (2, 2), patch, read, _randn(2, 2, 1, 1), stride=(1, 0))
+    with pytest.raises(ValueError, match=r"incremental_conv_triton: dilation must be an int or a pair"):
+        kt.incremental_conv_triton(base, read, (2, 2), patch, read, _randn(2, 2, 1, 1), dilation=1.5)
     with pytest.raises(ValueError, match="incremental_conv_triton: weight"):
         kt.incremental_conv_triton(base, read, (2, 2), patch, read, _randn(2, 2, 1, 1), groups=2)
     with pytest.raises(ValueError, match="smaller than the kernel"):

@@ -5,7 +5,7 @@ block sizes; the torch functions in kfx.kernels.reference are their oracles:
 
     gather_paste_triton      paste(gather_windows(...)) in one launch          (docs/design.md §2.4)
     project_triton           reference.project                                 (docs/design.md §2.6)
-    incremental_conv_triton  F.conv2d over gather_paste's windows, fused, + bias + activation
+    incremental_conv_triton  F.conv2d over gather_paste's windows, fused, + bias
 
 Kernels take CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before this package was
 first imported (triton.jit picks the interpreter at decoration time). This package imports
@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "ACTIVATIONS",
     "IMPORT_ERROR",
     "available",
     "interpreted",
@@ -29,7 +28,6 @@ __all__ = [
 
 try:
     from kfx.kernels._triton._host import interpreted
-    from kfx.kernels._triton._window import ACTIVATIONS
     from kfx.kernels._triton.conv import incremental_conv_triton
     from kfx.kernels._triton.gather_paste import gather_paste_triton
     from kfx.kernels._triton.project import project_triton
@@ -37,7 +35,6 @@ try:
     IMPORT_ERROR: ImportError | None = None
 except ImportError as error:  # triton missing or broken: keep the names, fail on use
     IMPORT_ERROR = error
-    ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "hardswish": 3, "sigmoid": 4, "silu": 5}
 
     def interpreted() -> bool:
         return False

@@ -1,4 +1,4 @@
-"""Shared device helpers: reading one element of a read-in window, and fused activations.
+"""The shared device helper: reading one element of a read-in window.
 
 A read-in window (docs/design.md §2.3-2.4) of position ``n`` is never materialized by the fused kernels. Its
 element at window coordinates (y, x) is
@@ -13,7 +13,7 @@ element by element: the patch wins where it overlaps, parts of it outside the wi
 read. Every kernel in this folder reads its input through :func:`_window_source`.
 
 The kernels use only triton.language builtins, no @triton.jit helpers of triton's standard
-library (tl.cdiv, tl.zeros, tl.sigmoid): those are built interpreted or compiled once, when triton
+library (tl.cdiv, tl.zeros): those are built interpreted or compiled once, when triton
 is first imported, so avoiding them lets these kernels be rebuilt for the interpreter after triton
 was imported without TRITON_INTERPRET (tests/test_triton_kernels.py does that when needed).
 """
@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-# Fused point-wise activations (constexpr ACT codes). Host side: ACTIVATIONS maps names to codes.
-ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "hardswish": 3, "sigmoid": 4, "silu": 5}
 
 
 @triton.jit
@@ -47,19 +44,3 @@ def _window_source(base_ptr, patch_ptr, n, y, x, ry, rx, py, px, C, Hp, Wp, hp, 
     ptr = tl.where(in_patch, patch_ptr + n * C * hp * wp + (pi * wp + pj), base_ptr + (by * Wp + bx))
     stride = tl.where(in_patch, hp * wp, Hp * Wp)
     return ptr, stride, in_patch | in_base
-
-
-@triton.jit
-def _activate(x, ACT: tl.constexpr):
-    """Point-wise activation applied to the accumulator (ACT codes in ACTIVATIONS)."""
-    if ACT == 1:
-        x = tl.maximum(x, 0.0)
-    elif ACT == 2:
-        x = tl.minimum(tl.maximum(x, 0.0), 6.0)
-    elif ACT == 3:
-        x = x * (tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0)
-    elif ACT == 4:
-        x = 1.0 / (1.0 + tl.exp(-x))
-    elif ACT == 5:
-        x = x / (1.0 + tl.exp(-x))
-    return x

@@ -2,9 +2,9 @@
 
 Semantics (oracle: torch):
 
-    incremental_conv_triton(padded, read, size, patch, rel, weight, bias, stride, dilation, groups, act)
-        == act(F.conv2d(gather_paste(padded, read, size, patch, rel), weight, bias,
-                        stride, 0, dilation, groups))
+    incremental_conv_triton(padded, read, size, patch, rel, weight, bias, stride, dilation, groups)
+        == F.conv2d(gather_paste(padded, read, size, patch, rel), weight, bias,
+                    stride, 0, dilation, groups)
 
 No read-in window is materialized: each input element the conv needs is fetched through
 _window._window_source (patch if the patch covers it, else base, else pad_value). Output size per
@@ -19,7 +19,7 @@ Two kernels, chosen by the host (``algorithm="auto"``):
   taps (ky, kx) and, per tap, C_in/groups in BLOCK_K chunks: gathers an A tile [BLOCK_M, BLOCK_K]
   of window values (rows may belong to different positions: each row carries its own origins),
   loads a weight tile [BLOCK_K, BLOCK_N] and accumulates with tl.dot (fp32 accumulator; fp64 for
-  fp64). Epilogue: + bias, activation, masked store into [N, C_out, h_out, w_out].
+  fp64). Epilogue: + bias, masked store into [N, C_out, h_out, w_out].
 * ``_incremental_conv_direct_kernel`` (depthwise and other thin groups, and C_in = 3 stems, where a
   >= 16-wide dot would be mostly padding): a program instance owns [BLOCK_M pixels, BLOCK_C output
   channels] across groups; per tap and per input channel of the group it gathers one [BLOCK_M,
@@ -34,11 +34,12 @@ import torch.nn.functional as F  # noqa: F401  (used by the docstring example)
 import triton
 import triton.language as tl
 
+from kfx.common import int_pair
 from kfx.geometry import conv_output_size
 from kfx.kernels._triton._host import check_tensors, origins, pow2_at_least
-from kfx.kernels._triton._window import ACTIVATIONS, _activate, _window_source
+from kfx.kernels._triton._window import _window_source
 
-__all__ = ["incremental_conv_triton", "gemm_config", "direct_config", "ACTIVATIONS"]
+__all__ = ["incremental_conv_triton", "gemm_config", "direct_config"]
 
 
 @triton.jit
@@ -69,7 +70,6 @@ def _incremental_conv_gemm_kernel(
     dw,
     pad_value,
     HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -117,7 +117,6 @@ def _incremental_conv_gemm_kernel(
                 acc = tl.dot(a, wv, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(ACC_DTYPE)[None, :]
-    acc = _activate(acc, ACT)
     out_off = (pos64 * C_out + co[None, :]) * hw_out + (oy * w_out + ox)[:, None]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
 
@@ -150,7 +149,6 @@ def _incremental_conv_direct_kernel(
     dw,
     pad_value,
     HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -185,7 +183,6 @@ def _incremental_conv_direct_kernel(
                 acc += a.to(ACC_DTYPE) * wv.to(ACC_DTYPE)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(ACC_DTYPE)[None, :]
-    acc = _activate(acc, ACT)
     out_off = (pos64 * C_out + co[None, :]) * hw_out + (oy * w_out + ox)[:, None]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=valid)
 
@@ -210,10 +207,10 @@ def direct_config(dtype: torch.dtype, c_out: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_C=pow2_at_least(c_out, 1, 32), num_warps=8, num_stages=1)
 
 
-def _pair(value, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"incremental_conv_triton: {name} must be a positive int or pair, got {value!r}")
+def _positive_pair(value, name: str) -> tuple[int, int]:
+    pair = int_pair(value, f"incremental_conv_triton: {name}", ValueError)
+    if min(pair) < 1:
+        raise ValueError(f"incremental_conv_triton: {name} must be positive, got {value!r}")
     return pair
 
 
@@ -229,7 +226,6 @@ def incremental_conv_triton(
     stride: int | tuple[int, int] = 1,
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
-    activation: str | None = None,
     pad_value: float = 0.0,
     input_precision: str = "ieee",
     algorithm: str = "auto",
@@ -241,8 +237,6 @@ def incremental_conv_triton(
     patch [N, C_in, hp, wp], patch_origin_rel [N, 2]: exactly gather_paste_triton's arguments
     (reads outside padded_base see ``pad_value``). weight [C_out, C_in/groups, kh, kw], bias [C_out].
     The conv runs with padding 0 on the window: h_out = (h - k_eff_h) // stride_h + 1.
-    ``activation``: None or one of ACTIVATIONS' names, applied after the bias (fuse a following
-    ReLU/ReLU6/...; fold eval-mode BatchNorm into weight and bias beforehand).
     ``input_precision``: tl.dot's for fp32 ("ieee" exact fp32 FMAs; "tf32"/"tf32x3" faster on
     tensor cores, ~1e-3 relative error). ``algorithm``: "auto", "gemm" or "direct" (see module doc);
     ``config``: overrides of :func:`gemm_config` / :func:`direct_config` (tile sizes, num_warps,
@@ -252,15 +246,11 @@ def incremental_conv_triton(
     >>> read, rel, patch = torch.tensor([[0, 1]]), torch.tensor([[1, 1]]), torch.zeros(1, 4, 2, 2)
     >>> window = base[:, 0:5, 1:6].clone()
     >>> window[:, 1:3, 1:3] = patch[0]
-    >>> got = incremental_conv_triton(base, read, (5, 5), patch, rel, w, activation="relu")
-    >>> torch.allclose(got, F.relu(F.conv2d(window[None], w)), atol=1e-5)
+    >>> got = incremental_conv_triton(base, read, (5, 5), patch, rel, w)
+    >>> torch.allclose(got, F.conv2d(window[None], w), atol=1e-5)
     True
     """
     op = "incremental_conv_triton"
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"{op}: activation must be one of {sorted(map(str, ACTIVATIONS))}, got {activation!r}"
-        )
     if (
         padded_base.dim() != 3
         or patch.dim() != 4
@@ -280,8 +270,8 @@ def incremental_conv_triton(
         != 1
     ):
         raise ValueError(f"{op}: base, patch, weight and bias must share one dtype")
-    sh, sw = _pair(stride, "stride")
-    dh, dw = _pair(dilation, "dilation")
+    sh, sw = _positive_pair(stride, "stride")
+    dh, dw = _positive_pair(dilation, "dilation")
     h, w = (int(v) for v in size)
     h_out, w_out = conv_output_size(h, kh, sh, 0, dh), conv_output_size(w, kw, sw, 0, dw)
     if h_out < 1 or w_out < 1:
@@ -331,7 +321,7 @@ def incremental_conv_triton(
     )
     if algorithm not in ("gemm", "direct"):
         raise ValueError(f"{op}: algorithm must be 'auto', 'gemm' or 'direct', got {algorithm!r}")
-    consts = dict(HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], ACC_DTYPE=acc_dtype)
+    consts = dict(HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype)
     if algorithm == "gemm":
         cfg = {**gemm_config(base.dtype, cog, cig), **(config or {})}
         grid = (triton.cdiv(m_total, cfg["BLOCK_M"]), groups * triton.cdiv(cog, cfg["BLOCK_N"]))
