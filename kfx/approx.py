@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -117,6 +117,11 @@ class DrillDown:
         s1_mean, s2_mean = math.sqrt(s1[0] * s1[1]), math.sqrt(stage2_stride[0] * stage2_stride[1])
         return drill_down_speedup(s1_mean, s2_mean, self.fraction)
 
+    def stream(self, engine, image: torch.Tensor, target=None, batch_size=None) -> Iterator[Progress]:
+        """The two-stage map through ``engine`` (:func:`drill_down_stream`); the engine's ``stream``
+        calls this, so drill-down is a strategy the engine runs without knowing its rule."""
+        return drill_down_stream(engine, image, target, self, batch_size)
+
 
 def stage1_cells(cells: int, spacing: float) -> list[int]:
     """Cell indices along one axis for stage 1: evenly spread about ``spacing`` cells apart, first
@@ -188,10 +193,14 @@ def drill_down_stream(
     return _drill(engine, image, drill_down, batch_size, stage1, rows, cols, coarse_steps)
 
 
+def _with_measured(heatmap: Heatmap) -> Heatmap:
+    """The map with every evaluated cell marked as queried (no interpolation yet)."""
+    return replace(heatmap, measured=heatmap.evaluated)
+
+
 def _all_measured(steps: Iterator[Progress]) -> Iterator[Progress]:
     for step in steps:
-        step.heatmap.measured = step.heatmap.evaluated
-        yield step
+        yield replace(step, heatmap=_with_measured(step.heatmap))
 
 
 def _drill(engine, image, drill_down, batch_size, stage1, rows, cols, coarse_steps) -> Iterator[Progress]:
@@ -200,9 +209,8 @@ def _drill(engine, image, drill_down, batch_size, stage1, rows, cols, coarse_ste
     count = max(1, round(drill_down.fraction * grid[0] * grid[1]))
     sampled = len(rows) * len(cols)
     for step in coarse_steps:
-        step.heatmap.measured = step.heatmap.evaluated
-        yield Progress(step.heatmap, step.done, sampled + count, step.elapsed)
-    coarse = step.heatmap
+        coarse = _with_measured(step.heatmap)
+        yield Progress(coarse, step.done, sampled + count, step.elapsed)
     samples = coarse.values[stage1].view(len(rows), len(cols)).to(torch.float64)
     estimate = _linear_interpolation(rows, grid[0]) @ samples @ _linear_interpolation(cols, grid[1]).T
 

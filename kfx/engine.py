@@ -6,23 +6,26 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from kfx import kernels
-from kfx.approx import drill_down_stream
 from kfx.cost import CostReport, static_cost
 from kfx.errors import InputError, ModelError, PatchError
 from kfx.memory import MemoryEstimate, estimate_memory, parse_bytes
-from kfx.passes import META_KEY, build_program, check_traced, propagate_patches, propagate_shapes, trace
+from kfx.passes import META_KEY, BaseSlot, annotate, build_program
 from kfx.passes.trace import require_eval_module
 from kfx.patch import Patch, check_positions, grid_positions
 from kfx.results import DenseNode, Heatmap, Progress
 from kfx.validation import check_batch_size, check_class_index
 
-__all__ = ["compile", "paper_cost", "Engine", "Heatmap", "Progress", "DenseNode"]
+if TYPE_CHECKING:
+    from kfx.tuning import Tuning
+
+__all__ = ["compile", "paper_cost", "Engine", "Compiled", "Heatmap", "Progress", "DenseNode"]
 
 DEFAULT_BATCH_SIZE = 64  # positions per batch when none is given
 MAX_MEMORY_BATCH = 256  # max_memory never picks more: larger batches stop paying off on CPU
@@ -60,18 +63,6 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     return torch.get_default_dtype(), torch.device("cpu")
 
 
-def _annotated_graph(model, image_shape, patch: Patch, tau: float, dtype, device, concat: str = "union"):
-    """The traced graph, checked against the model, with shapes and changed boxes on every node (passes 1-3)."""
-    gm = trace(model)
-    # A fixed random batch of two: the traced graph must compute what the model does, example by example.
-    propagate_shapes(gm, torch.zeros(1, *image_shape, dtype=dtype, device=device))
-    # A fixed random batch of two: the traced graph must compute what the model does, example by example.
-    example = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    check_traced(model, gm, example.to(dtype=dtype, device=device))
-    propagate_patches(gm, tuple(image_shape[1:]), patch.size, tau, concat=concat)
-    return gm
-
-
 def _base_program(gm: fx.GraphModule, sources: list[str]) -> fx.GraphModule:
     """A copy of the model that also returns the activations the incremental program reads."""
     graph = fx.Graph()
@@ -82,63 +73,60 @@ def _base_program(gm: fx.GraphModule, sources: list[str]) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name="BaseProgram")
 
 
+@dataclass(frozen=True)
+class Compiled:
+    """What :func:`compile` builds for one (model, image shape, patch): no run-time state.
+
+    ``graph_module`` is the annotated trace (``node.meta["kfx_patch"]``), ``program`` the incremental
+    program reading the base activations named by ``slots``, ``base_program`` the model plus those
+    activations. ``tuning`` holds :func:`kfx.tune`'s measurements when it chose ``tau``.
+    """
+
+    image_shape: tuple[int, int, int]
+    patch: Patch
+    tau: float
+    dtype: torch.dtype
+    device: torch.device
+    backend: str
+    batch_size: int
+    graph_module: fx.GraphModule
+    program: fx.GraphModule
+    slots: tuple[BaseSlot, ...]
+    base_program: fx.GraphModule
+    cost: CostReport
+    memory: MemoryEstimate  # static estimate of a run: .per_image + batch size x .per_position bytes
+    tuning: Tuning | None = None
+
+
 class Engine:
-    """A compiled occlusion engine for one (model, image shape, patch). Build it with :func:`compile`."""
+    """A compiled occlusion engine for one (model, image shape, patch). Build it with :func:`compile`.
 
-    def __init__(
-        self,
-        model: nn.Module,
-        image_shape: tuple[int, int, int],
-        patch: Patch,
-        batch_size: int | None,
-        dtype: torch.dtype | None = None,
-        backend: str = "auto",
-        max_memory: int | None = None,
-        tau: float = 1.0,
-    ):
-        self.image_shape = image_shape
-        self.tau = tau
-        self.patch = patch
-        self.batch_size = batch_size or DEFAULT_BATCH_SIZE
-        model_dtype, self.device = _model_dtype_device(model)
-        self.dtype = dtype or model_dtype
-        self.backend = kernels.resolve_backend(backend, self.device)
-        channels, height, width = image_shape
-        patch.check_fits((height, width))
+    Runs only: everything static comes in ``compiled``. Its one piece of state is a cache of the
+    unoccluded image's activations, guarded by a lock, so one engine may serve several threads.
+    """
 
-        self.graph_module = _annotated_graph(model, image_shape, patch, tau, self.dtype, self.device)
-        fill = patch.fill_tensor(channels, self.dtype, self.device)
-        self._cost = static_cost(self.graph_module, tau)
-        program = build_program(self.graph_module, fill, self.backend)
-        self.program = program.module
-        self._slots = program.slots
-        self._base = _base_program(self.graph_module, [slot.source for slot in program.slots])
+    def __init__(self, model: nn.Module, compiled: Compiled):
+        self.compiled = compiled
         # The engine reads the caller's parameters and buffers live (it shares them, it does not copy
         # them): in-place changes (load_state_dict, an optimizer step, new BatchNorm statistics) are
         # seen, and the base activations are keyed on every tensor's version counter. Replacing a
         # tensor or a module is not seen by the traced graph, so it is refused (ModelError).
         self._model = model
         self._identity, _ = model_state(model)
-        self._lock = threading.Lock()  # guards _base_cache: one engine may serve several threads
+        self._lock = threading.Lock()  # guards _base_cache
         self._base_cache: _Base | None = None
-        self.tuning = None  # kfx.tune's measurements (a kfx.Tuning) when it built this engine
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        # Static estimate of a run's memory: .per_image + batch size x .per_position bytes.
-        self.memory: MemoryEstimate = estimate_memory(
-            self.graph_module, [slot.source for slot in self._slots], itemsize
-        )
-        if max_memory is not None:
-            self.batch_size = self._batch_size_for(max_memory)
 
-    def _batch_size_for(self, max_memory: int) -> int:
-        fits = self.memory.largest_batch(int(max_memory / MEMORY_SAFETY))
-        if fits < 1:
-            need = self.memory.batch_bytes(1) * MEMORY_SAFETY / 2**20
-            raise InputError(
-                f"max_memory={max_memory / 2**20:.0f} MiB is below what one patch position needs "
-                f"(about {need:.0f} MiB with kfx's safety margin); raise it or use a smaller image"
-            )
-        return min(fits, MAX_MEMORY_BATCH)
+    image_shape = property(lambda self: self.compiled.image_shape)
+    patch = property(lambda self: self.compiled.patch)
+    tau = property(lambda self: self.compiled.tau)
+    dtype = property(lambda self: self.compiled.dtype)
+    device = property(lambda self: self.compiled.device)
+    backend = property(lambda self: self.compiled.backend)
+    batch_size = property(lambda self: self.compiled.batch_size)
+    graph_module = property(lambda self: self.compiled.graph_module)
+    program = property(lambda self: self.compiled.program)
+    memory = property(lambda self: self.compiled.memory)
+    tuning = property(lambda self: self.compiled.tuning)
 
     # -- reporting ------------------------------------------------------------------------------
     @property
@@ -156,7 +144,7 @@ class Engine:
 
     def cost(self) -> CostReport:
         """Static cost model (docs/design.md §2.7): per-layer FMAs full vs incremental; no inference."""
-        return self._cost
+        return self.compiled.cost
 
     def __repr__(self) -> str:
         roles = self.roles().values()
@@ -166,7 +154,7 @@ class Engine:
             f"kfx.Engine(image_shape={self.image_shape}, patch={self.patch.size}, stride={self.patch.stride}, "
             f"backend={self.backend!r}, tau={self.tau:g}, "
             f"incremental nodes={incremental}, dense from: {dense}, "
-            f"theoretical speedup={self._cost.theoretical_speedup:.2f}x)"
+            f"theoretical speedup={self.compiled.cost.theoretical_speedup:.2f}x)"
         )
 
     # -- running --------------------------------------------------------------------------------
@@ -211,10 +199,10 @@ class Engine:
             if cached is not None and cached.versions == versions and torch.equal(cached.image, image):
                 return cached
             with torch.no_grad():
-                output, activations = self._base(image)
+                output, activations = self.compiled.base_program(image)
                 prepared = [
                     kernels.pad_base(act, slot.margins, slot.pad_value)
-                    for act, slot in zip(activations, self._slots)
+                    for act, slot in zip(activations, self.compiled.slots)
                 ]
             self._base_cache = _Base(image.clone(), versions, output, prepared)
             return self._base_cache
@@ -305,7 +293,7 @@ class Engine:
 
         Unevaluated cells are NaN. ``cells`` (bool [H_M, W_M]) restricts the run to a selection
         (interactive mode). ``drill_down`` (a :class:`kfx.DrillDown`) streams the two-stage
-        approximate map instead (kfx.approx.drill_down_stream). To cancel, stop iterating
+        approximate map instead (``drill_down.stream(engine, ...)``). To cancel, stop iterating
         (``break``, or ``close()`` the generator): no further batch runs. Input is checked before
         the first batch.
 
@@ -317,7 +305,9 @@ class Engine:
                 raise InputError(
                     "drill_down chooses its own cells; pass either cells (interactive mode) or drill_down"
                 )
-            return drill_down_stream(self, image, target, drill_down, batch_size)
+            if not callable(getattr(drill_down, "stream", None)):
+                raise InputError(f"drill_down must be a kfx.DrillDown, got {type(drill_down).__name__}")
+            return drill_down.stream(self, image, target, batch_size)
         started = time.perf_counter()
         image = self._check_image(image)
         selected = self._check_cells(cells)
@@ -422,7 +412,7 @@ def paper_cost(
     """
     shape, patch = _check_model_shape_patch_tau(model, image_shape, patch, tau, "kfx.paper_cost")
     patch.check_fits(shape[1:])
-    gm = _annotated_graph(model, shape, patch, float(tau), *_model_dtype_device(model), concat="last")
+    gm = annotate(model, shape, patch.size, float(tau), *_model_dtype_device(model), concat="last")
     return static_cost(gm, float(tau), concat="last")
 
 
@@ -481,4 +471,45 @@ def compile(
             ) from None
         if max_memory < 1:
             raise InputError(f"max_memory must be positive, got {max_memory}")
-    return Engine(model, shape, patch, batch_size, dtype, backend, max_memory, float(tau))
+    return Engine(model, _build(model, shape, patch, batch_size, dtype, backend, max_memory, float(tau)))
+
+
+def _build(model, image_shape, patch: Patch, batch_size, dtype, backend, max_memory, tau) -> Compiled:
+    """Run the pipeline: annotate, rewrite, cost and memory models, batch size (docs/design.md §3)."""
+    model_dtype, device = _model_dtype_device(model)
+    dtype = dtype or model_dtype
+    backend = kernels.resolve_backend(backend, device)
+    patch.check_fits(tuple(image_shape[1:]))
+    gm = annotate(model, image_shape, patch.size, tau, dtype, device)
+    program = build_program(gm, patch.fill_tensor(image_shape[0], dtype, device), backend)
+    sources = [slot.source for slot in program.slots]
+    memory = estimate_memory(gm, sources, torch.empty((), dtype=dtype).element_size())
+    if max_memory is not None:
+        batch_size = _batch_size_for(memory, max_memory)
+    return Compiled(
+        image_shape=tuple(image_shape),
+        patch=patch,
+        tau=tau,
+        dtype=dtype,
+        device=device,
+        backend=backend,
+        batch_size=batch_size or DEFAULT_BATCH_SIZE,
+        graph_module=gm,
+        program=program.module,
+        slots=tuple(program.slots),
+        base_program=_base_program(gm, sources),
+        cost=static_cost(gm, tau),
+        memory=memory,
+    )
+
+
+def _batch_size_for(memory: MemoryEstimate, max_memory: int) -> int:
+    """The largest batch (at most MAX_MEMORY_BATCH) whose estimate, times MEMORY_SAFETY, fits."""
+    fits = memory.largest_batch(int(max_memory / MEMORY_SAFETY))
+    if fits < 1:
+        need = memory.batch_bytes(1) * MEMORY_SAFETY / 2**20
+        raise InputError(
+            f"max_memory={max_memory / 2**20:.0f} MiB is below what one patch position needs "
+            f"(about {need:.0f} MiB with kfx's safety margin); raise it or use a smaller image"
+        )
+    return min(fits, MAX_MEMORY_BATCH)

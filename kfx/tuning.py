@@ -8,7 +8,7 @@ SSIM meets the target.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -135,7 +135,7 @@ def tune(
     paper_tau = float(min(meets)) if meets else 1.0
 
     engine = engines.get(chosen) or compile(model, image_shape, patch, tau=chosen, **options)
-    engine.tuning = Tuning(
+    tuning = Tuning(
         taus=tuple(grid),
         ssim=tuple(tuple(float(v) for v in row) for row in scores),
         mean=tuple(float(v) for v in mean),
@@ -146,4 +146,4 @@ def tune(
         tau=chosen,
         paper_tau=paper_tau,
     )
-    return engine
+    return Engine(model, replace(engine.compiled, tuning=tuning))

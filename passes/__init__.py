@@ -1,13 +1,18 @@
-"""kfx's torch.fx passes: trace -> shape propagation -> patch propagation -> rewrite.
+"""kfx's torch.fx passes: trace -> shape propagation -> check -> patch propagation -> rewrite.
 
-See passes/README.md for what each pass requires and ensures.
+See passes/README.md for what each pass requires and ensures. :func:`annotate` runs the analysis
+passes in order; ``build_program`` then rewrites the annotated graph.
 """
+
+import torch
+from torch import fx, nn
 
 from kfx.passes.patch_prop import META_KEY, AxisBoxes, NodePatch, State, propagate_patches
 from kfx.passes.rewrite import BaseSlot, Patches, Program, build_program
 from kfx.passes.trace import check_traced, functionalize, propagate_shapes, trace
 
 __all__ = [
+    "annotate",
     "META_KEY",
     "AxisBoxes",
     "BaseSlot",
@@ -22,3 +27,26 @@ __all__ = [
     "propagate_shapes",
     "trace",
 ]
+
+
+def annotate(
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+    patch_hw: tuple[int, int],
+    tau: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    concat: str = "union",
+) -> fx.GraphModule:
+    """The traced graph of ``model``, checked against it, with shapes and changed boxes on every node.
+
+    Runs trace (functional, in-place ops rebound), shape propagation (on a zero image), the check
+    against the eager model (a fixed random batch of two) and patch propagation.
+    """
+    gm = trace(model)
+    propagate_shapes(gm, torch.zeros(1, *image_shape, dtype=dtype, device=device))
+    example = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    check_traced(model, gm, example.to(dtype=dtype, device=device))
+    propagate_patches(gm, tuple(image_shape[1:]), patch_hw, tau, concat=concat)
+    return gm

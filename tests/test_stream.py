@@ -1,6 +1,7 @@
 """Interactive mode: streaming partial maps, selections of cells, cancelling. The oracle is the
 full heat map of the same engine (itself checked against brute force) and brute force directly."""
 
+import dataclasses
 import threading
 
 import pytest
@@ -100,7 +101,8 @@ def test_closing_the_stream_cancels_the_remaining_batches(setup, monkeypatch):
     _, engine, image = setup
     calls = []
     program = engine.program
-    monkeypatch.setattr(engine, "program", lambda *args: calls.append(1) or program(*args))
+    counting = lambda *args: calls.append(1) or program(*args)  # noqa: E731
+    monkeypatch.setattr(engine, "compiled", dataclasses.replace(engine.compiled, program=counting))
     stream = engine.stream(image)
     first = next(stream)
     stream.close()
@@ -135,7 +137,7 @@ def test_a_stream_resumed_on_another_thread_stays_gradient_free(setup, monkeypat
         batches.append((threading.get_ident(), torch.is_grad_enabled()))
         return program(*args)
 
-    monkeypatch.setattr(engine, "program", recording_program)
+    monkeypatch.setattr(engine, "compiled", dataclasses.replace(engine.compiled, program=recording_program))
     stream = engine.stream(image)
     first = next(stream)
     assert torch.is_grad_enabled()  # the thread that started the stream
