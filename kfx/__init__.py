@@ -9,6 +9,7 @@ from kfx.approx import DrillDown, heatmap_ssim
 from kfx.cost import CostReport, LayerCost
 from kfx.engine import Engine, compile, paper_cost
 from kfx.errors import InputError, KfxError, ModelError, PatchError, TraceError
+from kfx.naive import NaiveEngine, naive_heatmap
 from kfx.neuromask import neuromask
 from kfx.patch import Patch, grid_positions, occlude
 from kfx.results import DenseNode, Heatmap, Progress
@@ -22,6 +23,8 @@ __all__ = [
     "Tuning",
     "heatmap_ssim",
     "Engine",
+    "NaiveEngine",
+    "naive_heatmap",
     "Heatmap",
     "Progress",
     "Patch",

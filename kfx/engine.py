@@ -3,35 +3,36 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from kfx import kernels
+from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device
 from kfx.cost import CostReport, static_cost
 from kfx.errors import InputError, ModelError, PatchError
 from kfx.memory import MemoryEstimate, estimate_memory, parse_bytes
 from kfx.passes import META_KEY, BaseSlot, annotate, build_program
 from kfx.passes.trace import require_eval_module
-from kfx.patch import Patch, check_positions, grid_positions
+from kfx.patch import Patch
 from kfx.results import DenseNode, Heatmap, Progress
-from kfx.validation import check_batch_size, check_class_index
+from kfx.runner import OcclusionRunner
+from kfx.validation import check_batch_size
 
 if TYPE_CHECKING:
     from kfx.tuning import Tuning
 
 __all__ = ["compile", "paper_cost", "Engine", "Compiled", "Heatmap", "Progress", "DenseNode"]
 
-DEFAULT_BATCH_SIZE = 64  # positions per batch when none is given
 MAX_MEMORY_BATCH = 256  # max_memory never picks more: larger batches stop paying off on CPU
 # The static estimate (kfx.memory) undercounts peak RSS by 10-40% on VGG16/ResNet18/Inception v3
 # (allocator slack, conv scratch); max_memory divides the budget by this before choosing.
 MEMORY_SAFETY = 1.5
+# A model without floating-point weights computes in torch's default dtype, on the CPU.
+_NO_WEIGHTS = (torch.get_default_dtype(), torch.device("cpu"))
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,6 @@ def model_state(model: nn.Module) -> tuple[tuple, tuple[int, ...]]:
     tensors = [*model.named_parameters(), *model.named_buffers()]
     identity = tuple((name, id(t), t.data_ptr(), t.dtype, t.device) for name, t in tensors)
     return identity, tuple(t._version for _, t in tensors)
-
-
-def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.dtype.is_floating_point:
-            return tensor.dtype, tensor.device
-    return torch.get_default_dtype(), torch.device("cpu")
 
 
 def _base_program(gm: fx.GraphModule, sources: list[str]) -> fx.GraphModule:
@@ -98,7 +92,7 @@ class Compiled:
     tuning: Tuning | None = None
 
 
-class Engine:
+class Engine(OcclusionRunner):
     """A compiled occlusion engine for one (model, image shape, patch). Build it with :func:`compile`.
 
     Runs only: everything static comes in ``compiled``. Its one piece of state is a cache of the
@@ -158,27 +152,6 @@ class Engine:
         )
 
     # -- running --------------------------------------------------------------------------------
-    def _check_image(self, image) -> torch.Tensor:
-        if not isinstance(image, torch.Tensor):
-            raise InputError(f"image must be a torch.Tensor [C, H, W], got {type(image).__name__}")
-        if image.dim() == 4 and image.shape[0] == 1:
-            image = image[0]
-        if tuple(image.shape) != tuple(self.image_shape):
-            raise InputError(
-                f"image has shape {list(image.shape)} but the engine was compiled for {list(self.image_shape)} "
-                "([C, H, W] or [1, C, H, W]); compile another engine for this shape"
-            )
-        if image.dtype != self.dtype:
-            raise InputError(
-                f"image dtype is {image.dtype} but the model computes in {self.dtype}; "
-                f"convert it with image.to({self.dtype})"
-            )
-        if image.is_meta:
-            raise InputError("the image is on the meta device (a shape without values); pass a real tensor")
-        if not torch.isfinite(image).all():
-            raise InputError("image holds NaN or infinite values; occlusion maps need finite pixels")
-        return image.to(self.device).unsqueeze(0)
-
     def _versions(self) -> tuple[int, ...]:
         """The version counters of the model's tensors; ModelError if the model changed otherwise."""
         require_eval_module(self._model, "running a kfx engine")
@@ -210,7 +183,7 @@ class Engine:
     def _batches(
         self, base: _Base, positions: torch.Tensor, batch_size: int | None
     ) -> Iterator[torch.Tensor]:
-        step = self.batch_size if batch_size is None else check_batch_size(batch_size)
+        step = self._step(batch_size)
         positions = positions.to(self.device)
         for start in range(0, positions.shape[0], step):
             if self._versions() != base.versions:
@@ -222,156 +195,6 @@ class Engine:
             with torch.no_grad():
                 out = self.program(positions[start : start + step], *base.activations)
             yield out
-
-    def outputs(self, image: torch.Tensor, positions, *, batch_size: int | None = None) -> torch.Tensor:
-        """The model's raw outputs [N, ...] for ``image`` occluded at each of ``positions``.
-
-        Equal to ``model(kfx.occlude(image, positions, patch))``. ``positions`` is an integer tensor
-        [N, 2] of (y, x) top-left corners; any corner where the patch fits is allowed (interactive
-        mode), not only the heat-map grid.
-
-        >>> engine.outputs(image, torch.tensor([[0, 0], [8, 12]])).shape  # doctest: +SKIP
-        torch.Size([2, 1000])
-        """
-        image = self._check_image(image)
-        positions = check_positions(positions, self.image_shape[1:], self.patch)
-        base = self._prepare(image)
-        batches = list(self._batches(base, positions, batch_size))
-        if not batches:  # no positions: an empty batch of the model's output shape
-            return base.output.new_empty((0, *base.output.shape[1:]))
-        return torch.cat(batches)
-
-    def cells_overlapping(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Grid cells [H_M, W_M] whose patch window touches a True pixel of ``pixels`` [H, W].
-
-        Turns a user's selection (a rectangle or brush strokes, as a pixel mask) into the ``cells``
-        argument of :meth:`__call__` / :meth:`stream`.
-        """
-        hw = tuple(self.image_shape[1:])
-        if not isinstance(pixels, torch.Tensor) or tuple(pixels.shape) != hw:
-            raise InputError(f"the selection must be a [H, W] = {list(hw)} mask tensor")
-        mask = pixels.detach().to("cpu", torch.float32)[None, None]
-        return F.max_pool2d(mask, self.patch.size, self.patch.stride)[0, 0] > 0
-
-    def _check_cells(self, cells) -> torch.Tensor:
-        grid = self.patch.grid_shape(tuple(self.image_shape[1:]))
-        if cells is None:
-            return torch.ones(grid, dtype=torch.bool)
-        if not isinstance(cells, torch.Tensor) or cells.dtype != torch.bool or tuple(cells.shape) != grid:
-            raise InputError(
-                f"cells must be a bool tensor of the heat-map shape {list(grid)} (True = evaluate); "
-                "engine.cells_overlapping(pixel_mask) builds one from a pixel selection"
-            )
-        return cells.cpu()
-
-    def _check_target(self, base_output: torch.Tensor, target) -> tuple[int, torch.Tensor]:
-        if base_output.dim() != 2 or base_output.shape[0] != 1:
-            raise ModelError(
-                f"heat maps need a model that returns [1, num_classes] scores; this one returns shape "
-                f"{list(getattr(base_output, 'shape', []))}. Use engine.outputs(image, positions) instead"
-            )
-        num_classes = base_output.shape[1]
-        base_probs = torch.softmax(base_output, dim=1)[0]
-        if not torch.isfinite(base_probs).all():
-            raise ModelError(
-                "the model's scores for the unoccluded image hold NaN or infinite values, so no map can be "
-                "read from them; check the model's weights and the image's scaling"
-            )
-        target = int(base_probs.argmax()) if target is None else check_class_index(target, num_classes)
-        return target, base_probs
-
-    def stream(
-        self,
-        image: torch.Tensor,
-        target: int | None = None,
-        *,
-        cells: torch.Tensor | None = None,
-        batch_size: int | None = None,
-        drill_down=None,
-    ) -> Iterator[Progress]:
-        """The heat map filling in: one :class:`Progress` after each batch of positions.
-
-        Unevaluated cells are NaN. ``cells`` (bool [H_M, W_M]) restricts the run to a selection
-        (interactive mode). ``drill_down`` (a :class:`kfx.DrillDown`) streams the two-stage
-        approximate map instead (``drill_down.stream(engine, ...)``). To cancel, stop iterating
-        (``break``, or ``close()`` the generator): no further batch runs. Input is checked before
-        the first batch.
-
-        >>> for step in engine.stream(image):  # doctest: +SKIP
-        ...     print(f"{step.done}/{step.total}")
-        """
-        if drill_down is not None:
-            if cells is not None:
-                raise InputError(
-                    "drill_down chooses its own cells; pass either cells (interactive mode) or drill_down"
-                )
-            if not callable(getattr(drill_down, "stream", None)):
-                raise InputError(f"drill_down must be a kfx.DrillDown, got {type(drill_down).__name__}")
-            return drill_down.stream(self, image, target, batch_size)
-        started = time.perf_counter()
-        image = self._check_image(image)
-        selected = self._check_cells(cells)
-        if batch_size is not None:
-            check_batch_size(batch_size)
-        base = self._prepare(image)
-        target, base_probs = self._check_target(base.output, target)
-        return self._fill(base, target, float(base_probs[target]), selected, batch_size, started)
-
-    def _fill(self, base_run: _Base, target, base, selected, batch_size, started) -> Iterator[Progress]:
-        hw = tuple(self.image_shape[1:])
-        values = torch.full(selected.shape, float("nan"), dtype=self.dtype)
-        flat = values.view(-1)
-        indices = selected.view(-1).nonzero()[:, 0]
-        positions = grid_positions(hw, self.patch)[indices]
-        done = 0
-        for out in self._batches(base_run, positions, batch_size):
-            flat[indices[done : done + out.shape[0]]] = torch.softmax(out, dim=1)[:, target].cpu()
-            done += out.shape[0]
-            heatmap = Heatmap(values.clone(), target, base, self.patch, hw, tau=self.tau)
-            yield Progress(heatmap, done, len(indices), time.perf_counter() - started)
-        if not len(indices):
-            heatmap = Heatmap(values, target, base, self.patch, hw, tau=self.tau)
-            yield Progress(heatmap, 0, 0, time.perf_counter() - started)
-
-    def __call__(
-        self,
-        image: torch.Tensor,
-        target: int | None = None,
-        *,
-        cells: torch.Tensor | None = None,
-        batch_size: int | None = None,
-        show_progress: bool = False,
-        drill_down=None,
-    ) -> Heatmap:
-        """The occlusion heat map of ``image`` for class ``target`` (default: the predicted class).
-
-        ``cells`` (bool [H_M, W_M]) evaluates only a selection (the rest is NaN);
-        ``show_progress`` draws a tqdm bar with positions per second. ``drill_down`` (a
-        :class:`kfx.DrillDown`) computes the map approximately in two stages (docs/design.md §4.2): a coarse
-        stage 1, then the target stride only in the cells with the largest drops; the rest is
-        interpolated from stage 1 and ``heatmap.measured`` marks which cells were queried.
-        """
-        steps = self.stream(image, target, cells=cells, batch_size=batch_size, drill_down=drill_down)
-        bar = (
-            _progress_bar("kfx occlusion" if drill_down is None else "kfx drill-down")
-            if show_progress
-            else None
-        )
-        try:
-            for step in steps:
-                if bar is not None:
-                    bar.total = step.total
-                    bar.update(step.done - bar.n)
-        finally:
-            if bar is not None:
-                bar.close()
-        return step.heatmap
-
-
-def _progress_bar(description: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=0, unit="pos", desc=description)
 
 
 def _check_model_shape_patch_tau(
@@ -412,7 +235,9 @@ def paper_cost(
     """
     shape, patch = _check_model_shape_patch_tau(model, image_shape, patch, tau, "kfx.paper_cost")
     patch.check_fits(shape[1:])
-    gm = annotate(model, shape, patch.size, float(tau), *_model_dtype_device(model), concat="last")
+    gm = annotate(
+        model, shape, patch.size, float(tau), *model_dtype_device(model, _NO_WEIGHTS), concat="last"
+    )
     return static_cost(gm, float(tau), concat="last")
 
 
@@ -476,7 +301,7 @@ def compile(
 
 def _build(model, image_shape, patch: Patch, batch_size, dtype, backend, max_memory, tau) -> Compiled:
     """Run the pipeline: annotate, rewrite, cost and memory models, batch size (docs/design.md §3)."""
-    model_dtype, device = _model_dtype_device(model)
+    model_dtype, device = model_dtype_device(model, _NO_WEIGHTS)
     dtype = dtype or model_dtype
     backend = kernels.resolve_backend(backend, device)
     patch.check_fits(tuple(image_shape[1:]))

@@ -1,0 +1,104 @@
+"""The naive reference: occlusion maps by full inference, one forward pass per patch position.
+
+What every other occlusion library computes, and what kfx's exact engine must equal. It shares the
+run-time loop with :class:`kfx.Engine` (:class:`kfx.runner.OcclusionRunner`), so the CLI's and the
+explorer's "naive" mode, the benchmarks' baseline and the tests' brute force stream, select cells and
+drill down exactly as the engine does; only the evaluation of a batch differs:
+``model(kfx.occlude(image, positions, patch))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device
+from kfx.errors import InputError, PatchError
+from kfx.passes.trace import require_eval_module
+from kfx.patch import Patch, occlude
+from kfx.results import Heatmap
+from kfx.runner import OcclusionRunner
+from kfx.validation import check_batch_size
+
+__all__ = ["NaiveEngine", "naive_heatmap"]
+
+
+@dataclass(frozen=True)
+class _Unoccluded:
+    image: torch.Tensor  # [1, C, H, W] on the model's device
+    output: torch.Tensor
+
+
+class NaiveEngine(OcclusionRunner):
+    """Occlusion maps of ``model`` by batched full inference: the same interface as :class:`kfx.Engine`.
+
+    ``NaiveEngine(model, image_shape, patch)`` needs no compilation and works with any model that
+    maps [N, C, H, W] to [N, num_classes]; ``outputs``, ``stream``, ``__call__`` (``cells``,
+    ``drill_down``, ``show_progress``) and ``cells_overlapping`` behave as the engine's.
+
+    >>> naive = kfx.NaiveEngine(model.eval(), (3, 224, 224), kfx.Patch(16, stride=8))  # doctest: +SKIP
+    >>> exact = kfx.compile(model, (3, 224, 224), naive.patch)  # doctest: +SKIP
+    >>> torch.allclose(naive(image).values, exact(image).values)  # doctest: +SKIP
+    True
+    """
+
+    description = "full inference"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        image_shape: tuple[int, int, int],
+        patch: Patch | int,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        dtype: torch.dtype | None = None,
+    ):
+        require_eval_module(model, "kfx.NaiveEngine")
+        if isinstance(patch, int) and not isinstance(patch, bool):
+            patch = Patch(patch)
+        if not isinstance(patch, Patch):
+            raise PatchError(f"patch must be a kfx.Patch or an int, got {type(patch).__name__}")
+        try:
+            shape = tuple(int(v) for v in image_shape)
+        except (TypeError, ValueError):
+            raise InputError(f"image_shape must be (C, H, W), got {image_shape!r}") from None
+        if len(shape) != 3 or min(shape) < 1:
+            raise InputError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")
+        patch.check_fits(shape[1:])
+        model_dtype, self.device = model_dtype_device(model, (torch.get_default_dtype(), torch.device("cpu")))
+        self.model = model
+        self.image_shape = shape
+        self.patch = patch
+        self.dtype = dtype or model_dtype
+        self.batch_size = check_batch_size(batch_size)
+
+    def _prepare(self, image: torch.Tensor) -> _Unoccluded:
+        with torch.no_grad():
+            return _Unoccluded(image, self.model(image.clone()))
+
+    def _batches(
+        self, prepared: _Unoccluded, positions: torch.Tensor, batch_size: int | None
+    ) -> Iterator[torch.Tensor]:
+        step = self._step(batch_size)
+        for start in range(0, positions.shape[0], step):
+            # no_grad per batch, never across the yield (a server may resume the stream on another thread)
+            with torch.no_grad():
+                yield self.model(occlude(prepared.image, positions[start : start + step], self.patch))
+
+
+def naive_heatmap(
+    model: nn.Module, image: torch.Tensor, patch: Patch | int, target: int | None = None, **options
+) -> Heatmap:
+    """The occlusion map of ``image`` by full inference at every position (``NaiveEngine``).
+
+    >>> kfx.naive_heatmap(model.eval(), image, kfx.Patch(16, stride=8)).values.shape  # doctest: +SKIP
+    torch.Size([27, 27])
+    """
+    if not isinstance(image, torch.Tensor):
+        raise InputError(f"image must be a torch.Tensor [C, H, W], got {type(image).__name__}")
+    shape = tuple(image.shape[-3:])
+    batch_options = {k: options.pop(k) for k in ("batch_size", "dtype") if k in options}
+    return NaiveEngine(model, shape, patch, **batch_options)(image, target, **options)
