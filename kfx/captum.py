@@ -42,8 +42,8 @@ A ``perturbations_per_eval`` below 1 raises :class:`kfx.InputError`.
 
 Batch size: Captum's ``perturbations_per_eval`` (default 1) is the number of occluded copies per
 forward call, N of them each. kfx evaluates positions of one image per call, and its speed comes from
-batching them, so it uses ``max(perturbations_per_eval * N, 64)`` positions per batch (64 is
-``kfx.compile``'s default): Captum's default of 1 would run one position per call, and a larger
+batching them, so it uses ``max(perturbations_per_eval * N, DEFAULT_BATCH_SIZE)`` positions per batch
+(``kfx.common.DEFAULT_BATCH_SIZE``, 64, is ``kfx.compile``'s default): Captum's default of 1 would run one position per call, and a larger
 value still gets at least Captum's number of samples per call. An incremental position costs far less
 memory than a full forward pass; to cap memory anyway, pass ``Occlusion(model, batch_size=...)``.
 """
@@ -54,13 +54,13 @@ import importlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import chain
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfx.engine import DEFAULT_BATCH_SIZE, Engine, compile, model_state
+from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device, progress_bar
+from kfx.engine import Engine, compile, model_state
 from kfx.errors import InputError, KfxError, ModelError, PatchError
 from kfx.geometry import captum_heatmap_size
 from kfx.passes.trace import require_eval_module
@@ -271,14 +271,6 @@ def _select(outputs: torch.Tensor, index: tuple) -> torch.Tensor:
 # -- the model -----------------------------------------------------------------------------------
 
 
-def _parameters_dtype_device(model: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
-    """The dtype and device of the model's first floating-point parameter or buffer (None if none)."""
-    for tensor in chain(model.parameters(), model.buffers()):
-        if tensor.dtype.is_floating_point:
-            return tensor.dtype, tensor.device
-    return None, None
-
-
 def _weights_version(model: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer is modified in place (optimizer steps, load_state_dict)
     or replaced (``model.fc = ...``), so cached engines are recompiled for the model as it is now."""
@@ -328,7 +320,7 @@ class Occlusion:
     Args:
         forward_func: the model. An ``nn.Module`` in eval mode that ``kfx.compile`` handles is
             accelerated; anything else runs ``captum.attr.Occlusion`` (see the module docstring).
-        batch_size: positions per kfx batch; default ``max(perturbations_per_eval * N, 64)``.
+        batch_size: positions per kfx batch; default ``max(perturbations_per_eval * N, DEFAULT_BATCH_SIZE)``.
 
     Attributes:
         last_fallback_reason: None when the last :meth:`attribute` call took the kfx fast path,
@@ -418,7 +410,7 @@ class Occlusion:
             )
         if n == 0 or not images.dtype.is_floating_point or not torch.isfinite(images).all():
             raise _NotAccelerated("inputs is empty, not floating point, or holds NaN or infinite values")
-        model_dtype, model_device = _parameters_dtype_device(model)
+        model_dtype, model_device = model_dtype_device(model)
         if model_dtype is not None and (model_dtype, model_device) != (images.dtype, images.device):
             raise _NotAccelerated(
                 f"inputs are {images.dtype} on {images.device} but the model is {model_dtype} on {model_device}"
@@ -468,7 +460,7 @@ class Occlusion:
         windows, images = plan.windows, plan.inputs
         n, channels, height, width = images.shape
         groups = windows.by_shape()
-        progress = _progress(show_progress, n * len(groups))
+        progress = progress_bar("kfx Occlusion", total=n * len(groups), show=show_progress, unit="it")
         per_example = []
         try:
             for i in range(n):
@@ -509,20 +501,3 @@ class Occlusion:
                 stacklevel=3,
             )
         return captum_occlusion(self.forward_func).attribute(**arguments)
-
-
-def _progress(enabled: bool, total: int):
-    """A tqdm bar over (example, window shape) steps, or a do-nothing stand-in."""
-    if enabled:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc="kfx Occlusion")
-    return _NoProgress()
-
-
-class _NoProgress:
-    def update(self, *_args) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

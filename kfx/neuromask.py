@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kfx.common import model_dtype_device
 from kfx.errors import InputError, ModelError
 from kfx.passes.trace import require_eval_module
 from kfx.validation import as_int, check_class_index
@@ -45,13 +46,6 @@ def _laplacian(w: torch.Tensor) -> torch.Tensor:
     kernel = torch.tensor(_LAPLACIAN_3X3, dtype=w.dtype, device=w.device).view(1, 1, 3, 3)
     padded = F.pad(w[None, None], (1, 1, 1, 1), mode="replicate")
     return F.conv2d(padded, kernel)[0, 0]
-
-
-def _model_dtype_device(model: nn.Module, image: torch.Tensor) -> tuple[torch.dtype, torch.device]:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.dtype.is_floating_point:
-            return tensor.dtype, tensor.device
-    return image.dtype, image.device
 
 
 def _check_number(name: str, value, *, positive: bool) -> float:
@@ -192,7 +186,7 @@ def neuromask(
         raise InputError(
             f"image must be a torch.Tensor [C, H, W] or [1, C, H, W], got {type(image).__name__}"
         )
-    dtype, device = _model_dtype_device(model, image)
+    dtype, device = model_dtype_device(model, default=(image.dtype, image.device))
     image = _check_image(image, dtype)
     out_device = image.device
     x = image.detach().to(device)[None]

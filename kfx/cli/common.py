@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from kfx.common import DEFAULT_BATCH_SIZE
 from kfx.errors import KfxError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_PATCH = 16
-DEFAULT_BATCH_SIZE = 64
 DEFAULT_PICTURE = "{stem}_kfx.png"
 STEM = "{stem}"
 DEMO_STRIDE, DEMO_QUICK_STRIDE = 4, 8
-DEMO_NAIVE_POSITIONS = 64  # per photo: one batch of the default size
+DEMO_NAIVE_POSITIONS = DEFAULT_BATCH_SIZE  # per photo: one batch of the default size
 PROGRESS_DELAY_S = 1.0  # tqdm shows a bar only for runs longer than this
 OCCLUSION_ONLY = ("patch", "stride", "fill", "batch_size", "backend", "tau", "drill_down")
 NEUROMASK_ONLY = ("steps", "seed")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import sys
@@ -29,7 +28,9 @@ from kfx.cli.checks import (
 from kfx.cli.common import EXIT_OK, PROGRESS_DELAY_S
 from kfx.cli.images import _model_input, _named_target, _probabilities, _stem, _target
 from kfx.cli.outputs import Outputs, _json_values, _numpy_values, _writing, plan_outputs
+from kfx.common import follow_progress, progress_bar
 from kfx.errors import ModelError
+from kfx.neuromask import DEFAULT_STEPS
 
 # -- explaining one image ---------------------------------------------------------------------------
 
@@ -63,34 +64,13 @@ class Explanation:
         }
 
 
-def _progress_bar(total: int, desc: str, show: bool):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="pos",
-        delay=PROGRESS_DELAY_S,
-        disable=not show,
-        file=sys.stderr,
-        leave=False,
-    )
-
-
 def run_occlusion(
     engine, image, target, *, batch_size, run_options, desc: str, show_bar: bool
 ) -> kfx.Progress:
     """Compute the map, driving a tqdm bar (positions/s) from the engine's stream; the last step."""
     total = math.prod(engine.patch.grid_shape(tuple(image.shape[-2:])))
-    bar = _progress_bar(total, desc, show_bar)
-    step = None
-    try:
-        for step in engine.stream(image, target, batch_size=batch_size, **run_options):
-            if step.total != bar.total:
-                bar.total = step.total
-            bar.update(step.done - bar.n)
-    finally:
-        bar.close()
+    bar = progress_bar(desc, total=total, show=show_bar, file=sys.stderr, delay=PROGRESS_DELAY_S, leave=False)
+    step = follow_progress(engine.stream(image, target, batch_size=batch_size, **run_options), bar)
     values = step.heatmap.values
     missing = int(torch.isnan(values).sum())
     if missing:  # every cell was run: NaN is the model's arithmetic failing (float16 overflow, ...)
@@ -159,7 +139,7 @@ def _explain_neuromask(
 ) -> Explanation:
     """The NeuroMask mask of one image (kfx.neuromask's defaults unless --steps / --seed)."""
     args = session.args
-    steps = args.steps or inspect.signature(kfx.neuromask).parameters["steps"].default
+    steps = args.steps or DEFAULT_STEPS
     seed = 0 if args.seed is None else args.seed
     started = time.perf_counter()
     mask = kfx.neuromask(session.model, image, target, steps=steps, seed=seed)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from kfx.cli.common import UsageError
+from kfx.common import model_dtype_device
 from kfx.errors import InputError, KfxError, ModelError
 
 # -- images ---------------------------------------------------------------------------------------
@@ -56,14 +57,8 @@ def _model_input(loaded, pixels, name: str, size: int, device: torch.device) -> 
         image = loaded.prepare(pixels, size)
     except KfxError as exc:
         raise InputError(f"{name}: {exc}") from None
-    return image.to(device=device, dtype=_model_dtype(loaded.model))
-
-
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.dtype.is_floating_point:
-            return tensor.dtype
-    return torch.get_default_dtype()
+    dtype, _ = model_dtype_device(loaded.model, default=(torch.get_default_dtype(), device))
+    return image.to(device=device, dtype=dtype)
 
 
 def _probabilities(model: torch.nn.Module, image: torch.Tensor, size: int) -> torch.Tensor:
