@@ -382,7 +382,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="~2 minutes: smaller images, fewer of them")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer, smaller images (EfficientNet at 128x128), VGG16 at stride 8",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--skip", nargs="*", default=(), choices=("digits", "efficientnet_lite0", "vgg16"))
     args = parser.parse_args()

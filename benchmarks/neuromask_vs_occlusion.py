@@ -206,7 +206,7 @@ def plot(results: list[dict], maps: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 photo and 100 NeuroMask steps (about 30 s)")
+    parser.add_argument("--quick", action="store_true", help="1 photo and 100 NeuroMask steps")
     parser.add_argument("--photos", nargs="+", default=None, help=f"skimage.data names (default {PHOTOS})")
     parser.add_argument("--steps", type=int, default=None, help="NeuroMask steps (default: kfx's default)")
     parser.add_argument("--deletion-steps", type=int, default=20)

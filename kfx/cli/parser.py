@@ -18,6 +18,7 @@ from kfx.cli.common import (
 )
 from kfx.cli.demo import _demo
 from kfx.cli.explain import _explain
+from kfx.neuromask import DEFAULT_STEPS
 
 # -- option types (argparse calls them; ArgumentTypeError becomes a one-line usage error) ----------
 
@@ -176,18 +177,17 @@ def _add_explain(subparsers) -> None:
     occlusion.add_argument(
         "--tau",
         type=_tau,
-        help="approximate: projective-field threshold in (0, 1], 1 = exact (needs a kfx build with approximate modes)",
+        help="approximate: projective-field threshold in (0, 1], 1 = exact",
     )
     occlusion.add_argument(
         "--drill-down",
         type=_drill_down,
         metavar="FRACTION:SPEEDUP",
-        help="approximate: adaptive drill-down, e.g. 0.25:3 = kfx.DrillDown(fraction=0.25, "
-        "target_speedup=3) (needs a kfx build with approximate modes)",
+        help="approximate: adaptive drill-down, e.g. 0.25:3 = kfx.DrillDown(fraction=0.25, target_speedup=3)",
     )
     neuromask = parser.add_argument_group("neuromask options")
     neuromask.add_argument(
-        "--steps", type=_positive_int, metavar="N", help="optimisation steps (default kfx.neuromask's, 150)"
+        "--steps", type=_positive_int, metavar="N", help=f"optimisation steps (default {DEFAULT_STEPS})"
     )
     neuromask.add_argument(
         "--seed", type=int, metavar="N", help="seed of the mask's random start (default 0)"
@@ -214,8 +214,8 @@ def _add_demo(subparsers) -> None:
         help="heat maps of the bundled photos and the measured speedup",
         description="Occlusion maps of scikit-image's sample photos with the default model, as one "
         "gallery picture, and kfx's speedup over batched full inference measured in this run "
-        f"(patch {DEFAULT_PATCH}, stride {DEMO_STRIDE}: 2,809 positions per photo, about 3 minutes on a "
-        "quiet 2-core CPU; --quick: 729 per photo, about a minute there).",
+        f"(patch {DEFAULT_PATCH}, stride {DEMO_STRIDE}: 2,809 positions per photo; --quick: stride "
+        f"{DEMO_QUICK_STRIDE}, 729 per photo).",
     )
     _add_model_options(parser)
     parser.add_argument(
@@ -243,7 +243,7 @@ def _add_demo(subparsers) -> None:
         type=_positive_int,
         default=DEFAULT_BATCH_SIZE,
         metavar="N",
-        help="positions per batch, kfx and full inference alike (default 64)",
+        help=f"positions per batch, kfx and full inference alike (default {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no printed lines")
     parser.set_defaults(handler=_demo)
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kfx",
         description="Exact, incremental occlusion heat maps for PyTorch CNNs.",
         epilog="Exit status: 0 success; 2 a bad command line (unknown option, bad option value, patch "
-        "larger than the input, unknown --target, --tau/--drill-down without approximate modes); 1 a "
+        "larger than the input, unknown --target, a --drill-down kfx.DrillDown refuses); 1 a "
         "runtime failure (missing or unreadable image, model or weights that cannot be loaded or "
         "traced, output that cannot be written); 130 interrupted (Ctrl-C). Errors are one line on stderr: "
         "'kfx: error: ...'.",
