@@ -1,6 +1,7 @@
 """The ``kfx`` command line: outputs, exit codes and one-line errors (in-process, tiny model)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,34 +11,12 @@ import torch
 
 import kfx
 from kfx import cli
+from kfx.common import DEFAULT_BATCH_SIZE
 from kfx.models import load_model, read_pixels
+from tests import cli_helpers
+from tests.cli_helpers import SIZE, TINY, assert_one_line_error, run
 
-TINY = "cli_models:tiny"  # tests/cli_models.py; tests/ is on sys.path (pytest's rootdir conftest)
-SIZE = ["--size", "32"]
-
-
-@pytest.fixture
-def image_file(tmp_path):
-    """A small RGB PNG (not square, so it is resized and cropped)."""
-    import skimage.io
-
-    path = tmp_path / "photo.png"
-    pixels = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)
-    skimage.io.imsave(path, pixels, check_contrast=False)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
-    """Default outputs land in the current directory: make it the test's own."""
-    monkeypatch.chdir(tmp_path)
-
-
-def run(capsys, *args):
-    """``kfx ARGS`` in-process: (exit status, stdout, stderr)."""
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+image_file, in_tmp_path = cli_helpers.image_file, cli_helpers.in_tmp_path  # fixtures
 
 
 def tiny_engine_map(
@@ -48,15 +27,6 @@ def tiny_engine_map(
     loaded = load_model(TINY)
     image = loaded.prepare(read_pixels(str(image_path)), size)
     return kfx.compile(loaded.model, tuple(image.shape), patch, batch_size=batch_size)(image, target)
-
-
-def assert_one_line_error(err: str, *fragments: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("kfx: error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, err)
 
 
 # -- explain: outputs ------------------------------------------------------------------------------
@@ -194,20 +164,6 @@ def test_a_file_that_is_not_an_image_names_the_file(capsys, tmp_path):
     code, _, err = run(capsys, "explain", text, "--model", TINY, *SIZE)
     assert code == cli.EXIT_RUNTIME
     assert_one_line_error(err, "notes.png", "cannot read it as an image")
-
-
-@pytest.mark.parametrize(
-    "spec, fragment",
-    [
-        ("nosuchpackage.models:build", "nosuchpackage"),
-        ("bogus", "unknown model"),
-        ("cli_models:not_a_model", "not a torch.nn.Module"),
-    ],
-)
-def test_an_unknown_model_is_named(capsys, image_file, spec, fragment):
-    code, _, err = run(capsys, "explain", image_file, "--model", spec)
-    assert code == cli.EXIT_RUNTIME
-    assert_one_line_error(err, fragment)
 
 
 def test_weights_that_do_not_fit_name_the_file(capsys, image_file, tmp_path):
@@ -363,6 +319,16 @@ def test_python_dash_m_kfx_help():
     )
     assert result.returncode == 0, result.stderr
     assert "explain" in result.stdout and "demo" in result.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["explain"], ["demo"]])
+def test_help_says_what_options_do_not_how_long_they_took(capsys, command):
+    """Timings belong to a machine (the README keeps them with it); every option here is in every build."""
+    assert cli.main([*command, "--help"]) == cli.EXIT_OK
+    text = " ".join(capsys.readouterr().out.split())
+    assert not re.search(r"\bminutes?\b|\d ?(s|seconds?)\b|\bCPU\b|\bcores?\b", text), text
+    assert "kfx build" not in text and "without approximate modes" not in text, text
+    assert f"default {DEFAULT_BATCH_SIZE}" in text or not command  # the batch size comes from kfx.common
 
 
 # -- the pictures -----------------------------------------------------------------------------------------

@@ -11,29 +11,16 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from kfx import cli
+from tests import cli_helpers
+from tests.cli_helpers import SIZE, TINY, assert_one_line_error, run
 
-TINY = "cli_models:tiny"  # tests/cli_models.py
-SIZE = ["--size", "32"]
+image_file, in_tmp_path = cli_helpers.image_file, cli_helpers.in_tmp_path  # fixtures
+
 KFX_ROOT = str(Path(cli.__file__).resolve().parents[2])  # the kfx under test, in the child process too
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def image_file(tmp_path):
-    from PIL import Image
-
-    path = tmp_path / "photo.png"
-    Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)).save(path)
-    return path
 
 
 @pytest.fixture
@@ -50,20 +37,6 @@ def module_dir(tmp_path, monkeypatch):
 
 def write_module(folder, name: str, source: str):
     (folder / f"{name}.py").write_text(textwrap.dedent(source))
-
-
-def run(capsys, *args):
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(err: str, *fragments: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("kfx: error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, err)
 
 
 # -- --model modules that cannot give a model -----------------------------------------------------------
@@ -148,6 +121,9 @@ def test_a_broken_model_module_is_one_line(capsys, image_file, module_dir, case,
         ("cli_models:", "expected package.module:factory"),
         ("kfx_test_no_such_module:build", "No module named 'kfx_test_no_such_module'; check the name"),
         ("cli_models.nothing_here:build", "'cli_models' is not a package; check the name"),
+        ("nosuchpackage.models:build", "nosuchpackage"),
+        ("bogus", "unknown model"),
+        ("cli_models:not_a_model", "not a torch.nn.Module"),
     ],
 )
 def test_a_model_spec_that_names_nothing_says_how_to_name_one(capsys, image_file, spec, fragment):

@@ -16,14 +16,12 @@ from PIL import Image
 import kfx
 from kfx import cli
 from kfx.models import load_model, read_pixels, resize_crop
+from tests import cli_helpers
+from tests.cli_helpers import TINY
 
-TINY = "cli_models:tiny"  # tests/cli_models.py
-SIZE = 32
+in_tmp_path = cli_helpers.in_tmp_path  # an autouse fixture
 
-
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+SIZE = 32  # the input side, as an int: the oracle resizes to it
 
 
 def _rgb(height: int = 40, width: int = 48) -> np.ndarray:

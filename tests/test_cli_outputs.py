@@ -12,30 +12,12 @@ import torch
 import kfx
 from kfx import cli
 from kfx.models import load_model
+from tests import cli_helpers
+from tests.cli_helpers import SIZE, TINY, assert_one_line_error, run
 
-TINY = "cli_models:tiny"  # tests/cli_models.py
-SIZE = ["--size", "32"]
+image_file, in_tmp_path = cli_helpers.image_file, cli_helpers.in_tmp_path  # fixtures
+
 OLD = b"an older file, complete"
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def image_file(tmp_path):
-    from PIL import Image
-
-    path = tmp_path / "photo.png"
-    Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)).save(path)
-    return path
-
-
-def run(capsys, *args):
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def explain(capsys, image_file, *options):
@@ -43,13 +25,6 @@ def explain(capsys, image_file, *options):
     return run(
         capsys, "explain", image_file, "--model", TINY, *SIZE, "--patch", "8", "--stride", "4", *options
     )
-
-
-def assert_one_line_error(err: str, *fragments: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kfx: error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, err)
 
 
 # -- a write that fails midway ----------------------------------------------------------------------
