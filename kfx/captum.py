@@ -42,10 +42,11 @@ A ``perturbations_per_eval`` below 1 raises :class:`kfx.InputError`.
 
 Batch size: Captum's ``perturbations_per_eval`` (default 1) is the number of occluded copies per
 forward call, N of them each. kfx evaluates positions of one image per call, and its speed comes from
-batching them, so it uses ``max(perturbations_per_eval * N, DEFAULT_BATCH_SIZE)`` positions per batch
-(``kfx.common.DEFAULT_BATCH_SIZE``, 64, is ``kfx.compile``'s default): Captum's default of 1 would run one position per call, and a larger
-value still gets at least Captum's number of samples per call. An incremental position costs far less
-memory than a full forward pass; to cap memory anyway, pass ``Occlusion(model, batch_size=...)``.
+batching them, so it uses ``max(perturbations_per_eval * N, DEFAULT_BATCH_SIZE)`` positions per
+batch (``kfx.common.DEFAULT_BATCH_SIZE``, 64, is ``kfx.compile``'s default): Captum's default of 1
+would run one position per call, and a larger value still gets at least Captum's number of samples
+per call. An incremental position costs far less memory than a full forward pass; to cap memory
+anyway, pass ``Occlusion(model, batch_size=...)``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,19 @@
 """Small helpers that several parts of kfx share: the default batch size, the model's dtype and
 device, (h, w) pairs, and progress bars.
 
-A leaf module: it imports only torch, the standard library and kfx.errors (tqdm only when a bar is
-made), so any part of kfx can import it without a cycle.
+A leaf module: it imports only torch, the standard library, kfx.errors and kfx.validation (itself a
+leaf), and tqdm only when a bar is made, so any part of kfx can import it without a cycle.
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 from itertools import chain
 
 import torch
 
 from kfx.errors import InputError
+from kfx.validation import as_int
 
 __all__ = ["DEFAULT_BATCH_SIZE", "model_dtype_device", "int_pair", "progress_bar", "follow_progress"]
 
@@ -45,21 +45,11 @@ def int_pair(value, name: str, error: type[Exception] = InputError) -> tuple[int
     >>> int_pair(3, "stride"), int_pair((16, 8), "patch size"), int_pair([2], "dilation")
     ((3, 3), (16, 8), (2, 2))
     """
-    items = (value,) if _integer(value) is not None else _sequence(value)
-    numbers = [_integer(item) for item in items]
+    items = (value,) if as_int(value) is not None else _sequence(value)
+    numbers = [as_int(item) for item in items]
     if len(numbers) not in (1, 2) or None in numbers:
         raise error(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
     return (numbers[0], numbers[-1])
-
-
-def _integer(value) -> int | None:
-    """``value`` as an int if it is an integer (Python, NumPy or 0-d tensor; not bool), else None."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _sequence(value) -> tuple:
