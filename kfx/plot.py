@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["to_pixels", "plot", "save", "plot_mask", "save_mask", "gallery"]
+__all__ = ["to_pixels", "plot", "save", "plot_mask", "save_mask", "gallery", "picture"]
 
 
 def to_pixels(heatmap) -> torch.Tensor:
@@ -148,11 +148,26 @@ def plot_mask(
     return ax
 
 
-def _figure(figsize: tuple[float, float]):
+def _figure(figsize: tuple[float, float], dpi: float | None = None):
     """A matplotlib Figure outside pyplot: no global state, no window, safe in worker threads."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=figsize)
+    return Figure(figsize=figsize, dpi=dpi)
+
+
+def picture(draw, *, figsize: tuple[float, float] = (6, 5), dpi: int = 100):
+    """What ``draw(ax)`` draws on a fresh Axes, as an RGB array [H, W, 3] of uint8 (e.g. for a web
+    page): ``picture(lambda ax: plot_mask(mask, image, ax=ax))``. Rendered off-screen, outside pyplot.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = _figure(figsize, dpi)
+    canvas = FigureCanvasAgg(fig)
+    draw(fig.add_subplot())
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def save(

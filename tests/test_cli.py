@@ -355,3 +355,19 @@ def test_heatmap_plot_save_and_to_pixels(tmp_path, image_file):
     plot.gallery([(heatmap, image, "a class", "photo")] * 2, tmp_path / "gallery.png", title="two")
     for name in ("map.png", "mask.png", "gallery.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_picture_is_the_saved_png_as_rgb(tmp_path, image_file):
+    """kfx.plot.picture renders what a draw function draws, as save_mask writes it to a PNG."""
+    from PIL import Image
+
+    from kfx import plot
+
+    loaded = load_model(TINY)
+    image = loaded.prepare(read_pixels(str(image_file)), 32)
+    mask = torch.rand(32, 32, generator=torch.Generator().manual_seed(0))
+    got = plot.picture(lambda ax: plot.plot_mask(mask, image, ax=ax, label="a class", steps=3))
+    plot.save_mask(mask, tmp_path / "mask.png", image, label="a class", steps=3, dpi=100)  # picture's dpi
+    saved = np.asarray(Image.open(tmp_path / "mask.png").convert("RGB"))
+    assert got.dtype == np.uint8 and got.shape == (500, 600, 3)
+    assert np.array_equal(got, saved)
