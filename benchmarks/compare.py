@@ -86,11 +86,9 @@ def machine() -> dict:
 
 
 def naive_outputs(model, image, positions, patch, batch_size):
-    outs = []
-    with torch.no_grad():
-        for start in range(0, positions.shape[0], batch_size):
-            outs.append(model(kfx.occlude(image, positions[start : start + batch_size], patch)))
-    return torch.cat(outs)
+    """Batched full inference on occluded copies: kfx's own naive reference, one pass per position."""
+    naive = kfx.NaiveEngine(model, tuple(image.shape[-3:]), patch, batch_size=batch_size)
+    return naive.outputs(image, positions)
 
 
 def kfx_outputs(engine, image, positions, batch_size):

@@ -10,7 +10,7 @@ drill down exactly as the engine does; only the evaluation of a batch differs:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -26,10 +26,17 @@ from kfx.validation import check_batch_size
 __all__ = ["NaiveEngine", "naive_heatmap"]
 
 
-@dataclass(frozen=True)
 class _Unoccluded:
-    image: torch.Tensor  # [1, C, H, W] on the model's device
-    output: torch.Tensor
+    """The unoccluded image; its output is computed when first asked for, so ``outputs()`` runs
+    exactly one forward pass per position (a fair baseline), while maps get the base probability."""
+
+    def __init__(self, model: nn.Module, image: torch.Tensor):
+        self.model, self.image = model, image  # image: [1, C, H, W] on the model's device
+
+    @cached_property
+    def output(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(self.image.clone())
 
 
 class NaiveEngine(OcclusionRunner):
@@ -76,8 +83,7 @@ class NaiveEngine(OcclusionRunner):
         self.batch_size = check_batch_size(batch_size)
 
     def _prepare(self, image: torch.Tensor) -> _Unoccluded:
-        with torch.no_grad():
-            return _Unoccluded(image, self.model(image.clone()))
+        return _Unoccluded(self.model, image)
 
     def _batches(
         self, prepared: _Unoccluded, positions: torch.Tensor, batch_size: int | None

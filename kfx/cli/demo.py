@@ -44,16 +44,14 @@ def time_full_inference(
     model, image, patch, positions, batch_size: int, target: int
 ) -> tuple[float, torch.Tensor]:
     """Seconds to run ``model(kfx.occlude(image, batch, patch))`` over ``positions`` in batches, and
-    the target's probabilities: the baseline kfx replaces (KRYPTON's "naive" full inference)."""
-    probabilities = []
+    the target's probabilities: the baseline kfx replaces (KRYPTON's "naive" full inference,
+    :class:`kfx.NaiveEngine`)."""
+    naive = kfx.NaiveEngine(model, tuple(image.shape[-3:]), patch, batch_size=batch_size)
     _synchronize(image.device)
     started = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, positions.shape[0], batch_size):
-            scores = model(kfx.occlude(image, positions[start : start + batch_size], patch))
-            probabilities.append(torch.softmax(scores, dim=1)[:, target])
+    scores = naive.outputs(image, positions)
     _synchronize(image.device)
-    return time.perf_counter() - started, torch.cat(probabilities).cpu()
+    return time.perf_counter() - started, torch.softmax(scores, dim=1)[:, target].cpu()
 
 
 def _spread_indices(total: int, count: int) -> torch.Tensor:
