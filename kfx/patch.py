@@ -8,26 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kfx.common import int_pair
 from kfx.errors import InputError, PatchError
 from kfx.geometry import heatmap_size
 
 __all__ = ["Patch", "occlude", "grid_positions"]
 
 IntPair = int | tuple[int, int]
-
-
-def _pair(value: IntPair, name: str) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise PatchError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
-    try:
-        h, w = value
-    except (TypeError, ValueError):
-        raise PatchError(f"{name} must be an int or a pair of ints (h, w), got {value!r}") from None
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (h, w)):
-        raise PatchError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
-    return (h, w)
 
 
 @dataclass(frozen=True, init=False)
@@ -51,10 +38,14 @@ class Patch:
     fill: float | tuple[float, ...] | torch.Tensor
 
     def __init__(self, size: IntPair, stride: IntPair | None = None, fill=0.0):
-        size_hw = _pair(size, "patch size")
+        size_hw = int_pair(size, "patch size", PatchError)
         if min(size_hw) < 1:
             raise PatchError(f"patch size must be at least 1 pixel, got {size_hw}")
-        stride_hw = tuple(max(1, s // 4) for s in size_hw) if stride is None else _pair(stride, "stride")
+        stride_hw = (
+            tuple(max(1, s // 4) for s in size_hw)
+            if stride is None
+            else int_pair(stride, "stride", PatchError)
+        )
         if min(stride_hw) < 1:
             raise PatchError(f"stride must be at least 1, got {stride_hw}; use 1 for every position")
         if isinstance(fill, torch.Tensor):
