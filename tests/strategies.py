@@ -286,7 +286,7 @@ def painted(image: torch.Tensor, positions, patch: kfx.Patch) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Branching graphs (DESIGN 2.2 merge nodes): each block maps [C, H, W] -> [C', H', W'].
+# Branching graphs (docs/design.md §2.5 merge nodes): each block maps [C, H, W] -> [C', H', W'].
 
 
 class Residual(nn.Module):

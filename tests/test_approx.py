@@ -1,4 +1,4 @@
-"""Approximate modes (DESIGN 2.5-2.7): projective-field thresholding against an independent oracle,
+"""Approximate modes (docs/design.md §4): projective-field thresholding against an independent oracle,
 the paper's theoretical speedups with tau (static, no inference), adaptive drill-down, tuning.
 
 The thresholding oracle shares only kfx.geometry's equation with the engine: it runs every layer in
@@ -40,7 +40,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
-# -- static: the paper's theoretical speedups with tau ([TR] Fig. 7a, KRYPTON.md 4) ---------------
+# -- static: the paper's theoretical speedups with tau ([TR] Fig. 7a, docs/design.md §8) ---------------
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def test_vgg16_speedup_rises_as_tau_falls():
         kfx.compile(model, (3, 224, 224), kfx.Patch(16, stride=4), tau=tau).cost().theoretical_speedup
         for tau in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
     ]
-    # [Derived] in KRYPTON.md 2.3 reproduces [TR] Fig. 7a with the same equations: 6.52 ... 11.39
+    # [TR] Fig. 7a, reproduced by the same equations (docs/design.md §8): 6.52 ... 11.39
     assert [round(s, 2) for s in speedups] == [6.52, 6.70, 7.22, 7.57, 8.65, 9.20, 11.39]
 
 
@@ -278,7 +278,7 @@ class ResidualNet(nn.Module):
 
 def test_residual_graph_equals_the_oracle():
     """The oracle tracks box tables over every patch coordinate, as the union needs one width for
-    all positions (DESIGN 2.3's uniformity): union per position, widest union, shifted inside."""
+    all positions (docs/design.md §2.5): union per position, widest union, shifted inside."""
     model = ResidualNet().double().eval()
     patch, image, tau = kfx.Patch(4, stride=3), image_for(4, (3, 20, 20)), 0.4
     coords = [range(20 - 4 + 1)] * 2

@@ -396,7 +396,7 @@ def test_doctests():
 
 
 def test_a_replaced_module_recompiles_the_cached_engines():
-    """kfx.captum caches engines per model; replacing a layer must not serve the old one (issue #14)."""
+    """kfx.captum caches engines per model; replacing a layer must not serve the old one."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
     model = model.double().eval()
