@@ -9,25 +9,29 @@ call them directly.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import html
+import math
 import os
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import kfx
-from kfx.engine import Engine, Heatmap, Progress, check_class_index
-from kfx.errors import InputError
+from kfx.engine import Engine, Heatmap, Progress
+from kfx.errors import InputError, KfxError, ModelError
 from kfx.models import SAMPLE_PHOTOS, LoadedModel, read_pixels, resize_crop
 from kfx.patch import Patch, grid_positions, occlude
+from kfx.validation import check_class_index
 
 NAIVE, EXACT, APPROXIMATE, NEUROMASK = "Naive", "Exact", "Approximate", "NeuroMask"
 MODES = (NAIVE, EXACT, APPROXIMATE, NEUROMASK)
@@ -37,6 +41,14 @@ SELECTION_SHAPES = (BRUSH, RECTANGLE)
 DISPLAY_SIDE = 384  # the editor shows the model's square crop at this side, whatever the input size
 RENDER_INTERVAL_S = 0.4  # a matplotlib picture costs ~0.1 s: redraw at most this often while a map fills
 TOP_CLASSES = 5
+# Each action on a photo resizes it from its full resolution (about 3 s for 4096 x 4096 on 2 CPU
+# cores, ten times that for 8000 x 8000), and every session keeps its photo in memory: larger
+# uploads are refused from the file's header, before their pixels are decoded.
+MAX_PHOTO_PIXELS = 4096 * 4096
+# The model input sides the page offers (a model's own size may exceed MAX_INPUT_SIZE).
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 512
+MAX_BATCH_SIZE = 256
+MAX_NEUROMASK_STEPS = 500
 RUN_COLUMNS = [
     "#",
     "mode",
@@ -152,6 +164,9 @@ def read_photo(path: str, name: str | None = None) -> Photo:
     if not os.path.isfile(path):  # also keeps a bare name from being taken for a scikit-image sample
         raise InputError(f"{os.path.basename(path) or path}: no such image file")
     name = name or os.path.basename(path)
+    header = _header_size(path, name)
+    if header is not None:
+        check_photo_size(name, *header)
     try:
         pixels = read_pixels(path)
     except InputError:
@@ -159,7 +174,36 @@ def read_photo(path: str, name: str | None = None) -> Photo:
         raise InputError(
             f"{name} is not an image this page can read; upload a PNG, JPEG, GIF, BMP, TIFF or WebP file"
         ) from None
+    height, width = np.shape(pixels)[:2]
+    check_photo_size(name, width, height)  # a format only read_pixels knows: checked once decoded
     return make_photo(name, pixels)
+
+
+def check_photo_size(name: str, width: int, height: int) -> None:
+    """Refuse a photo of more than :data:`MAX_PHOTO_PIXELS` pixels."""
+    if width * height > MAX_PHOTO_PIXELS:
+        raise InputError(
+            f"{name} is {width}x{height} pixels, more than this page takes ({MAX_PHOTO_PIXELS:,} pixels, "
+            f"e.g. {math.isqrt(MAX_PHOTO_PIXELS)}x{math.isqrt(MAX_PHOTO_PIXELS)}); the model sees at most "
+            f"{MAX_INPUT_SIZE}x{MAX_INPUT_SIZE} of it, so scale it down and upload it again"
+        )
+
+
+def _header_size(path: str, name: str) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding its pixels (Pillow opens lazily);
+    None when Pillow does not know the format."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Image.DecompressionBombError:  # a header claiming far more pixels than Pillow will decode
+        raise InputError(
+            f"{name} is far larger than this page takes ({MAX_PHOTO_PIXELS:,} pixels at most); "
+            "scale it down and upload it again"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
 
 
 def sample_photo(name: str) -> Photo:
@@ -224,12 +268,16 @@ def selection_pixels(layers, size: int, shape: str = BRUSH) -> torch.Tensor | No
     The editor shows the same square crop as the model input at another resolution, so the strokes
     only need resizing.
     """
-    mask = strokes_mask(layers)
-    if mask is None:
+    return _selected_pixels(strokes_mask(layers), size, shape)
+
+
+def _selected_pixels(strokes: np.ndarray | None, size: int, shape: str) -> torch.Tensor | None:
+    """:func:`selection_pixels` from the strokes' mask."""
+    if strokes is None:
         return None
     if shape == RECTANGLE:
-        mask = bounding_rectangle(mask)
-    return torch.from_numpy(_resized_mask(mask, (size, size)))
+        strokes = bounding_rectangle(strokes)
+    return torch.from_numpy(_resized_mask(strokes, (size, size)))
 
 
 def cells_overlapping(pixels: torch.Tensor, patch: Patch) -> torch.Tensor:
@@ -255,16 +303,44 @@ def parse_colour(colour: str) -> tuple[float, float, float]:
     raise InputError(f"patch colour {colour!r} is not a colour; use #rrggbb")
 
 
-def grid_summary(size: int, patch: int, stride: int, strokes=None, shape: str = BRUSH) -> str:
+def _real(name: str, value) -> float:
+    """``value`` as a finite float; InputError naming the setting otherwise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def whole_number(name: str, value, low: int, high: int | None = None) -> int:
+    """``value`` (an int, or the float a slider gives) as an int in [low, high]; InputError otherwise."""
+    number = _real(name, value)
+    if not number.is_integer() or number < low or (high is not None and number > high):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise InputError(f"{name} must be a whole number {bounds}, got {value!r}")
+    return int(number)
+
+
+def check_size(size, max_size: int = MAX_INPUT_SIZE) -> int:
+    """The model input side, checked before any image is resized to it."""
+    return whole_number("input size", size, MIN_INPUT_SIZE, max_size)
+
+
+def grid_summary(
+    size: int, patch: int, stride: int, strokes=None, shape: str = BRUSH, max_size: int = MAX_INPUT_SIZE
+) -> str:
     """How many positions a map at these settings has and how many a selection keeps, for the page
     (or what is wrong with the settings)."""
     try:
-        patch_ = Patch(int(patch), int(stride))
-        h_m, w_m = patch_.grid_shape((int(size), int(size)))
-    except (kfx.KfxError, TypeError, ValueError) as exc:
+        size = check_size(size, max_size)
+        patch_ = Patch(whole_number("patch size", patch, 1), whole_number("stride", stride, 1))
+        h_m, w_m = patch_.grid_shape((size, size))
+    except KfxError as exc:
         return f"{exc}"
-    text = f"{h_m} x {w_m} = {h_m * w_m:,} patch positions on the {int(size)}x{int(size)} input"
-    pixels = selection_pixels(None if strokes is None else [strokes], int(size), shape)
+    text = f"{h_m} x {w_m} = {h_m * w_m:,} patch positions on the {size}x{size} input"
+    pixels = selection_pixels(None if strokes is None else [strokes], size, shape)
     if pixels is None:
         return text + "; no selection (draw on the image to choose positions)"
     selected = int(cells_overlapping(pixels, patch_).sum())
@@ -322,8 +398,35 @@ def _deferred(start_stream) -> Iterator[Progress]:
     yield from start_stream()
 
 
-def _timed_without_grad(steps: Iterator[Progress]) -> Iterator[tuple[Progress, float]]:
-    """Advance ``steps`` with autograd off, yielding each step with the seconds spent computing so far.
+def _never() -> bool:
+    return False
+
+
+class RunCancelled(Exception):
+    """Raised inside a model call when the run's page asked it to stop (Stop, or the page went away)."""
+
+
+class _StoppableModel(nn.Module):
+    """The model, asking ``should_stop`` before each forward pass: NeuroMask is one call of many
+    forward and backward passes, and a forward pass is where it can be interrupted."""
+
+    def __init__(self, model: nn.Module, should_stop: Callable[[], bool]):
+        super().__init__()
+        self.model = model
+        self.should_stop = should_stop
+        self.training = model.training  # its own flag only: eval() would write to the shared model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.should_stop():
+            raise RunCancelled()
+        return self.model(x)
+
+
+def _timed_without_grad(
+    steps: Iterator[Progress], should_stop: Callable[[], bool] = _never
+) -> Iterator[tuple[Progress, float]]:
+    """Advance ``steps`` with autograd off, yielding each step with the seconds spent computing so far;
+    ``should_stop`` is asked before each step and ends the stream when it says True.
 
     Only the time inside ``next()`` counts: drawing the picture and sending it to the page happen
     between steps and would otherwise inflate the run time (more for the slower modes, which
@@ -333,7 +436,7 @@ def _timed_without_grad(steps: Iterator[Progress]) -> Iterator[tuple[Progress, f
     would then record a graph.
     """
     busy = 0.0
-    while True:
+    while not should_stop():
         started = time.perf_counter()
         with torch.no_grad():
             step = next(steps, None)
@@ -397,27 +500,49 @@ class Explorer:
 
     Engines are cached per (input size, patch, stride, fill, tau), the least recently used dropped
     beyond ``max_engines``: compiling traces the model and is worth doing once per setting.
+    ``active_runs`` counts the runs computing now (0 once every page's runs ended or were stopped).
     """
 
     def __init__(self, loaded: LoadedModel, *, batch_size: int = 64, max_engines: int = 6):
         self.loaded = loaded
-        self.batch_size = batch_size
+        self.batch_size = whole_number("batch size", batch_size, 1, MAX_BATCH_SIZE)
         self.max_engines = max_engines
+        self.max_size = max(MAX_INPUT_SIZE, loaded.size)
         self._engines: OrderedDict[tuple, Engine] = OrderedDict()
         self._engines_lock = threading.Lock()
+        self._active_runs = 0
+        self._active_lock = threading.Lock()
+        self._num_classes = len(loaded.labels) if loaded.labels else None  # else known once it predicts
+
+    @property
+    def active_runs(self) -> int:
+        return self._active_runs
+
+    def _count_active(self, change: int) -> None:
+        with self._active_lock:
+            self._active_runs += change
 
     # -- photos and predictions --
     def model_input(self, photo: Photo, size: int) -> torch.Tensor:
         """The model's input [3, size, size] for ``photo`` (resize, centre crop, normalise)."""
-        return self.loaded.prepare(photo.pixels, int(size))
+        return self.loaded.prepare(photo.pixels, check_size(size, self.max_size))
 
     def top_classes(self, photo: Photo, size: int | None = None) -> list[tuple[int, float]]:
         """(class index, probability) of the most probable classes on the unoccluded photo."""
-        image = self.model_input(photo, size or self.loaded.size)
+        image = self.model_input(photo, self.loaded.size if size is None else size)
         model = self.loaded.model
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with torch.no_grad():
-            probs = torch.softmax(model(image[None].to(device)), dim=1)[0].cpu()
+        try:
+            with torch.no_grad():
+                scores = model(image[None].to(device))
+        except Exception as exc:  # the user's model: say which input it failed on
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise ModelError(
+                f"the model failed on a {image.shape[-1]}x{image.shape[-1]} input ({type(exc).__name__}: "
+                f"{first}); choose another input size"
+            ) from None
+        probs = torch.softmax(scores, dim=1)[0].cpu()
+        self._num_classes = probs.numel()
         top = probs.topk(min(TOP_CLASSES, probs.numel()))
         return [(int(i), float(p)) for p, i in zip(top.values, top.indices)]
 
@@ -457,42 +582,100 @@ class Explorer:
             return engine, time.perf_counter() - started
 
     # -- runs --
-    def check_run(self, photo: Photo | None, settings: MapSettings) -> Patch:
-        """Refuse, with a message for the page, what cannot run; the patch when all is well."""
+    def check_settings(self, settings: MapSettings, *, selection: bool = False) -> MapSettings:
+        """``settings`` checked, as ints and floats (sliders deliver floats), before any image is
+        resized or engine compiled; :class:`kfx.InputError` says what to change. Only what the mode
+        uses is checked (NeuroMask has no patch)."""
+        mode = settings.mode
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        checked = {
+            "size": check_size(settings.size, self.max_size),
+            "target": self.check_target(settings.target),
+        }
+        if mode == NEUROMASK:
+            steps = whole_number("NeuroMask steps", settings.neuromask_steps, 1, MAX_NEUROMASK_STEPS)
+            return dataclasses.replace(settings, **checked, neuromask_steps=steps)
+        if settings.selection_shape not in SELECTION_SHAPES:
+            raise InputError(
+                f"unknown selection {settings.selection_shape!r}; choose one of {', '.join(SELECTION_SHAPES)}"
+            )
+        checked.update(
+            patch=whole_number("patch size", settings.patch, 1),
+            stride=whole_number("stride", settings.stride, 1),
+            batch_size=whole_number("positions per batch", settings.batch_size, 1, MAX_BATCH_SIZE),
+            drill_down=mode == APPROXIMATE and bool(settings.drill_down),
+        )
+        parse_colour(settings.fill)
+        if mode == APPROXIMATE:
+            checked["tau"] = _real("tau", settings.tau)
+            if not 0.0 < checked["tau"] <= 1.0:
+                raise InputError(f"tau must be in (0, 1] (1 = exact), got {settings.tau!r}")
+        checked = dataclasses.replace(settings, **checked)
+        if checked.drill_down:
+            if selection:
+                raise InputError(
+                    "drill-down chooses its own positions: clear the selection, or turn drill-down off"
+                )
+            drill_down_of(checked)  # its fraction and speedup
+        return checked
+
+    def check_target(self, target) -> int | None:
+        """The class to explain (None: the predicted one), checked against the model's classes when
+        they are known (its labels, or its last prediction)."""
+        if target is None:
+            return None
+        bound = None if self._num_classes is None else self._num_classes - 1
+        return whole_number("class index", target, 0, bound)
+
+    def check_run(
+        self, photo: Photo | None, settings: MapSettings, *, selection: bool = False
+    ) -> tuple[MapSettings, Patch | None]:
+        """Refuse, with a message for the page, what cannot run; the checked settings and the patch
+        (None for NeuroMask) when all is well."""
         if photo is None:
             raise InputError("load an image first: upload one or pick a sample")
-        if settings.mode not in MODES:
-            raise InputError(f"unknown mode {settings.mode!r}; choose one of {', '.join(MODES)}")
-        if int(settings.batch_size) < 1:
-            raise InputError(f"batch size must be at least 1, got {settings.batch_size}")
+        settings = self.check_settings(settings, selection=selection)
+        if settings.mode == NEUROMASK:
+            return settings, None
         patch = self.patch(settings)
         height, width = photo.pixels.shape[:2]
-        if settings.mode != NEUROMASK and min(height, width) < max(patch.size):
+        if min(height, width) < max(patch.size):
             raise InputError(
                 f"the image is {width}x{height} pixels, smaller than the {patch.size[0]}-pixel patch; "
                 "upload a larger image or choose a smaller patch"
             )
-        patch.check_fits((int(settings.size), int(settings.size)))
-        return patch
+        patch.check_fits((settings.size, settings.size))
+        return settings, patch
 
-    def run(self, photo: Photo | None, layers, settings: MapSettings) -> Iterator[Frame]:
+    def run(
+        self, photo: Photo | None, layers, settings: MapSettings, should_stop: Callable[[], bool] = _never
+    ) -> Iterator[Frame]:
         """One run of ``settings.mode`` as a stream of frames; the last one carries the run's record.
 
         ``layers`` are the editor's drawing layers: brush strokes restrict the patch positions to
         the cells they touch (interactive mode). Raises :class:`kfx.KfxError` for bad input before
-        the first frame computes anything. Closing the generator cancels the run after the batch in
-        flight.
+        the first frame computes anything. ``should_stop`` is asked between batches (NeuroMask:
+        between optimisation steps); when it says True the run ends without a record. Closing the
+        generator cancels the run after the batch in flight.
         """
-        patch = self.check_run(photo, settings)
-        size = int(settings.size)
-        image = self.model_input(photo, size)
-        display = resize_crop(photo.pixels, size)
-        if settings.mode == NEUROMASK:
-            yield from self._run_neuromask(photo, image, display, settings)
-            return
-        pixels = selection_pixels(layers, size, settings.selection_shape)
-        steps, label_mode, notes = yield from self._map_steps(image, pixels, patch, settings)
-        yield from self._show_steps(steps, photo, display, patch, settings, label_mode, notes)
+        strokes = strokes_mask(layers)
+        settings, patch = self.check_run(photo, settings, selection=strokes is not None)
+        self._count_active(+1)
+        try:
+            size = settings.size
+            image = self.model_input(photo, size)
+            display = resize_crop(photo.pixels, size)
+            if settings.mode == NEUROMASK:
+                yield from self._run_neuromask(photo, image, display, settings, should_stop)
+                return
+            pixels = _selected_pixels(strokes, size, settings.selection_shape)
+            steps, label_mode, notes = yield from self._map_steps(image, pixels, patch, settings)
+            yield from self._show_steps(
+                steps, photo, display, patch, settings, label_mode, notes, should_stop
+            )
+        finally:
+            self._count_active(-1)
 
     def _map_steps(self, image, pixels, patch, settings):
         """The stream of :class:`Progress` for the chosen patch mode (compiling first if needed);
@@ -524,14 +707,8 @@ class Explorer:
         if compile_seconds:
             notes.append(f"compiled in {compile_seconds:.1f} s (cached for the next runs)")
         options = {}  # tau, for the approximate mode, is compiled into the engine
-        if settings.mode == APPROXIMATE and settings.drill_down:
-            if cells is not None:
-                raise InputError(
-                    "drill-down chooses its own positions: clear the selection, or turn drill-down off"
-                )
-            options["drill_down"] = kfx.DrillDown(
-                fraction=float(settings.fraction), target_speedup=float(settings.target_speedup)
-            )
+        if settings.drill_down:  # checked with the settings: never with a selection
+            options["drill_down"] = drill_down_of(settings)
             notes.append(
                 "drill-down: a coarse stage 1, the rest interpolated, then the target stride where the "
                 "drops are largest"
@@ -548,12 +725,14 @@ class Explorer:
         """The run's name, saying which class it explains when that is not the predicted one."""
         return label if settings.target is None else f"{label} for {self.loaded.label(settings.target)}"
 
-    def _show_steps(self, steps, photo, display, patch, settings, label_mode, notes) -> Iterator[Frame]:
+    def _show_steps(
+        self, steps, photo, display, patch, settings, label_mode, notes, should_stop=_never
+    ) -> Iterator[Frame]:
         """Frames from a stream of progress steps: redrawn at most every RENDER_INTERVAL_S, and
         always at the end; the stream is closed however the run ends (a Stop closes this generator)."""
         last_render = 0.0
         try:
-            for step, seconds in _timed_without_grad(steps):
+            for step, seconds in _timed_without_grad(steps, should_stop):
                 finished = step.done >= step.total
                 title = f"{label_mode}: {'done' if finished else 'running'}"
                 detail = _step_detail(step, seconds)
@@ -571,8 +750,9 @@ class Explorer:
             if close is not None:
                 close()
 
-    def _run_neuromask(self, photo, image, display, settings) -> Iterator[Frame]:
-        """NeuroMask: one optimisation (no batches to show), then the mask over the image."""
+    def _run_neuromask(self, photo, image, display, settings, should_stop=_never) -> Iterator[Frame]:
+        """NeuroMask: one optimisation (no batches to show), then the mask over the image; it ends
+        early, with no frame, at the first step after ``should_stop`` says True."""
         steps = int(settings.neuromask_steps)
         yield Frame(
             None,
@@ -581,7 +761,12 @@ class Explorer:
             ),
         )
         started = time.perf_counter()
-        mask = kfx.neuromask(self.loaded.model, image, settings.target, steps=steps)
+        try:
+            mask = kfx.neuromask(
+                _StoppableModel(self.loaded.model, should_stop), image, settings.target, steps=steps
+            )
+        except RunCancelled:
+            return
         seconds = time.perf_counter() - started
         target = self.top_classes(photo, settings.size)[0][0] if settings.target is None else settings.target
         picture = render_mask(mask, display, self.loaded.label(target), steps)
@@ -619,6 +804,14 @@ class Explorer:
             seconds,
             int(step.heatmap.evaluated.sum()),
         )
+
+
+def drill_down_of(settings: MapSettings) -> kfx.DrillDown:
+    """The drill-down the settings ask for (kfx.DrillDown checks its fraction and speedup)."""
+    return kfx.DrillDown(
+        fraction=_real("drill-down fraction", settings.fraction),
+        target_speedup=_real("drill-down target speedup", settings.target_speedup),
+    )
 
 
 def _side(pair: tuple[int, int]) -> str:

@@ -17,10 +17,13 @@ Needs the ``ui`` extra: ``pip install 'kfx[ui]'``. From Python::
 from __future__ import annotations
 
 import argparse
+import errno
 import html
 import logging
 import os
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -99,31 +102,40 @@ PREDICTED_CLASS = -1  # the class menu's value for "the predicted class"
 def _settings(
     mode, size, patch, stride, fill, batch_size, tau, drill_down, fraction, speedup, steps, shape, target
 ):
-    """The page's controls as :class:`MapSettings` (sliders may deliver floats)."""
+    """The page's controls as :class:`MapSettings`, as they come (sliders may deliver floats):
+    :meth:`core.Explorer.check_settings` checks and converts them."""
     return core.MapSettings(
         mode=mode,
-        size=int(size),
-        patch=int(patch),
-        stride=int(stride),
+        size=size,
+        patch=patch,
+        stride=stride,
         fill=fill,
-        batch_size=int(batch_size),
-        tau=float(tau),
-        drill_down=bool(drill_down),
-        fraction=float(fraction),
-        target_speedup=float(speedup),
-        neuromask_steps=int(steps),
+        batch_size=batch_size,
+        tau=tau,
+        drill_down=drill_down,
+        fraction=fraction,
+        target_speedup=speedup,
+        neuromask_steps=steps,
         selection_shape=shape,
-        target=None if target in (None, PREDICTED_CLASS) else int(target),
+        target=None if target in (None, PREDICTED_CLASS) else target,
     )
 
 
 @dataclass
 class RunControl:
-    """Per browser session (a ``gr.State``, shared by the Run and Stop handlers): when the current
-    run started and when Stop was last pressed (``time.monotonic()``)."""
+    """Per browser session (a ``gr.State``, shared by the Run and Stop handlers), in
+    ``time.monotonic()`` seconds: when Run was last pressed, when the current run started, and when
+    Stop was last pressed (or the page went away). A Stop ends every run asked for before it."""
 
+    requested: float = 0.0
     started: float = 0.0
     stop_requested: float = -1.0
+
+    def request(self) -> None:
+        self.requested = time.monotonic()
+
+    def stop(self) -> None:
+        self.stop_requested = time.monotonic()
 
 
 _STOPPED = core.status_html("Stopped", detail="the map shows the positions evaluated before Stop")
@@ -136,10 +148,12 @@ class Handlers:
     def __init__(self, explorer: core.Explorer, gr):
         self.explorer = explorer
         self.gr = gr
+        self._sessions: dict[str, RunControl] = {}  # the run control of each page that ran a map
+        self._sessions_lock = threading.Lock()
 
     def _loaded(self, photo: core.Photo, size) -> tuple:
         """A new photo: shown without strokes, predicted; the old selection is gone."""
-        prediction = self.explorer.predict(photo, int(size))
+        prediction = self.explorer.predict(photo, size)
         return photo, editor_value(photo), prediction, "", None
 
     def upload(self, path, size) -> tuple:
@@ -166,7 +180,7 @@ class Handlers:
         if photo is None:
             return self.gr.skip()
         try:
-            return self.explorer.predict(photo, int(size))
+            return self.explorer.predict(photo, size)
         except Exception as exc:
             _warn(self.gr, exc)
             return self.gr.skip()
@@ -176,7 +190,7 @@ class Handlers:
         if photo is None:
             return self.gr.skip()
         try:
-            choices = self.explorer.class_choices(photo, int(size))
+            choices = self.explorer.class_choices(photo, size)
         except Exception as exc:
             _warn(self.gr, exc)
             return self.gr.skip()
@@ -205,32 +219,49 @@ class Handlers:
 
     def grid(self, size, patch, stride, strokes=None, shape=core.BRUSH) -> str:
         """How many positions a run evaluates at these settings (and how many the selection keeps)."""
-        return core.grid_summary(int(size), int(patch), int(stride), strokes, shape)
+        return core.grid_summary(size, patch, stride, strokes, shape, max_size=self.explorer.max_size)
 
-    def run(self, photo, strokes, runs, control: RunControl, *controls):
+    def run(self, photo, strokes, runs, control: RunControl, *controls, session: str | None = None):
         """One run, streamed: yields (heat map, status, runs table, runs, message) after each batch.
 
-        Stop reaches a run two ways: Gradio's cancel closes this generator (and with it the
-        engine's stream), and, since that cancel can come late or miss a run that has just started,
-        the run also checks ``control`` between batches and ends itself.
+        Stop reaches a run through ``control``: the run asks it before each batch (NeuroMask: each
+        optimisation step) and ends itself, with a last frame saying so; a run still queued when
+        Stop was pressed ends as it starts. When the page of ``session`` goes away,
+        :meth:`page_closed` stops the run the same way (Gradio also closes this generator then, but
+        only between steps).
         """
         skip = self.gr.skip()
         runs = list(runs or [])
         started = time.monotonic()
         control.started = started
+        asked = control.requested or started  # when the page asked for this run
+        if session is not None:
+            with self._sessions_lock:
+                self._sessions[session] = control
+
+        def should_stop() -> bool:
+            return control.stop_requested > asked
+
         frames = None
+        finished = False
         try:
+            if should_stop():
+                yield skip, _STOPPED, skip, skip, ""
+                return
             settings = _settings(*controls)
-            frames = self.explorer.run(photo, None if strokes is None else [strokes], settings)
+            layers = None if strokes is None else [strokes]
+            frames = self.explorer.run(photo, layers, settings, should_stop)
             for frame in frames:
-                if control.stop_requested > started:
-                    yield skip, _STOPPED, skip, skip, ""
-                    return
+                if should_stop():  # the batch in flight at Stop: its frame must not say "running" again
+                    break
                 if frame.record is not None:
                     runs.append(frame.record)
+                    finished = True
                 picture = skip if frame.picture is None else frame.picture
                 table = core.runs_table_html(runs) if frame.record is not None else skip
                 yield picture, frame.status, table, runs, ""
+            if not finished and should_stop():
+                yield skip, _STOPPED, skip, skip, ""
         except Exception as exc:
             message = _warn(self.gr, exc)
             yield skip, core.status_html("Not run", detail="see the message below"), skip, skip, message
@@ -238,10 +269,23 @@ class Handlers:
             if frames is not None:
                 frames.close()
 
+    def page_closed(self, session: str) -> None:
+        """The page of ``session`` went away: its run, if any, stops at its next batch or step
+        (Gradio closes a run's stream only between steps, and only once the step in flight ends)."""
+        with self._sessions_lock:
+            control = self._sessions.pop(session, None)
+        if control is not None:
+            control.stop()
+
+    @staticmethod
+    def request_run(control: RunControl) -> None:
+        """Run pressed: the time a later Stop compares with (the run itself may wait in the queue)."""
+        control.request()
+
     @staticmethod
     def stop(status: str, control: RunControl) -> str:
         """Stop pressed: tell the running map (if any) to end; only a run in progress becomes 'stopped'."""
-        control.stop_requested = time.monotonic()
+        control.stop()
         if control.started > 0 and status and ("running" in status or "Compiling" in status):
             return _STOPPED
         return status
@@ -344,16 +388,26 @@ def build_app(loaded_model: LoadedModel, *, batch_size: int = 64, explorer: core
                         )
                 with gr.Accordion("NeuroMask", open=False) as neuromask_knobs:
                     steps = gr.Slider(
-                        1, 500, value=150, step=1, label="optimisation steps", elem_id="kfx-steps"
+                        1,
+                        core.MAX_NEUROMASK_STEPS,
+                        value=150,
+                        step=1,
+                        label="optimisation steps",
+                        elem_id="kfx-steps",
                     )
                     gr.Markdown("*NeuroMask learns a mask over the whole image; a selection does not apply.*")
                 with gr.Accordion("More settings", open=False):
                     input_size = gr.Slider(
-                        32, 512, value=size, step=1, label="Input size (pixels per side)", elem_id="kfx-size"
+                        core.MIN_INPUT_SIZE,
+                        explorer.max_size,
+                        value=size,
+                        step=1,
+                        label="Input size (pixels per side)",
+                        elem_id="kfx-size",
                     )
                     batch = gr.Slider(
                         1,
-                        256,
+                        core.MAX_BATCH_SIZE,
                         value=explorer.batch_size,
                         step=1,
                         label="Positions per batch",
@@ -421,14 +475,30 @@ def build_app(loaded_model: LoadedModel, *, batch_size: int = 64, explorer: core
             shape,
             target,
         ]
-        running = run_button.click(
-            handlers.run,
+
+        def run_in_session(request, photo, strokes, runs, control, *controls):
+            yield from handlers.run(photo, strokes, runs, control, *controls, session=request.session_hash)
+
+        def page_closed(request):
+            handlers.page_closed(request.session_hash)
+
+        # Gradio passes the request to a parameter annotated gr.Request; set here, as an object,
+        # because this module's annotations are strings and Gradio is imported only when needed.
+        run_in_session.__annotations__ = page_closed.__annotations__ = {"request": gr.Request}
+        app.unload(page_closed)
+        # Run stamps the session's RunControl (at once, unqueued), then queues the run. Stop only
+        # tells the RunControl: the run ends itself at its next batch or step. Gradio's own cancel
+        # is not used: while it waits for the batch in flight, the page drops (or, deferred, may
+        # lose) a Run pressed after Stop.
+        run_button.click(handlers.request_run, [run_control], None, queue=False, show_progress="hidden").then(
+            run_in_session,
             [photo, strokes, runs, run_control, *controls],
             [heatmap, status, table, runs, message],
             concurrency_limit=1,  # one engine run at a time: engines cache the image's activations
             show_progress="hidden",  # the status line is the progress indicator
+            trigger_mode="always_last",  # Run pressed while a run ends: run next, not dropped
         )
-        stop_button.click(handlers.stop, [status, run_control], [status], cancels=[running], queue=False)
+        stop_button.click(handlers.stop, [status, run_control], [status], queue=False)
     return app
 
 
@@ -440,18 +510,20 @@ def launch(
     batch_size: int = 64,
     block: bool = True,
     quiet: bool = False,
+    explorer: core.Explorer | None = None,
 ):
     """Serve the explorer for ``loaded_model`` (default: EfficientNet-Lite0) at http://host:port.
 
     ``block=False`` returns the running ``gradio.Blocks`` at once (call ``.close()`` to stop it);
-    otherwise this returns when the server is stopped (Ctrl-C).
+    otherwise this returns when the server is stopped (Ctrl-C). ``explorer`` serves an
+    :class:`core.Explorer` made by the caller (e.g. to watch its ``active_runs``).
     """
     gr = _gradio()
     if loaded_model is None:
         from kfx.models import load_model
 
         loaded_model = load_model()
-    app = build_app(loaded_model, batch_size=batch_size)
+    app = build_app(loaded_model, batch_size=batch_size, explorer=explorer)
     app.queue(default_concurrency_limit=1)
     theme = gr.themes.Default(font=_SYSTEM_FONTS, font_mono=_MONO_FONTS)
     app.launch(
@@ -472,10 +544,32 @@ def launch(
 # -- command line -------------------------------------------------------------------------------
 
 
+def _port(text: str) -> int:
+    """A TCP port a server can listen on: 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {value}")
+    return value
+
+
+def _batch_size(text: str) -> int:
+    """Positions per batch: what the page's batch slider offers."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= core.MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {core.MAX_BATCH_SIZE}, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``kfx serve`` options, for a parser of its own or a subcommand's."""
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument(
         "--model",
         default=None,
@@ -484,20 +578,76 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--weights", default=None, help="a state_dict file for a torchvision or factory model"
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="positions per batch (default 64)")
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=64,
+        help=f"positions per batch, 1 to {core.MAX_BATCH_SIZE} (default 64)",
+    )
+    parser.epilog = (
+        "Exit status: 0 stopped with Ctrl-C; 2 a bad command line (bad option value, a --host that is "
+        "not an address of this machine, Gradio not installed); 1 a runtime failure (port in use, a "
+        "model or weights that cannot be loaded, a server that does not start)."
+    )
     return parser
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse, before the model loads, an address the server could not listen on.
+
+    Raises kfx.cli.UsageError (exit 2) for a host that is unknown or not an address of this
+    machine, :class:`kfx.KfxError` (exit 1) for a port in use or not allowed.
+    """
+    from kfx.cli import UsageError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UsageError(
+            f"--host {host}: unknown host ({getattr(exc, 'strerror', None) or exc}); use 127.0.0.1 "
+            "(this machine only) or one of this machine's addresses"
+        ) from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise UsageError(
+                    f"--host {host}: not an address of this machine, so the server cannot listen on it; "
+                    "use 127.0.0.1 (this machine only) or 0.0.0.0 (every network interface)"
+                ) from None
+            if exc.errno == errno.EADDRINUSE:
+                raise KfxError(
+                    f"port {port} on {host} is in use (another server?); choose another with --port"
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise KfxError(
+                    f"port {port} on {host}: permission denied (ports below 1024 need administrator "
+                    "rights); choose a port from 1024 up with --port"
+                ) from None
+            raise KfxError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load the model and serve until Ctrl-C; 0 on a clean stop, 2 when the model or Gradio is missing."""
+    """Check the address, load the model and serve until Ctrl-C (then 0).
+
+    Failures are raised for :func:`kfx.cli.main` to print as one line: kfx.cli.UsageError (exit 2)
+    for Gradio missing or an address this machine does not have, :class:`kfx.KfxError` or
+    ``OSError`` (exit 1) for a port in use, a model that cannot be loaded, a server that does not
+    start.
+    """
+    from kfx.cli import UsageError
     from kfx.models import load_model
 
     try:
         _gradio()
-        loaded = load_model(args.model, args.weights)
     except KfxError as exc:
-        print(f"kfx serve: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
+    check_address(args.host, args.port)
+    loaded = load_model(args.model, args.weights)
     import matplotlib
 
     matplotlib.use("Agg")  # pictures are drawn in worker threads; never open a window
@@ -508,16 +658,22 @@ def run(args: argparse.Namespace) -> int:
         launch(loaded, host=args.host, port=args.port, batch_size=args.batch_size, block=True, quiet=True)
     except KeyboardInterrupt:
         pass
-    except OSError as exc:  # e.g. the port is taken
-        print(f"kfx serve: {exc}", file=sys.stderr)
-        return 1
+    except KfxError:
+        raise
+    except Exception as exc:  # e.g. the port was taken since the check; Gradio's words, on one line
+        log.debug("the server did not start", exc_info=True)
+        raise KfxError(
+            f"the explorer's server did not start on {args.host}:{args.port} ({type(exc).__name__}: {exc})"
+        ) from None
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``kfx serve`` as a program: ``python -m kfx.serve --port 7860``."""
-    parser = add_arguments(argparse.ArgumentParser(prog="kfx serve", description=__doc__.splitlines()[0]))
-    return run(parser.parse_args(argv))
+    """``kfx serve`` as a program: ``python -m kfx.serve --port 7860`` (the same as ``kfx serve``:
+    the same options, messages and exit status)."""
+    from kfx.cli import main as kfx_main
+
+    return kfx_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

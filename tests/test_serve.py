@@ -228,6 +228,174 @@ def test_closing_a_run_stops_the_engine_before_its_next_batch(explorer, photo):
         hook.remove()
 
 
+def small_png(tmp_path, name: str, width: int, height: int) -> Path:
+    """A 1-bit PNG: a few bytes on disk for any number of pixels."""
+    from PIL import Image
+
+    path = tmp_path / name
+    Image.new("1", (width, height)).save(path)
+    return path
+
+
+def test_an_oversized_upload_is_refused_from_its_header_before_decoding(tmp_path, monkeypatch):
+    decoded = []
+    monkeypatch.setattr(core, "read_pixels", lambda path: decoded.append(path))
+    side = math.isqrt(core.MAX_PHOTO_PIXELS) + 1  # 4097 x 4097: one row and column over the limit
+    path = small_png(tmp_path, "huge.png", side, side)
+    with pytest.raises(kfx.InputError, match=rf"huge.png is {side}x{side} pixels, more than this page takes"):
+        core.read_photo(str(path))
+    assert decoded == []  # refused from the header: the pixels were never decoded
+
+
+def test_the_photo_size_limit_is_inclusive_and_also_checked_after_decoding(tmp_path, monkeypatch):
+    monkeypatch.setattr(core, "MAX_PHOTO_PIXELS", 40 * 30)
+    assert core.read_photo(str(small_png(tmp_path, "ok.png", 40, 30))).pixels.shape == (30, 40, 3)
+    with pytest.raises(kfx.InputError, match="41x30 pixels"):
+        core.read_photo(str(small_png(tmp_path, "over.png", 41, 30)))
+    # a format Pillow cannot size from its header is checked once decoded
+    monkeypatch.setattr(core, "_header_size", lambda path, name: None)
+    with pytest.raises(kfx.InputError, match="41x30 pixels"):
+        core.read_photo(str(small_png(tmp_path, "over.png", 41, 30)))
+
+
+def test_handler_shows_an_oversized_upload_as_a_message(handlers, tmp_path):
+    side = math.isqrt(core.MAX_PHOTO_PIXELS) + 1
+    with pytest.warns(UserWarning):
+        *values, message, _strokes, _sample = handlers.upload(
+            str(small_png(tmp_path, "big.png", side, 2 * side)), SIZE
+        )
+    assert f"big.png is {side}x{2 * side} pixels" in message and 'class="kfx-error"' in message
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Counts what a run must not reach with bad settings: resizing the photo, compiling, the model."""
+    import kfx.models
+
+    work = []
+    for module in (core, kfx.models):
+        monkeypatch.setattr(module, "resize_crop", lambda *a, **k: work.append("resize"))
+    monkeypatch.setattr(kfx, "compile", lambda *a, **k: work.append("compile"))
+    return work
+
+
+@pytest.mark.parametrize(
+    "layers, changes, message",
+    [
+        ([stroke_layer()], dict(mode=core.APPROXIMATE, drill_down=True), "drill-down chooses its own"),
+        # a speedup of 1 is the page's slider minimum
+        (None, dict(mode=core.APPROXIMATE, drill_down=True, target_speedup=1.0), "above 1"),
+        (None, dict(mode=core.APPROXIMATE, drill_down=True, fraction=0.5), "cannot reach speedup 3"),
+        (None, dict(mode=core.APPROXIMATE, tau=0.0), r"tau must be in \(0, 1\]"),
+        (None, dict(target=99), "class index must be a whole number from 0 to 5"),
+        (None, dict(size=None), "input size must be a number, got None"),
+        (None, dict(size=10_000), "input size must be a whole number from 32 to 512"),
+        (None, dict(size=64.5), "input size must be a whole number"),
+        (None, dict(batch_size=1000), "positions per batch must be a whole number from 1 to 256"),
+        (None, dict(patch=float("nan")), "patch size must be a finite number"),
+        (None, dict(selection_shape="Lasso"), "unknown selection"),
+        (None, dict(mode=core.NEUROMASK, neuromask_steps=0), "NeuroMask steps must be a whole number"),
+    ],
+)
+def test_bad_settings_are_refused_before_resizing_or_compiling(
+    explorer, photo, no_work, layers, changes, message
+):
+    with pytest.raises(kfx.InputError, match=message):
+        next(explorer.run(photo, layers, settings(**changes)))
+    assert no_work == [] and explorer.active_runs == 0
+
+
+def test_neuromask_ignores_the_patch_settings(explorer, photo):
+    # NeuroMask has no patch: a patch larger than the input (or a bad colour) must not refuse it
+    final = last_frame(
+        explorer.run(photo, None, settings(mode=core.NEUROMASK, patch=100, fill="?", neuromask_steps=2))
+    )
+    assert final.record.kind == core.NEUROMASK
+
+
+def test_a_model_failing_at_an_input_size_is_named_as_such():
+    from tests.serve_models import fixed_size_loaded
+
+    explorer = core.Explorer(fixed_size_loaded())
+    assert len(explorer.predict(core.sample_photo("coffee"), 64)) == core.TOP_CLASSES
+    with pytest.raises(kfx.ModelError, match="the model failed on a 32x32 input .*choose another input size"):
+        explorer.predict(core.sample_photo("coffee"), 32)
+
+
+def count_forwards_then(model, after: int, action):
+    """A forward hook that counts the model's calls and runs ``action`` once, at call ``after``."""
+    calls = []
+
+    def hook(*_):
+        calls.append(1)
+        if len(calls) == after:
+            action()
+
+    return calls, model.register_forward_pre_hook(hook)
+
+
+def test_neuromask_stops_between_its_optimisation_steps(explorer, photo):
+    stop = []
+    calls, hook = count_forwards_then(explorer.loaded.model, 4, lambda: stop.append(True))
+    try:
+        frames = list(
+            explorer.run(photo, None, settings(mode=core.NEUROMASK, neuromask_steps=100), lambda: bool(stop))
+        )
+    finally:
+        hook.remove()
+    # the base prediction and 3 steps ran; Stop came during step 3, and step 4 never reached the model
+    assert len(calls) == 4 and all(frame.record is None for frame in frames)
+    assert explorer.active_runs == 0
+
+
+@pytest.mark.parametrize("how", ["Stop", "page closed"])
+def test_stop_or_a_closed_page_ends_a_neuromask_run_at_its_next_step(handlers, photo, explorer, how):
+    from kfx.serve import RunControl
+
+    control = RunControl()
+    neuromask = (core.NEUROMASK, SIZE) + CONTROLS[2:10] + (100,) + CONTROLS[11:]
+    if how == "Stop":
+        action = lambda: handlers.stop(core.status_html("NeuroMask: running"), control)  # noqa: E731
+    else:
+        action = lambda: handlers.page_closed("session-1")  # noqa: E731
+    calls, hook = count_forwards_then(explorer.loaded.model, 5, action)
+    try:
+        outputs = list(handlers.run(photo, None, [], control, *neuromask, session="session-1"))
+    finally:
+        hook.remove()
+    assert len(calls) == 5  # the step in flight ended, then nothing: not the 100 steps asked for
+    assert "Stopped" in outputs[-1][1] and all(not runs for *_, runs, _ in outputs if isinstance(runs, list))
+    assert explorer.active_runs == 0
+
+
+def test_a_run_still_queued_when_stop_was_pressed_ends_as_it_starts(handlers, photo, explorer):
+    from kfx.serve import RunControl
+
+    control = RunControl()
+    handlers.request_run(control)  # Run pressed: the run waits in the queue behind other pages' runs
+    handlers.stop(core.status_html("Ready"), control)  # then Stop
+    calls, hook = count_forwards_then(explorer.loaded.model, 0, lambda: None)
+    try:
+        outputs = list(handlers.run(photo, None, [], control, *CONTROLS))
+    finally:
+        hook.remove()
+    assert len(outputs) == 1 and "Stopped" in outputs[0][1] and calls == []
+    handlers.request_run(control)  # Run pressed after the Stop: it runs
+    *_, (_, status, _, runs, _) = handlers.run(photo, None, [], control, *CONTROLS)
+    assert "Exact: done" in status and len(runs) == 1
+
+
+def test_active_runs_count_running_maps_until_they_end_or_close(explorer, photo):
+    assert explorer.active_runs == 0
+    frames = explorer.run(photo, None, settings(mode=core.NAIVE, batch_size=10))
+    next(frames)
+    assert explorer.active_runs == 1
+    frames.close()
+    assert explorer.active_runs == 0
+    list(explorer.run(photo, None, settings()))
+    assert explorer.active_runs == 0
+
+
 def test_runs_table_compares_throughput_with_the_matching_naive_run():
     key = ("photo", 64, 16, 4, "#808080")
     naive = core.RunRecord("Naive", core.NAIVE, "cat", key, "16 / 4", 100, 2.0)  # 50 positions/s
@@ -314,7 +482,7 @@ def test_handler_run_with_a_patch_bigger_than_the_image_answers_with_a_message(h
     assert "larger than the image" in message
 
 
-def test_stop_ends_the_running_map_at_the_next_batch(handlers, photo, explorer):
+def test_stop_ends_the_running_map_before_its_next_batch(handlers, photo, explorer):
     from kfx.serve import RunControl
 
     control = RunControl()
@@ -330,15 +498,44 @@ def test_stop_ends_the_running_map_at_the_next_batch(handlers, photo, explorer):
     finally:
         hook.remove()
     assert len(rest) == 1 and "Stopped" in rest[0][1]
-    assert len(calls) == calls_at_stop + 1  # the batch in flight when Stop came, then nothing
+    assert len(calls) == calls_at_stop  # no batch was in flight when Stop came, and none ran after
+    assert explorer.active_runs == 0
     done = core.status_html("Exact: done")
     assert handlers.stop(done, control) == done  # a finished map stays finished
 
 
-def test_command_line_options_and_a_missing_model(capsys):
+# -- kfx serve on the command line (kfx.cli.main: one line "kfx: error: ...", exit 0 / 1 / 2) -----
+
+
+def run_kfx(capsys, *argv) -> tuple[int, str]:
+    """kfx.cli.main(argv): its exit status and its stderr, checked to be one error line (no traceback)."""
+    from kfx.cli import main
+
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("kfx: error: ") and err.count("\n") == 1, err
+    return status, err
+
+
+TINY = ("--model", "tests.serve_models:tiny")
+
+
+@pytest.fixture
+def no_server(monkeypatch):
+    """A command line that must be refused fails the test, rather than serving (and blocking) forever."""
+    import kfx.serve
+
+    def launch(*args, **kwargs):
+        raise AssertionError("kfx serve started a server")
+
+    monkeypatch.setattr(kfx.serve, "launch", launch)
+
+
+def test_serve_options_have_their_defaults():
     import argparse
 
-    from kfx.serve import add_arguments, main
+    from kfx.serve import add_arguments
 
     args = add_arguments(argparse.ArgumentParser()).parse_args([])
     assert (args.host, args.port, args.model, args.weights, args.batch_size) == (
@@ -348,8 +545,71 @@ def test_command_line_options_and_a_missing_model(capsys):
         None,
         64,
     )
-    assert main(["--model", "tests.serve_models:missing", "--port", "0"]) == 2
-    assert "has no attribute 'missing'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1", "65536", "http"])
+def test_serve_refuses_a_port_that_does_not_exist(no_server, capsys, port):
+    status, err = run_kfx(capsys, "serve", *TINY, "--port", port)
+    assert status == 2 and "argument --port:" in err and "1 to 65535" in err
+
+
+@pytest.mark.parametrize("batch", ["0", "257", "many"])
+def test_serve_refuses_a_batch_size_the_page_cannot_show(no_server, capsys, batch):
+    status, err = run_kfx(capsys, "serve", *TINY, "--batch-size", batch)
+    assert status == 2 and "argument --batch-size:" in err
+
+
+def test_serve_refuses_a_port_in_use_before_loading_the_model(no_server, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # the model does not exist: the port is checked first, before any loading
+        status, err = run_kfx(capsys, "serve", "--model", "tests.serve_models:missing", "--port", str(port))
+    assert status == 1 and f"port {port} on 127.0.0.1 is in use" in err
+
+
+def test_serve_refuses_a_host_that_is_not_this_machine(no_server, capsys):
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737), on no machine: binding to it fails here, nothing is sent
+    status, err = run_kfx(capsys, "serve", *TINY, "--host", "192.0.2.1", "--port", str(free_port()))
+    assert status == 2 and "--host 192.0.2.1: not an address of this machine" in err
+
+
+def test_serve_reports_a_model_that_cannot_load_as_a_runtime_error(no_server, capsys):
+    status, err = run_kfx(
+        capsys, "serve", "--model", "tests.serve_models:missing", "--port", str(free_port())
+    )
+    assert status == 1 and "has no attribute 'missing'" in err
+
+
+def test_serve_without_gradio_or_with_a_broken_install_is_a_usage_error(no_server, capsys, monkeypatch):
+    import kfx.serve
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
+    status, err = run_kfx(capsys, "serve", *TINY, "--port", str(free_port()))
+    assert status == 2 and "the explorer needs Gradio: pip install 'kfx[ui]'" in err
+    monkeypatch.setitem(sys.modules, "kfx.serve", None)
+    monkeypatch.delattr(kfx, "serve")
+    status, err = run_kfx(capsys, "serve")
+    assert status == 2 and "kfx serve is unavailable in this installation (ModuleNotFoundError: " in err
+    monkeypatch.undo()
+    assert kfx.serve.main(["--port", "0"]) == 2  # python -m kfx.serve: the same parser and messages
+    assert capsys.readouterr().err.startswith("kfx: error: argument --port:")
+
+
+def test_serve_starts_with_the_options_given_and_exits_0(capsys, monkeypatch):
+    import kfx.serve
+    from kfx.cli import main
+
+    started = {}
+    monkeypatch.setattr(
+        kfx.serve, "launch", lambda loaded, **options: started.update(options, model=loaded.name)
+    )
+    port = free_port()
+    assert main(["serve", *TINY, "--port", str(port), "--batch-size", "16"]) == 0
+    assert started["model"] == "tests.serve_models:tiny"
+    assert (started["host"], started["port"], started["batch_size"]) == ("127.0.0.1", port, 16)
+    assert f"http://127.0.0.1:{port}" in capsys.readouterr().err
 
 
 # -- the page in a real browser -----------------------------------------------------------------
@@ -361,12 +621,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve(loaded, port: int):
+def serve(loaded, port: int, explorer: core.Explorer | None = None):
     """Start the explorer in this process (server threads) and return the running app."""
     from kfx.serve import launch
 
-    app = launch(loaded, host="127.0.0.1", port=port, block=False, quiet=True)
-    return app
+    return launch(loaded, host="127.0.0.1", port=port, block=False, quiet=True, explorer=explorer)
 
 
 def open_browser(playwright):
@@ -471,7 +730,9 @@ def test_the_page_end_to_end_in_a_browser(tmp_path):
             page.click("#kfx-target input")
             page.get_by_role("option", name=re.compile("tiny class")).first.wait_for()
             options = page.get_by_role("option").all_inner_texts()
-            assert options[0].endswith("the predicted class") and len(options) == 1 + core.TOP_CLASSES  # ✓ = chosen
+            assert (
+                options[0].endswith("the predicted class") and len(options) == 1 + core.TOP_CLASSES
+            )  # ✓ = chosen
             page.keyboard.press("Escape")
 
             # A file that is not an image: a message in the page, and the page keeps working.
