@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfx
+from kfx import plot
+from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device
 from kfx.engine import Engine, Heatmap, Progress
 from kfx.errors import InputError, KfxError, ModelError
-from kfx.models import SAMPLE_PHOTOS, LoadedModel, read_pixels, resize_crop
-from kfx.patch import Patch, grid_positions, occlude
-from kfx.validation import check_class_index
+from kfx.models import SAMPLE_PHOTOS, LoadedModel, read_pixels, resize_crop, to_rgb_uint8
+from kfx.patch import Patch
 
 NAIVE, EXACT, APPROXIMATE, NEUROMASK = "Naive", "Exact", "Approximate", "NeuroMask"
 MODES = (NAIVE, EXACT, APPROXIMATE, NEUROMASK)
@@ -80,7 +81,7 @@ class MapSettings:
     patch: int = 16
     stride: int = 4
     fill: str = "#808080"  # patch colour as the user sees it (before the model's normalisation)
-    batch_size: int = 64
+    batch_size: int = DEFAULT_BATCH_SIZE
     tau: float = 1.0
     drill_down: bool = False
     fraction: float = 0.25
@@ -131,29 +132,9 @@ class Frame:
 # -- photos -------------------------------------------------------------------------------------
 
 
-def _rgb_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Any gray/RGB/RGBA uint8 or float image -> RGB uint8 [H, W, 3]."""
-    array = np.asarray(pixels)
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (3, 4) or min(array.shape[:2]) < 1:
-        raise InputError(f"expected an RGB image, got an array of shape {list(array.shape)}")
-    array = array[..., :3]
-    if array.dtype == np.bool_:
-        array = array.astype(np.uint8) * 255
-    elif np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
-        # 16-bit PNGs and the like: scale the type's range onto 0..255
-        array = array.astype(np.float64) * (255.0 / np.iinfo(array.dtype).max)
-    elif np.issubdtype(array.dtype, np.floating) and array.max() <= 1.0:
-        array = array * 255.0
-    if array.dtype != np.uint8:
-        array = np.clip(array.astype(np.float64), 0, 255).round().astype(np.uint8)
-    return np.ascontiguousarray(array)
-
-
 def make_photo(name: str, pixels: np.ndarray) -> Photo:
     """A :class:`Photo` from pixels, checked to be an RGB(A) or gray image."""
-    rgb = _rgb_uint8(pixels)
+    rgb = to_rgb_uint8(pixels)
     fingerprint = hashlib.sha1(rgb.tobytes() + str(rgb.shape).encode()).hexdigest()[:10]
     return Photo(name, rgb, fingerprint)
 
@@ -356,45 +337,22 @@ def naive_stream(
     patch: Patch,
     *,
     cells: torch.Tensor | None = None,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     target: int | None = None,
 ) -> Iterator[Progress]:
-    """The brute-force baseline as a stream: ``model(kfx.occlude(image, positions, patch))`` per batch.
+    """The brute-force baseline as a stream: :class:`kfx.NaiveEngine`, whose loop is the engine's.
 
     Yields the same :class:`kfx.Progress` steps as :meth:`kfx.Engine.stream` (NaN where not yet
-    evaluated), so the page shows both modes the same way. Closing the generator stops it.
+    evaluated), so the page shows both modes the same way. It starts on the first ``next()``, so the
+    unoccluded inference counts in the run's time; closing the generator stops it.
     """
-    started = time.perf_counter()
-    hw = tuple(image.shape[1:])
-    grid = patch.grid_shape(hw)
-    selected = torch.ones(grid, dtype=torch.bool) if cells is None else cells.cpu()
-    device = next((p.device for p in model.parameters()), image.device)
-    image = image.to(device)
-    with torch.no_grad():
-        base_probs = torch.softmax(model(image[None]), dim=1)[0]
-    target = int(base_probs.argmax()) if target is None else check_class_index(target, base_probs.numel())
-    values = torch.full(grid, float("nan"), dtype=image.dtype)
-    flat = values.view(-1)
-    indices = selected.reshape(-1).nonzero()[:, 0]
-    positions = grid_positions(hw, patch)[indices]
-    done = 0
-    for start in range(0, len(indices), batch_size):
-        with torch.no_grad():
-            out = model(occlude(image, positions[start : start + batch_size], patch))
-        flat[indices[done : done + out.shape[0]]] = (
-            torch.softmax(out, dim=1)[:, target].cpu().to(values.dtype)
-        )
-        done += out.shape[0]
-        heatmap = Heatmap(values.clone(), target, float(base_probs[target]), patch, hw)
-        yield Progress(heatmap, done, len(indices), time.perf_counter() - started)
-    if not len(indices):
-        heatmap = Heatmap(values, target, float(base_probs[target]), patch, hw)
-        yield Progress(heatmap, 0, 0, time.perf_counter() - started)
+    naive = kfx.NaiveEngine(model, tuple(image.shape), patch, batch_size=batch_size)
+    return _deferred(lambda: naive.stream(image, target, cells=cells))
 
 
 def _deferred(start_stream) -> Iterator[Progress]:
     """A stream that starts on the first ``next()``: ``Engine.stream`` runs the unoccluded image
-    eagerly, and that inference belongs to the run's measured time (as it does for naive_stream)."""
+    eagerly, and that inference belongs to the run's measured time."""
     yield from start_stream()
 
 
@@ -448,35 +406,13 @@ def _timed_without_grad(
 
 def render_heatmap(heatmap: Heatmap, display: torch.Tensor, label: str) -> np.ndarray:
     """The heat map over the image with its colour bar, as an RGB picture (matplotlib, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 5), dpi=100)
-    canvas = FigureCanvasAgg(figure)
-    heatmap.plot(display, ax=figure.add_subplot(), label=label)
-    figure.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return plot.picture(lambda ax: heatmap.plot(display, ax=ax, label=label))
 
 
 def render_mask(mask: torch.Tensor, display: torch.Tensor, label: str, steps: int) -> np.ndarray:
-    """A NeuroMask mask over the image with its colour bar, as an RGB picture."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 5), dpi=100)
-    canvas = FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    ax.imshow(display.permute(1, 2, 0).numpy())
-    shown = ax.imshow(mask.detach().cpu().float().numpy(), cmap="inferno", alpha=0.6, vmin=0.0, vmax=1.0)
-    ax.axis("off")
-    ax.set_title(f"{label}: NeuroMask, {steps} steps")
-    figure.colorbar(
-        shown, ax=ax, fraction=0.046, pad=0.04, label="mask weight (1 = the prediction relies on it)"
-    )
-    figure.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    """A NeuroMask mask over the image with its colour bar, as an RGB picture: the CLI's drawing
+    (:func:`kfx.plot.plot_mask`), so both show masks alike."""
+    return plot.picture(lambda ax: plot.plot_mask(mask, display, ax=ax, label=label, steps=steps))
 
 
 def status_html(title: str, done: int | None = None, total: int | None = None, detail: str = "") -> str:
@@ -503,7 +439,7 @@ class Explorer:
     ``active_runs`` counts the runs computing now (0 once every page's runs ended or were stopped).
     """
 
-    def __init__(self, loaded: LoadedModel, *, batch_size: int = 64, max_engines: int = 6):
+    def __init__(self, loaded: LoadedModel, *, batch_size: int = DEFAULT_BATCH_SIZE, max_engines: int = 6):
         self.loaded = loaded
         self.batch_size = whole_number("batch size", batch_size, 1, MAX_BATCH_SIZE)
         self.max_engines = max_engines
@@ -531,7 +467,7 @@ class Explorer:
         """(class index, probability) of the most probable classes on the unoccluded photo."""
         image = self.model_input(photo, self.loaded.size if size is None else size)
         model = self.loaded.model
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        _, device = model_dtype_device(model, default=(None, torch.device("cpu")))
         try:
             with torch.no_grad():
                 scores = model(image[None].to(device))

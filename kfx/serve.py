@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 from kfx import _serve_core as core
+from kfx.common import DEFAULT_BATCH_SIZE
 from kfx.errors import KfxError
 from kfx.models import SAMPLE_PHOTOS, LoadedModel
 
@@ -294,7 +295,9 @@ class Handlers:
 # -- the page -----------------------------------------------------------------------------------
 
 
-def build_app(loaded_model: LoadedModel, *, batch_size: int = 64, explorer: core.Explorer | None = None):
+def build_app(
+    loaded_model: LoadedModel, *, batch_size: int = DEFAULT_BATCH_SIZE, explorer: core.Explorer | None = None
+):
     """The explorer page for ``loaded_model`` as a ``gradio.Blocks`` (not yet launched).
 
     Element ids (``kfx-editor``, ``kfx-run``, ``kfx-heatmap``, ``kfx-runs``, ...) are stable so
@@ -507,7 +510,7 @@ def launch(
     *,
     host: str = DEFAULT_HOST,
     port: int | None = DEFAULT_PORT,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     block: bool = True,
     quiet: bool = False,
     explorer: core.Explorer | None = None,
@@ -581,8 +584,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size",
         type=_batch_size,
-        default=64,
-        help=f"positions per batch, 1 to {core.MAX_BATCH_SIZE} (default 64)",
+        default=DEFAULT_BATCH_SIZE,
+        help=f"positions per batch, 1 to {core.MAX_BATCH_SIZE} (default {DEFAULT_BATCH_SIZE})",
     )
     parser.epilog = (
         "Exit status: 0 stopped with Ctrl-C; 2 a bad command line (bad option value, a --host that is "
