@@ -25,6 +25,7 @@ import torch
 
 import kfx
 from kfx import _serve_core as core
+from kfx import _serve_inputs as inputs  # read_photo looks up its helpers here
 from kfx.models import IMAGENET_MEAN
 from tests.serve_models import TINY_LABELS, tiny_loaded
 
@@ -239,7 +240,7 @@ def small_png(tmp_path, name: str, width: int, height: int) -> Path:
 
 def test_an_oversized_upload_is_refused_from_its_header_before_decoding(tmp_path, monkeypatch):
     decoded = []
-    monkeypatch.setattr(core, "read_pixels", lambda path: decoded.append(path))
+    monkeypatch.setattr(inputs, "read_pixels", lambda path: decoded.append(path))
     side = math.isqrt(core.MAX_PHOTO_PIXELS) + 1  # 4097 x 4097: one row and column over the limit
     path = small_png(tmp_path, "huge.png", side, side)
     with pytest.raises(kfx.InputError, match=rf"huge.png is {side}x{side} pixels, more than this page takes"):
@@ -248,12 +249,12 @@ def test_an_oversized_upload_is_refused_from_its_header_before_decoding(tmp_path
 
 
 def test_the_photo_size_limit_is_inclusive_and_also_checked_after_decoding(tmp_path, monkeypatch):
-    monkeypatch.setattr(core, "MAX_PHOTO_PIXELS", 40 * 30)
+    monkeypatch.setattr(inputs, "MAX_PHOTO_PIXELS", 40 * 30)
     assert core.read_photo(str(small_png(tmp_path, "ok.png", 40, 30))).pixels.shape == (30, 40, 3)
     with pytest.raises(kfx.InputError, match="41x30 pixels"):
         core.read_photo(str(small_png(tmp_path, "over.png", 41, 30)))
     # a format Pillow cannot size from its header is checked once decoded
-    monkeypatch.setattr(core, "_header_size", lambda path, name: None)
+    monkeypatch.setattr(inputs, "_header_size", lambda path, name: None)
     with pytest.raises(kfx.InputError, match="41x30 pixels"):
         core.read_photo(str(small_png(tmp_path, "over.png", 41, 30)))
 
