@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
@@ -21,9 +20,6 @@ from kfx.patch import Patch
 from kfx.results import DenseNode, Heatmap, Progress
 from kfx.runner import OcclusionRunner
 from kfx.validation import check_batch_size
-
-if TYPE_CHECKING:
-    from kfx.tuning import Tuning
 
 __all__ = ["compile", "paper_cost", "Engine", "Compiled", "Heatmap", "Progress", "DenseNode"]
 
@@ -89,7 +85,7 @@ class Compiled:
     base_program: fx.GraphModule
     cost: CostReport
     memory: MemoryEstimate  # static estimate of a run: .per_image + batch size x .per_position bytes
-    tuning: Tuning | None = None
+    tuning: object | None = None  # a kfx.Tuning (kfx.tuning imports this module, not the reverse)
 
 
 class Engine(OcclusionRunner):
@@ -197,10 +193,10 @@ class Engine(OcclusionRunner):
             yield out
 
 
-def _check_model_shape_patch_tau(
+def check_compile_arguments(
     model, image_shape, patch, tau, caller: str
 ) -> tuple[tuple[int, int, int], Patch]:
-    """The arguments kfx.compile and kfx.paper_cost share, checked: (C, H, W) and a Patch."""
+    """The arguments kfx.compile, kfx.paper_cost and kfx.NaiveEngine share, checked: (C, H, W) and a Patch."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"{caller} needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(patch, int) and not isinstance(patch, bool):
@@ -233,7 +229,7 @@ def paper_cost(
     no engine runs with it. Models without concatenations get the same numbers as ``engine.cost()``.
     No inference runs.
     """
-    shape, patch = _check_model_shape_patch_tau(model, image_shape, patch, tau, "kfx.paper_cost")
+    shape, patch = check_compile_arguments(model, image_shape, patch, tau, "kfx.paper_cost")
     patch.check_fits(shape[1:])
     gm = annotate(
         model, shape, patch.size, float(tau), *model_dtype_device(model, _NO_WEIGHTS), concat="last"
@@ -280,7 +276,7 @@ def compile(
     >>> engine = kfx.compile(model.eval(), (3, 224, 224), kfx.Patch(16, stride=4))  # doctest: +SKIP
     >>> heatmap = engine(image)  # doctest: +SKIP
     """
-    shape, patch = _check_model_shape_patch_tau(model, image_shape, patch, tau, "kfx.compile")
+    shape, patch = check_compile_arguments(model, image_shape, patch, tau, "kfx.compile")
     if batch_size is not None:
         check_batch_size(batch_size)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

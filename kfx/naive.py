@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device
-from kfx.errors import InputError, PatchError
+from kfx.engine import check_compile_arguments
+from kfx.errors import InputError
 from kfx.passes.trace import require_eval_module
 from kfx.patch import Patch, occlude
 from kfx.results import Heatmap
@@ -64,16 +65,7 @@ class NaiveEngine(OcclusionRunner):
         dtype: torch.dtype | None = None,
     ):
         require_eval_module(model, "kfx.NaiveEngine")
-        if isinstance(patch, int) and not isinstance(patch, bool):
-            patch = Patch(patch)
-        if not isinstance(patch, Patch):
-            raise PatchError(f"patch must be a kfx.Patch or an int, got {type(patch).__name__}")
-        try:
-            shape = tuple(int(v) for v in image_shape)
-        except (TypeError, ValueError):
-            raise InputError(f"image_shape must be (C, H, W), got {image_shape!r}") from None
-        if len(shape) != 3 or min(shape) < 1:
-            raise InputError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")
+        shape, patch = check_compile_arguments(model, image_shape, patch, 1.0, "kfx.NaiveEngine")
         patch.check_fits(shape[1:])
         model_dtype, self.device = model_dtype_device(model, (torch.get_default_dtype(), torch.device("cpu")))
         self.model = model
