@@ -5,7 +5,8 @@ Ensures: every node carries ``node.meta["kfx_patch"]``, a :class:`NodePatch` say
 value is constant (independent of the image), incremental (a changed box per patch position,
 height and width separately) or dense (recomputed in full after a projection), and for local ops
 the read-in window (docs/design.md §2.3). Boxes are tabulated for every patch coordinate along each axis, so
-any position (not only the heat-map grid) can be looked up at run time with one index.
+any position (not only the heat-map grid) can be looked up at run time with one index. Each call
+node is classified by the first matching rule of ``CLASSIFY_RULES`` (the table at the end of the file).
 
 With projective-field thresholding (tau < 1, docs/design.md §4.1) every conv and pool caps its changed box
 at round(tau * W_out) ([TR] Eqs. 21-27, kfx.geometry.thresholded_output_span): the steps then
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +34,17 @@ from kfx.errors import TraceError
 from kfx.geometry import Span, read_in_span, shift_inside, thresholded_output_span, union_span
 from kfx.passes.ops import LocalSpec, is_global_mean, is_merge, is_pointwise, local_spec
 
-__all__ = ["META_KEY", "SHAPE_ROLES", "State", "AxisBoxes", "NodePatch", "propagate_patches", "spatial_size"]
+__all__ = [
+    "META_KEY",
+    "SHAPE_ROLES",
+    "State",
+    "AxisBoxes",
+    "NodePatch",
+    "ClassifyContext",
+    "CLASSIFY_RULES",
+    "propagate_patches",
+    "spatial_size",
+]
 
 META_KEY = "kfx_patch"
 
@@ -188,69 +200,160 @@ def _channel_op(node: fx.Node, source: fx.Node) -> str | None:
 CONCAT_RULES = ("union", "last")
 
 
-def _classify(node: fx.Node, modules: dict[str, nn.Module], tau: float, concat: str) -> NodePatch:
+@dataclass(frozen=True)
+class ClassifyContext:
+    """What a classification rule knows besides the node: the pass's options, and the node's operands
+    sorted by state (the graph is walked in order, so every operand is classified already)."""
+
+    modules: dict[str, nn.Module]
+    tau: float
+    concat: str
+    inputs: list[fx.Node]  # every node this one reads
+    data: list[fx.Node]  # the inputs that are data: values derived from x.size() are metadata
+    states: frozenset[State]  # the states of the data inputs
+    changed: list[fx.Node]  # the data inputs that are PATCH
+    others: list[fx.Node]  # the data inputs that are CONST
+
+
+def _context(node: fx.Node, modules: dict[str, nn.Module], tau: float, concat: str) -> ClassifyContext:
     inputs = node.all_input_nodes
-    # Values derived from x.size() are metadata, not data: they never force a projection.
     data = [n for n in inputs if n.meta[META_KEY].role not in SHAPE_ROLES]
-    states = [n.meta[META_KEY].state for n in data]
-    if len(data) < len(inputs) and State.PATCH not in states and State.DENSE not in states:
-        if "tensor_meta" not in node.meta:  # ints and tuples computed from shapes
-            return NodePatch(State.DENSE, "shape_arith")
-        return _dense()
-    if State.DENSE in states:
-        if State.PATCH in states:  # a projection happens here: report it
-            return _dense(
-                f"{_describe(node, modules)} combines a densely computed value with an incremental one"
-            )
-        return _dense()  # downstream of the projection: nothing new to report
-    if State.PATCH not in states:
-        return NodePatch(State.CONST, "const")
-    what = _describe(node, modules)
-    if _is_shape_query(node):
-        # x.size(), x.shape, x.dim(): answered from the full shape, no projection needed.
-        return NodePatch(State.DENSE, "shape")
-    changed = [n for n in data if n.meta[META_KEY].state is State.PATCH]
-    others = [n for n in data if n.meta[META_KEY].state is State.CONST]
-    if len(changed) == 1 and node.args and node.args[0] is changed[0]:
-        kind = _channel_op(node, changed[0])
-        if kind is not None:
-            return NodePatch(State.PATCH, "channel", box=changed[0].meta[META_KEY].box)
-    if len(changed) == 1 and node.args[0] is changed[0] and is_global_mean(node, modules):
-        # mean_new = mean_base + (sum(new box) - sum(old box)) / (H * W): exact (docs/design.md §2.6).
-        return NodePatch(State.DENSE, "mean_delta")
-    if (
-        len(changed) == 1
-        and is_pointwise(node, modules)
-        and _shape(node) == _shape(changed[0])
-        and all(_broadcasts_over_space(n) for n in others if _shape(n) is not None)
-    ):
-        return NodePatch(State.PATCH, "pointwise", box=changed[0].meta[META_KEY].box)
-    size = spatial_size(node)
-    if size is None:
-        return _dense(f"{what} is global context (its output is not a [1, C, H, W] map)")
-
-    if len(changed) == 1 and node.args and node.args[0] is changed[0]:
-        spec = local_spec(node, modules, spatial_size(changed[0]))
-        if spec is not None:
-            box, read = zip(
-                *(_local_axis(changed[0].meta[META_KEY].box[a], spec, a, size[a], tau) for a in (0, 1))
-            )
-            return NodePatch(State.PATCH, "local", box=tuple(box), read=tuple(read), local=spec)
-
-    if is_merge(node):
-        tensors = [n for n in inputs if _shape(n) is not None]
-        if all(spatial_size(n) == size or (n in others and _broadcasts_over_space(n)) for n in tensors):
-            boxes = [n.meta[META_KEY].box for n in changed]
-            if concat == "last" and node.target is torch.cat:
-                boxes = boxes[-1:]
-            box = tuple(_merge_axis([b[a] for b in boxes], size[a]) for a in (0, 1))
-            return NodePatch(State.PATCH, "merge", box=box)
-        return _dense(f"{what} mixes tensors of different spatial sizes")
-
-    return _dense(
-        f"{what} is global context or an op kfx does not run incrementally: the change is projected to "
-        "full here and the rest runs densely (exact)"
+    return ClassifyContext(
+        modules=modules,
+        tau=tau,
+        concat=concat,
+        inputs=inputs,
+        data=data,
+        states=frozenset(n.meta[META_KEY].state for n in data),
+        changed=[n for n in data if n.meta[META_KEY].state is State.PATCH],
+        others=[n for n in data if n.meta[META_KEY].state is State.CONST],
     )
+
+
+def _changes_first_arg(node: fx.Node, ctx: ClassifyContext) -> bool:
+    """The node's first argument is its one changed operand (the map a unary op transforms)."""
+    return len(ctx.changed) == 1 and bool(node.args) and node.args[0] is ctx.changed[0]
+
+
+# -- classification rules: rule(node, ctx) -> NodePatch, or None if the rule does not apply ---------
+
+
+def shape_arithmetic(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """A value computed from x.size() and constants only. Shapes are metadata, not data, so it never
+    forces a projection: ints and tuples (role shape_arith) are copied into the program as they are,
+    a tensor built from them (torch.zeros(x.shape)) runs densely."""
+    if len(ctx.data) == len(ctx.inputs) or State.PATCH in ctx.states or State.DENSE in ctx.states:
+        return None
+    if "tensor_meta" not in node.meta:
+        return NodePatch(State.DENSE, "shape_arith")
+    return _dense()
+
+
+def downstream_of_dense(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """A node that reads a densely computed value is dense. If it also reads an incremental value,
+    that change is projected to full here, which is worth reporting; further down it is not."""
+    if State.DENSE not in ctx.states:
+        return None
+    if State.PATCH in ctx.states:
+        return _dense(
+            f"{_describe(node, ctx.modules)} combines a densely computed value with an incremental one"
+        )
+    return _dense()
+
+
+def constant(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """No operand depends on the image (weights, constants): the value is the same at every position."""
+    return NodePatch(State.CONST, "const") if State.PATCH not in ctx.states else None
+
+
+def shape_query(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """x.size(), x.shape, x.dim() of a changed value: answered from the full shape, no projection."""
+    return NodePatch(State.DENSE, "shape") if _is_shape_query(node) else None
+
+
+def channel_op(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """A reshape/transpose/permute/chunk/split that moves channels only (channel shuffle, branch
+    splits), or a getitem picking one of its pieces: the spatial box is unchanged."""
+    if _changes_first_arg(node, ctx) and _channel_op(node, ctx.changed[0]) is not None:
+        return NodePatch(State.PATCH, "channel", box=ctx.changed[0].meta[META_KEY].box)
+    return None
+
+
+def global_mean(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """Global average pooling of the changed map. mean_new = mean_base + (sum(new box) - sum(old
+    box)) / (H * W) is exact and needs no projection (docs/design.md §2.6)."""
+    if len(ctx.changed) == 1 and node.args[0] is ctx.changed[0] and is_global_mean(node, ctx.modules):
+        return NodePatch(State.DENSE, "mean_delta")
+    return None
+
+
+def pointwise(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """An element-wise op (activations, eval BatchNorm) of one changed map and constants that are the
+    same at every spatial position: it runs on the changed values alone, and the box stays put."""
+    if (
+        len(ctx.changed) == 1
+        and is_pointwise(node, ctx.modules)
+        and _shape(node) == _shape(ctx.changed[0])
+        and all(_broadcasts_over_space(n) for n in ctx.others if _shape(n) is not None)
+    ):
+        return NodePatch(State.PATCH, "pointwise", box=ctx.changed[0].meta[META_KEY].box)
+    return None
+
+
+def global_context(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """Anything left whose output is not a [1, C, H, W] map (flatten, linear, a spatial reduction)
+    needs its whole input: the change is projected to full here. Later rules may assume a map."""
+    if spatial_size(node) is not None:
+        return None
+    return _dense(f"{_describe(node, ctx.modules)} is global context (its output is not a [1, C, H, W] map)")
+
+
+def local(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """A conv, pool or constant pad of the changed map: its box and read-in window along each axis
+    ([TR] Eqs. 13-16, docs/design.md §2.3), conv and pool boxes capped at tau (§4.1)."""
+    if not _changes_first_arg(node, ctx):
+        return None
+    source = ctx.changed[0]
+    spec = local_spec(node, ctx.modules, spatial_size(source))
+    if spec is None:
+        return None
+    size = spatial_size(node)
+    box, read = zip(*(_local_axis(source.meta[META_KEY].box[a], spec, a, size[a], ctx.tau) for a in (0, 1)))
+    return NodePatch(State.PATCH, "local", box=tuple(box), read=tuple(read), local=spec)
+
+
+def merge(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """An element-wise op of maps or a channel concat: the union of the changed boxes ([TR] Eq. 20).
+    Its operands must share its spatial size (or be constants the same at every position); else the
+    op mixes scales, and the change is projected to full here."""
+    if not is_merge(node):
+        return None
+    size = spatial_size(node)
+    tensors = [n for n in ctx.inputs if _shape(n) is not None]
+    if not all(spatial_size(n) == size or (n in ctx.others and _broadcasts_over_space(n)) for n in tensors):
+        return _dense(f"{_describe(node, ctx.modules)} mixes tensors of different spatial sizes")
+    boxes = [n.meta[META_KEY].box for n in ctx.changed]
+    if ctx.concat == "last" and node.target is torch.cat:
+        boxes = boxes[-1:]
+    box = tuple(_merge_axis([b[a] for b in boxes], size[a]) for a in (0, 1))
+    return NodePatch(State.PATCH, "merge", box=box)
+
+
+def unknown_op(node: fx.Node, ctx: ClassifyContext) -> NodePatch:
+    """The last rule, matching every node: an op kfx does not run incrementally runs densely from
+    here on, which is exact, and the node is reported. Nothing unknown runs incrementally."""
+    return _dense(
+        f"{_describe(node, ctx.modules)} is global context or an op kfx does not run incrementally: the "
+        "change is projected to full here and the rest runs densely (exact)"
+    )
+
+
+def _classify(node: fx.Node, ctx: ClassifyContext) -> NodePatch:
+    for rule in CLASSIFY_RULES:
+        patch = rule(node, ctx)
+        if patch is not None:
+            return patch
+    raise AssertionError("unknown_op, the last rule, matches every node")  # pragma: no cover
 
 
 def propagate_patches(
@@ -265,7 +368,8 @@ def propagate_patches(
 
     ``tau`` in (0, 1] is the projective-field threshold (docs/design.md §4.1); 1 keeps every box exact.
     ``concat``: "union" ([TR] Eq. 20, exact) or "last" (the paper's published accounting, for the
-    cost model only: see the module docstring).
+    cost model only: see the module docstring). Each call node gets the first answer of
+    :data:`CLASSIFY_RULES`.
     """
     if concat not in CONCAT_RULES:
         raise ValueError(f"concat must be one of {CONCAT_RULES}, got {concat!r}")
@@ -278,9 +382,29 @@ def propagate_patches(
             node.meta[META_KEY] = NodePatch(State.CONST, "const")
         else:
             try:
-                node.meta[META_KEY] = _classify(node, modules, tau, concat)
+                node.meta[META_KEY] = _classify(node, _context(node, modules, tau, concat))
             except Exception as exc:  # name the node, as torch.fx's own passes do
                 raise TraceError(
                     f"kfx cannot analyse node {node.format_node()} ({type(exc).__name__}: {exc}); please report "
                     "it with the model, and meanwhile compute that op out of the model's forward"
                 ) from exc
+
+
+# The pass's table of contents: how a call node is classified, first match wins. The order matters:
+# the first three rules settle what does not depend on a changed operand (so every later rule sees at
+# least one PATCH operand and no DENSE one), global_context comes before the rules that need a
+# [1, C, H, W] output, and unknown_op catches the rest. Adding an op kfx runs incrementally is
+# adding a row (or teaching kfx.passes.ops' taxonomy, which these rules ask).
+CLASSIFY_RULES: tuple[Callable[[fx.Node, ClassifyContext], NodePatch | None], ...] = (
+    shape_arithmetic,
+    downstream_of_dense,
+    constant,
+    shape_query,
+    channel_op,
+    global_mean,
+    pointwise,
+    global_context,
+    local,
+    merge,
+    unknown_op,
+)

@@ -7,16 +7,18 @@ as :class:`BaseSlot` says (padded once per image). Incremental nodes carry a :cl
 (changed values + where they sit); a projection to full is inserted before the first node that
 runs densely. The steps only place data; what each computes lives in kfx.kernels.
 
-Table of contents (node role -> step): input -> InputStep, pointwise -> PointwiseStep,
-local -> LocalStep, merge -> MergeStep, channel -> ChannelStep, shape -> ShapeStep,
-mean_delta -> MeanDeltaStep, shape_arith -> copy,
-PATCH value used densely -> ProjectStep,
-const/dense -> copy.
+Each node becomes one step, chosen by the first matching rule of ``STEP_RULES`` (the table at the
+end of the file): input -> InputStep, shape -> ShapeStep, mean_delta -> MeanDeltaStep,
+shape_arith, const and dense -> the original op copied, channel -> ChannelStep, pointwise ->
+PointwiseStep, local -> LocalStep, merge -> MergeStep; a PATCH value read by a dense node or the
+output -> ProjectStep. ``build_base_program`` builds the base program beside it: the model plus
+the base activations the incremental program reads.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +26,18 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from kfx import kernels
-from kfx.passes.patch_prop import META_KEY, SHAPE_ROLES, AxisBoxes, NodePatch, State, spatial_size
+from kfx.passes.patch_prop import META_KEY, AxisBoxes, NodePatch, State, spatial_size
 
-__all__ = ["Patches", "BaseSlot", "Program", "build_program"]
+__all__ = [
+    "Patches",
+    "BaseSlot",
+    "Program",
+    "Step",
+    "RewriteContext",
+    "STEP_RULES",
+    "build_program",
+    "build_base_program",
+]
 
 
 class Patches:
@@ -119,8 +130,16 @@ def _always_inside(patch: tuple[AxisBoxes, AxisBoxes], window: tuple[AxisBoxes, 
 class LocalStep(_BoxedStep):
     """Conv/pool/pad on read-in windows: gather from the padded base, paste the change, run the op."""
 
-    def __init__(self, meta: NodePatch, in_meta: NodePatch, offset: tuple[int, int], module, device, dtype,
-                 backend: str = "torch"):
+    def __init__(
+        self,
+        meta: NodePatch,
+        in_meta: NodePatch,
+        offset: tuple[int, int],
+        module,
+        device,
+        dtype,
+        backend: str = "torch",
+    ):
         super().__init__(meta.box, device)
         self.spec = meta.local
         self.backend = backend
@@ -160,7 +179,9 @@ class LocalStep(_BoxedStep):
 class MergeStep(_BoxedStep):
     """Element-wise op or channel concat over the union box: window each spatial operand."""
 
-    def __init__(self, meta: NodePatch, target, windowed: dict[int, int], inside: bool, device, backend="torch"):
+    def __init__(
+        self, meta: NodePatch, target, windowed: dict[int, int], inside: bool, device, backend="torch"
+    ):
         super().__init__(meta.box, device)
         self.target = target
         self.windowed = windowed  # flat leaf index in (args, kwargs) -> index into bases
@@ -175,7 +196,12 @@ class MergeStep(_BoxedStep):
             leaf = leaves[leaf_index]
             if isinstance(leaf, Patches):
                 window = kernels.read_windows(
-                    self.backend, bases[base_index], origin, self.size, leaf.values, leaf.origin - origin,
+                    self.backend,
+                    bases[base_index],
+                    origin,
+                    self.size,
+                    leaf.values,
+                    leaf.origin - origin,
                     inside=self.inside,
                 )
             else:  # a constant spatial operand: its window, unchanged
@@ -250,7 +276,9 @@ class ProjectStep(nn.Module):
     def forward(self, base: torch.Tensor, patches: Patches) -> torch.Tensor:
         values = patches.values  # [N, *channel dims, h, w]: channel dims flatten to one for the kernel
         full = kernels.project_to_full(
-            self.backend, base.reshape(-1, *base.shape[-2:]), values.reshape(values.shape[0], -1, *values.shape[-2:]),
+            self.backend,
+            base.reshape(-1, *base.shape[-2:]),
+            values.reshape(values.shape[0], -1, *values.shape[-2:]),
             patches.origin,
         )
         return full.view(values.shape[0], *base.shape)
@@ -275,104 +303,256 @@ def _windowed_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if spatial_size(n) == size]
 
 
+def _unpadded(node: fx.Node) -> BaseSlot:
+    """``node``'s base activation as it is."""
+    return BaseSlot(node.name, (0, 0, 0, 0), 0.0)
+
+
+def _changed_inputs(node: fx.Node) -> tuple[BaseSlot, ...]:
+    """The base activations of the node's incremental operands, which it needs projected to full."""
+    return tuple(_unpadded(n) for n in node.all_input_nodes if _meta(n).state is State.PATCH)
+
+
+class RewriteContext:
+    """The program being built, shared by the step rules: the new graph, its base-activation
+    placeholders, and the value each original node has in it so far (``env``)."""
+
+    def __init__(self, gm: fx.GraphModule, fill: torch.Tensor, backend: str):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.fill, self.backend = fill, backend
+        self.device, self.dtype = fill.device, fill.dtype
+        self.graph = fx.Graph()
+        self.positions = self.graph.placeholder("positions")
+        self.bases: dict[BaseSlot, fx.Node] = {}
+        self.env: dict[fx.Node, fx.Node] = {}
+        self._projected: dict[fx.Node, fx.Node] = {}
+
+    def add_base(self, slot: BaseSlot) -> None:
+        if slot not in self.bases:
+            self.bases[slot] = self.graph.placeholder(f"base_{len(self.bases)}")
+
+    def add_step(self, name: str, step: nn.Module, args, kwargs=None) -> fx.Node:
+        qualified = f"kfx_{name}"
+        self.gm.add_submodule(qualified, step)
+        return self.graph.call_module(qualified, args, kwargs or {})
+
+    def dense_value(self, n: fx.Node) -> fx.Node:
+        """``n``'s value in full: an incremental one is projected (once, at its first dense use)."""
+        if _meta(n).state is not State.PATCH:
+            return self.env[n]
+        if n not in self._projected:
+            step = ProjectStep(self.backend)
+            self._projected[n] = self.add_step(
+                f"project_{n.name}", step, (self.bases[_unpadded(n)], self.env[n])
+            )
+        return self._projected[n]
+
+    def mapped(self, node: fx.Node) -> tuple[tuple, dict]:
+        """The node's (args, kwargs) with every node replaced by its value in the program."""
+        return fx.node.map_arg((node.args, node.kwargs), self.env.__getitem__)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a rewrite rule makes of one node: the base activations it reads (placeholders of the
+    program, made before any step), and ``emit(ctx, *bases)``, which adds the node's value to the
+    program given those placeholders and returns it. Steps that project their operands to full
+    reach the bases through ``ctx.dense_value``, which projects each value once for all its users."""
+
+    reads: tuple[BaseSlot, ...]
+    emit: Callable[..., fx.Node]
+
+
+# -- rewrite rules: rule(node) -> Step, or None if the rule does not apply --------------------------
+
+
+def input_step(node: fx.Node) -> Step | None:
+    """The image: InputStep turns each position into the patch's fill placed there."""
+    if node.op != "placeholder":
+        return None
+    return Step((), lambda ctx: ctx.add_step(f"input_{node.name}", InputStep(ctx.fill), (ctx.positions,)))
+
+
+def graph_output(node: fx.Node) -> Step | None:
+    """The model's outputs, in full: incremental ones are projected (docs/design.md §2.6)."""
+    if node.op != "output":
+        return None
+    return Step(
+        _changed_inputs(node),
+        lambda ctx, *_: ctx.graph.output(fx.node.map_arg(node.args[0], ctx.dense_value)),
+    )
+
+
+def shape_step(node: fx.Node) -> Step | None:
+    """x.size(), x.shape, x.dim() of an incremental value: ShapeStep answers from the full shape
+    (with the batch of positions); size(dim) keeps its dim argument."""
+    if _meta(node).role != "shape":
+        return None
+
+    def emit(ctx: RewriteContext) -> fx.Node:
+        source = node.args[0]
+        target = "shape" if node.op == "call_function" else node.target
+        step = ShapeStep(target, tuple(source.meta["tensor_meta"].shape))
+        extra = node.args[2:] if target == "shape" else node.args[1:]
+        return ctx.add_step(node.name, step, (ctx.env[source], *fx.node.map_arg(extra, ctx.env.__getitem__)))
+
+    return Step((), emit)
+
+
+def mean_delta_step(node: fx.Node) -> Step | None:
+    """Global average pooling: MeanDeltaStep corrects the base mean by the box's change, reading the
+    base input and the base mean (docs/design.md §2.6)."""
+    if _meta(node).role != "mean_delta":
+        return None
+
+    def emit(ctx: RewriteContext, base_in: fx.Node, base_out: fx.Node) -> fx.Node:
+        source = node.args[0]
+        step = MeanDeltaStep(spatial_size(source), tuple(node.meta["tensor_meta"].shape))
+        return ctx.add_step(node.name, step, (base_in, base_out, ctx.env[source]))
+
+    return Step((_unpadded(node.args[0]), _unpadded(node)), emit)
+
+
+def shape_arith_copy(node: fx.Node) -> Step | None:
+    """Arithmetic on shapes: the original op, on the shapes the program computes."""
+    if _meta(node).role != "shape_arith":
+        return None
+    return Step((), lambda ctx: ctx.graph.node_copy(node, ctx.env.__getitem__))
+
+
+def dense_copy(node: fx.Node) -> Step | None:
+    """A constant or dense node: the original op, on full values (an incremental operand is
+    projected to full first, so the node reads its base activation)."""
+    if _meta(node).state is State.PATCH:
+        return None
+    return Step(_changed_inputs(node), lambda ctx, *_: ctx.graph.node_copy(node, ctx.dense_value))
+
+
+def channel_getitem(node: fx.Node) -> Step | None:
+    """One piece of a channel split: the getitem, copied, picks a Patches out of the tuple."""
+    if _meta(node).role != "channel" or node.target is not operator.getitem:
+        return None
+    return Step((), lambda ctx: ctx.graph.node_copy(node, ctx.env.__getitem__))
+
+
+def channel_step(node: fx.Node) -> Step | None:
+    """A channel reshape/transpose/permute/chunk/split: ChannelStep runs it on the changed values;
+    a reshape takes its traced output shape, so the x.size() arguments it was given are not needed."""
+    if _meta(node).role != "channel":
+        return None
+
+    def emit(ctx: RewriteContext) -> fx.Node:
+        reshape = node.target in ("view", "reshape", torch.reshape)
+        reshape_to = tuple(node.meta["tensor_meta"].shape) if reshape else None
+        step = ChannelStep(_call_target(node, ctx.modules), reshape_to)
+        return ctx.add_step(node.name, step, *ctx.mapped(node))
+
+    return Step((), emit)
+
+
+def pointwise_step(node: fx.Node) -> Step | None:
+    """A point-wise op: PointwiseStep applies it to the changed values only."""
+    if _meta(node).role != "pointwise":
+        return None
+
+    def emit(ctx: RewriteContext) -> fx.Node:
+        return ctx.add_step(node.name, PointwiseStep(_call_target(node, ctx.modules)), *ctx.mapped(node))
+
+    return Step((), emit)
+
+
+def local_step(node: fx.Node) -> Step | None:
+    """A conv/pool/pad: LocalStep gathers read-in windows from its input's base activation, padded
+    once by as much as any window overhangs the map (docs/design.md §2.4)."""
+    meta = _meta(node)
+    if meta.role != "local":
+        return None
+    source = node.args[0]
+    slot = BaseSlot(source.name, _local_margins(meta, spatial_size(source)), meta.local.pad_value)
+
+    def emit(ctx: RewriteContext, padded_base: fx.Node) -> fx.Node:
+        module = ctx.modules[node.target] if node.op == "call_module" else None
+        offset = (slot.margins[0], slot.margins[2])
+        step = LocalStep(meta, _meta(source), offset, module, ctx.device, ctx.dtype, ctx.backend)
+        consts = tuple(ctx.env[n] for n in meta.local.const_nodes)
+        return ctx.add_step(node.name, step, (padded_base, ctx.env[source], *consts))
+
+    return Step((slot,), emit)
+
+
+def merge_step(node: fx.Node) -> Step | None:
+    """An element-wise op of maps or a channel concat: MergeStep runs it on windows over the union
+    box, one per spatial operand, read from that operand's base activation (docs/design.md §2.5)."""
+    meta = _meta(node)
+    if meta.role != "merge":
+        return None
+    windowed_nodes = _windowed_inputs(node)
+
+    def emit(ctx: RewriteContext, *bases: fx.Node) -> fx.Node:
+        leaves, _ = tree_flatten((node.args, node.kwargs))
+        windowed = {i: windowed_nodes.index(leaf) for i, leaf in enumerate(leaves) if leaf in windowed_nodes}
+        changed = [_meta(n).box for n in windowed_nodes if _meta(n).state is State.PATCH]
+        inside = all(_always_inside(box, meta.box) for box in changed)  # true by Eq. 20's construction
+        step = MergeStep(meta, _call_target(node, ctx.modules), windowed, inside, ctx.device, ctx.backend)
+        args, kwargs = ctx.mapped(node)
+        return ctx.add_step(node.name, step, (bases, *args), kwargs)
+
+    return Step(tuple(_unpadded(n) for n in windowed_nodes), emit)
+
+
+def _step(node: fx.Node) -> Step:
+    for rule in STEP_RULES:
+        step = rule(node)
+        if step is not None:
+            return step
+    # patch_prop gives PATCH nodes only the roles above
+    raise AssertionError(f"unexpected role {_meta(node).role!r} at {node.format_node()}")  # pragma: no cover
+
+
 def build_program(gm: fx.GraphModule, fill: torch.Tensor, backend: str = "torch") -> Program:
     """Rewrite annotated ``gm`` into the incremental :class:`Program` (fill: the patch, [C, h, w]).
 
-    ``backend`` ("torch" or "triton") selects the kernels the steps call (kfx.kernels).
+    ``backend`` ("torch" or "triton") selects the kernels the steps call (kfx.kernels). Each node
+    becomes the :class:`Step` of the first rule of :data:`STEP_RULES` that takes it.
     """
-    modules = dict(gm.named_modules())
-    device, dtype = fill.device, fill.dtype
+    ctx = RewriteContext(gm, fill, backend)
+    steps = [(node, _step(node)) for node in gm.graph.nodes]
+    for _, step in steps:
+        for slot in step.reads:
+            ctx.add_base(slot)
+    for node, step in steps:
+        ctx.env[node] = step.emit(ctx, *(ctx.bases[slot] for slot in step.reads))
+    ctx.graph.lint()
+    return Program(fx.GraphModule(gm, ctx.graph, class_name="IncrementalProgram"), list(ctx.bases))
+
+
+def build_base_program(gm: fx.GraphModule, sources: Sequence[str]) -> fx.GraphModule:
+    """The base program: a copy of the model that also returns the activations the incremental
+    program reads. ``sources`` names them (``[slot.source for slot in program.slots]``); it returns
+    ``(model outputs, tuple of those activations)``."""
     graph = fx.Graph()
-    positions = graph.placeholder("positions")
-    slots: dict[BaseSlot, fx.Node] = {}
+    value_map: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(gm.graph, value_map)
+    by_name = {node.name: node for node in gm.graph.nodes}
+    graph.output((output, tuple(value_map[by_name[name]] for name in sources)))
+    return fx.GraphModule(gm, graph, class_name="BaseProgram")
 
-    unpadded = lambda n: BaseSlot(n.name, (0, 0, 0, 0), 0.0)
 
-    def needs(node: fx.Node) -> list[BaseSlot]:
-        meta = _meta(node)
-        if meta.role == "local":
-            source = node.args[0]
-            return [BaseSlot(source.name, _local_margins(meta, spatial_size(source)), meta.local.pad_value)]
-        if meta.role == "merge":
-            return [unpadded(n) for n in _windowed_inputs(node)]
-        if meta.role == "mean_delta":
-            return [unpadded(node.args[0]), unpadded(node)]
-        if (meta.state is State.DENSE and meta.role not in SHAPE_ROLES) or node.op == "output":
-            return [unpadded(n) for n in node.all_input_nodes if _meta(n).state is State.PATCH]
-        return []
-
-    for node in gm.graph.nodes:
-        for slot in needs(node):
-            if slot not in slots:
-                slots[slot] = graph.placeholder(f"base_{len(slots)}")
-
-    env: dict[fx.Node, fx.Node] = {}
-    projected: dict[fx.Node, fx.Node] = {}
-
-    def add_step(name: str, step: nn.Module, args, kwargs=None) -> fx.Node:
-        qualified = f"kfx_{name}"
-        gm.add_submodule(qualified, step)
-        return graph.call_module(qualified, args, kwargs or {})
-
-    def dense_value(n: fx.Node) -> fx.Node:
-        if _meta(n).state is not State.PATCH:
-            return env[n]
-        if n not in projected:
-            projected[n] = add_step(f"project_{n.name}", ProjectStep(backend), (slots[unpadded(n)], env[n]))
-        return projected[n]
-
-    for node in gm.graph.nodes:
-        meta = _meta(node)
-        if node.op == "placeholder":
-            env[node] = add_step(f"input_{node.name}", InputStep(fill), (positions,))
-        elif node.op == "output":
-            graph.output(fx.node.map_arg(node.args[0], dense_value))
-        elif meta.role == "shape":
-            source = node.args[0]
-            target = "shape" if node.op == "call_function" else node.target
-            step = ShapeStep(target, tuple(source.meta["tensor_meta"].shape))
-            extra = node.args[2:] if target == "shape" else node.args[1:]  # size(dim) keeps its dim
-            env[node] = add_step(node.name, step, (env[source], *fx.node.map_arg(extra, env.__getitem__)))
-        elif meta.role == "mean_delta":
-            source = node.args[0]
-            step = MeanDeltaStep(spatial_size(source), tuple(node.meta["tensor_meta"].shape))
-            base_in, base_out = (slots[slot] for slot in needs(node))
-            env[node] = add_step(node.name, step, (base_in, base_out, env[source]))
-        elif meta.role == "shape_arith":
-            env[node] = graph.node_copy(node, env.__getitem__)
-        elif meta.state is not State.PATCH:
-            env[node] = graph.node_copy(node, dense_value)
-        elif meta.role == "channel" and node.target is operator.getitem:
-            env[node] = graph.node_copy(node, env.__getitem__)  # picks a Patches out of the tuple
-        elif meta.role == "channel":
-            reshape_to = tuple(node.meta["tensor_meta"].shape) if node.target in ("view", "reshape", torch.reshape) else None
-            step = ChannelStep(_call_target(node, modules), reshape_to)
-            env[node] = add_step(node.name, step, *fx.node.map_arg((node.args, node.kwargs), env.__getitem__))
-        elif meta.role == "pointwise":
-            step = PointwiseStep(_call_target(node, modules))
-            env[node] = add_step(node.name, step, *fx.node.map_arg((node.args, node.kwargs), env.__getitem__))
-        elif meta.role == "local":
-            source = node.args[0]
-            slot = needs(node)[0]
-            module = modules[node.target] if node.op == "call_module" else None
-            offset = (slot.margins[0], slot.margins[2])
-            step = LocalStep(meta, _meta(source), offset, module, device, dtype, backend)
-            consts = tuple(env[n] for n in meta.local.const_nodes)
-            env[node] = add_step(node.name, step, (slots[slot], env[source], *consts))
-        elif meta.role == "merge":
-            leaves, _ = tree_flatten((node.args, node.kwargs))
-            windowed_nodes = _windowed_inputs(node)
-            bases = tuple(slots[unpadded(n)] for n in windowed_nodes)
-            windowed = {
-                i: windowed_nodes.index(leaf) for i, leaf in enumerate(leaves) if leaf in windowed_nodes
-            }
-            changed = [_meta(n).box for n in windowed_nodes if _meta(n).state is State.PATCH]
-            inside = all(_always_inside(box, meta.box) for box in changed)  # true by Eq. 20's construction
-            step = MergeStep(meta, _call_target(node, modules), windowed, inside, device, backend)
-            mapped_args, mapped_kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-            env[node] = add_step(node.name, step, (bases, *mapped_args), mapped_kwargs)
-        else:  # pragma: no cover - patch_prop only emits the roles above for PATCH nodes
-            raise AssertionError(f"unexpected role {meta.role!r} at {node.format_node()}")
-
-    graph.lint()
-    return Program(fx.GraphModule(gm, graph, class_name="IncrementalProgram"), list(slots))
+# The pass's table of contents: the step each node becomes, first match wins. The order matters:
+# the graph's input and output come first, then the DENSE roles that have steps of their own
+# (shape, mean_delta) or copy shapes as they are (shape_arith), then every other non-PATCH node is
+# copied densely, and channel_getitem must precede channel_step. Adding a step is adding a row.
+STEP_RULES: tuple[Callable[[fx.Node], Step | None], ...] = (
+    input_step,
+    graph_output,
+    shape_step,
+    mean_delta_step,
+    shape_arith_copy,
+    dense_copy,
+    channel_getitem,
+    channel_step,
+    pointwise_step,
+    local_step,
+    merge_step,
+)
