@@ -14,7 +14,7 @@ from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device
 from kfx.cost import CostReport, static_cost
 from kfx.errors import InputError, ModelError, PatchError
 from kfx.memory import MemoryEstimate, estimate_memory, parse_bytes
-from kfx.passes import META_KEY, BaseSlot, annotate, build_program
+from kfx.passes import META_KEY, BaseSlot, annotate, build_base_program, build_program
 from kfx.passes.trace import require_eval_module
 from kfx.patch import Patch
 from kfx.results import DenseNode, Heatmap, Progress
@@ -51,16 +51,6 @@ def model_state(model: nn.Module) -> tuple[tuple, tuple[int, ...]]:
     tensors = [*model.named_parameters(), *model.named_buffers()]
     identity = tuple((name, id(t), t.data_ptr(), t.dtype, t.device) for name, t in tensors)
     return identity, tuple(t._version for _, t in tensors)
-
-
-def _base_program(gm: fx.GraphModule, sources: list[str]) -> fx.GraphModule:
-    """A copy of the model that also returns the activations the incremental program reads."""
-    graph = fx.Graph()
-    value_map: dict[fx.Node, fx.Node] = {}
-    output = graph.graph_copy(gm.graph, value_map)
-    by_name = {node.name: node for node in gm.graph.nodes}
-    graph.output((output, tuple(value_map[by_name[name]] for name in sources)))
-    return fx.GraphModule(gm, graph, class_name="BaseProgram")
 
 
 @dataclass(frozen=True)
@@ -318,7 +308,7 @@ def _build(model, image_shape, patch: Patch, batch_size, dtype, backend, max_mem
         graph_module=gm,
         program=program.module,
         slots=tuple(program.slots),
-        base_program=_base_program(gm, sources),
+        base_program=build_base_program(gm, sources),
         cost=static_cost(gm, tau),
         memory=memory,
     )

@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from kfx.passes.patch_prop import META_KEY, AxisBoxes, NodePatch, State, propagate_patches
-from kfx.passes.rewrite import BaseSlot, Patches, Program, build_program
+from kfx.passes.rewrite import BaseSlot, Patches, Program, build_base_program, build_program
 from kfx.passes.trace import check_traced, functionalize, propagate_shapes, trace
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "Patches",
     "Program",
     "State",
+    "build_base_program",
     "build_program",
     "check_traced",
     "functionalize",

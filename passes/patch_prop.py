@@ -282,7 +282,7 @@ def channel_op(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
 def global_mean(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """Global average pooling of the changed map. mean_new = mean_base + (sum(new box) - sum(old
     box)) / (H * W) is exact and needs no projection (docs/design.md §2.6)."""
-    if len(ctx.changed) == 1 and node.args[0] is ctx.changed[0] and is_global_mean(node, ctx.modules):
+    if _changes_first_arg(node, ctx) and is_global_mean(node, ctx.modules):
         return NodePatch(State.DENSE, "mean_delta")
     return None
 

@@ -275,3 +275,27 @@ def test_a_model_that_gives_nan_is_refused_with_a_reason():
     engine = kfx.compile(NaNScores().eval(), (3, 8, 8), kfx.Patch(3))  # the graph does match the model
     with pytest.raises(kfx.ModelError, match="NaN or infinite"):
         engine(torch.zeros(3, 8, 8))
+
+
+class KeywordOnly(nn.Module):
+    """Ops called with keyword arguments only (no node.args): found while turning rules into tables."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        y = torch.sigmoid(input=self.conv(x))
+        return self.fc(torch.mean(input=y, dim=(2, 3)))
+
+
+def test_ops_called_with_keyword_arguments_only_are_exact():
+    model = KeywordOnly().double().eval()
+    engine = kfx.compile(model, (3, 8, 8), kfx.Patch(3, stride=1))
+    image = torch.randn(3, 8, 8, dtype=torch.float64)
+    positions = kfx.grid_positions((8, 8), engine.patch)
+    with torch.no_grad():
+        expected = model(kfx.occlude(image, positions, engine.patch))
+    torch.testing.assert_close(engine.outputs(image, positions), expected, rtol=1e-12, atol=1e-12)
