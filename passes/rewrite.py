@@ -5,7 +5,7 @@ Ensures: a GraphModule ``program(positions, *bases)`` that returns the model's o
 occluded images at ``positions`` [N, 2]; ``bases`` are the unoccluded image's activations, prepared
 as :class:`BaseSlot` says (padded once per image). Incremental nodes carry a :class:`Patches`
 (changed values + where they sit); a projection to full is inserted before the first node that
-runs densely. The steps only place data; what each computes lives in kfx.kernels.
+runs densely. The steps (kfx.passes.steps) only place data; what each computes lives in kfx.kernels.
 
 Each node becomes one step, chosen by the first matching rule of ``STEP_RULES`` (the table at the
 end of the file): input -> InputStep, shape -> ShapeStep, mean_delta -> MeanDeltaStep,
@@ -23,10 +23,22 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
-from kfx import kernels
-from kfx.passes.patch_prop import META_KEY, AxisBoxes, NodePatch, State, spatial_size
+from kfx.passes.patch_prop import META_KEY, NodePatch, State, spatial_size
+from kfx.passes.steps import (
+    ChannelStep,
+    InputStep,
+    LocalStep,
+    MeanDeltaStep,
+    MergeStep,
+    Patches,
+    PointwiseStep,
+    ProjectStep,
+    ShapeStep,
+    always_inside,
+    call_target,
+)
 
 __all__ = [
     "Patches",
@@ -38,16 +50,6 @@ __all__ = [
     "build_program",
     "build_base_program",
 ]
-
-
-class Patches:
-    """A batch of changed boxes: ``values`` [N, C, h, w] at ``origin`` [N, 2] (y, x) in the node's
-    tensor, for the patch positions ``positions`` [N, 2] in the image."""
-
-    __slots__ = ("values", "positions", "origin")
-
-    def __init__(self, values: torch.Tensor, positions: torch.Tensor, origin: torch.Tensor):
-        self.values, self.positions, self.origin = values, positions, origin
 
 
 @dataclass(frozen=True)
@@ -64,224 +66,6 @@ class BaseSlot:
 class Program:
     module: fx.GraphModule
     slots: list[BaseSlot]
-
-
-def _tables(box: tuple[AxisBoxes, AxisBoxes], device) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(torch.tensor(b.starts, dtype=torch.long, device=device) for b in box)
-
-
-class _BoxedStep(nn.Module):
-    """A step that knows its output box for every patch position."""
-
-    def __init__(self, box: tuple[AxisBoxes, AxisBoxes], device):
-        super().__init__()
-        h, w = _tables(box, device)
-        self.register_buffer("starts_h", h, persistent=False)
-        self.register_buffer("starts_w", w, persistent=False)
-        self.size = (box[0].width, box[1].width)
-
-    def origin(self, positions: torch.Tensor) -> torch.Tensor:
-        return torch.stack((self.starts_h[positions[:, 0]], self.starts_w[positions[:, 1]]), dim=1)
-
-
-def _call_target(node: fx.Node, modules: dict[str, nn.Module]):
-    if node.op == "call_module":
-        return modules[node.target]
-    if node.op == "call_method":
-        name = node.target
-        return lambda self_arg, *args, **kwargs: getattr(self_arg, name)(*args, **kwargs)
-    return node.target
-
-
-class InputStep(nn.Module):
-    """The occluded image as a change: the patch's fill at each position."""
-
-    def __init__(self, fill: torch.Tensor):
-        super().__init__()
-        self.register_buffer("fill", fill, persistent=False)
-
-    def forward(self, positions: torch.Tensor) -> Patches:
-        return Patches(self.fill.expand(positions.shape[0], *self.fill.shape), positions, positions)
-
-
-class PointwiseStep(nn.Module):
-    """Apply a point-wise op to the changed values only; the box stays where it is."""
-
-    def __init__(self, target):
-        super().__init__()
-        self.target = target
-
-    def forward(self, *args, **kwargs) -> Patches:
-        leaves, _ = tree_flatten((args, kwargs))
-        patches = next(leaf for leaf in leaves if isinstance(leaf, Patches))
-        args, kwargs = tree_map(lambda a: a.values if isinstance(a, Patches) else a, (args, kwargs))
-        return Patches(self.target(*args, **kwargs), patches.positions, patches.origin)
-
-
-def _always_inside(patch: tuple[AxisBoxes, AxisBoxes], window: tuple[AxisBoxes, AxisBoxes]) -> bool:
-    """True if, at every position, the changed box lies wholly inside the window (paste can scatter)."""
-    return all(
-        w <= p and p + pa.width <= w + wa.width
-        for pa, wa in zip(patch, window)
-        for p, w in zip(pa.starts, wa.starts)
-    )
-
-
-class LocalStep(_BoxedStep):
-    """Conv/pool/pad on read-in windows: gather from the padded base, paste the change, run the op."""
-
-    def __init__(
-        self,
-        meta: NodePatch,
-        in_meta: NodePatch,
-        offset: tuple[int, int],
-        module,
-        device,
-        dtype,
-        backend: str = "torch",
-    ):
-        super().__init__(meta.box, device)
-        self.spec = meta.local
-        self.backend = backend
-        self.op = module  # registers a conv's parameters with the program (None for functional ops)
-        read_h, read_w = _tables(meta.read, device)
-        self.register_buffer("read_h", read_h, persistent=False)
-        self.register_buffer("read_w", read_w, persistent=False)
-        self.read_size = (meta.read[0].width, meta.read[1].width)
-        self.offset = offset
-        self.inside = _always_inside(in_meta.box, meta.read)
-        divisor = meta.local.divisor
-        self.register_buffer(
-            "divisor",
-            None if divisor is None else divisor.to(device=device, dtype=dtype)[None],
-            persistent=False,
-        )
-
-    def forward(self, padded_base: torch.Tensor, patches: Patches, *consts) -> Patches:
-        positions = patches.positions
-        read = torch.stack((self.read_h[positions[:, 0]], self.read_w[positions[:, 1]]), dim=1)
-        offset = torch.tensor(self.offset, device=read.device)
-        window_args = (padded_base, read + offset, self.read_size, patches.values, patches.origin - read)
-        if self.spec.conv_args is not None and self.backend == "triton":
-            weight, bias = (self.op.weight, self.op.bias) if self.op is not None else (consts + (None,))[:2]
-            out = kernels.incremental_conv(self.backend, *window_args, weight, bias, *self.spec.conv_args)
-        else:
-            windows = kernels.read_windows(
-                self.backend, *window_args, inside=self.inside, pad_value=self.spec.pad_value
-            )
-            out = self.spec.apply(windows, *consts)
-        origin = self.origin(positions)
-        if self.divisor is not None:
-            out = out / kernels.gather_windows(self.divisor, origin, self.size)
-        return Patches(out, positions, origin)
-
-
-class MergeStep(_BoxedStep):
-    """Element-wise op or channel concat over the union box: window each spatial operand."""
-
-    def __init__(
-        self, meta: NodePatch, target, windowed: dict[int, int], inside: bool, device, backend="torch"
-    ):
-        super().__init__(meta.box, device)
-        self.target = target
-        self.windowed = windowed  # flat leaf index in (args, kwargs) -> index into bases
-        self.inside = inside
-        self.backend = backend
-
-    def forward(self, bases: tuple[torch.Tensor, ...], *args, **kwargs) -> Patches:
-        leaves, spec = tree_flatten((args, kwargs))
-        positions = next(leaf.positions for leaf in leaves if isinstance(leaf, Patches))
-        origin = self.origin(positions)
-        for leaf_index, base_index in self.windowed.items():
-            leaf = leaves[leaf_index]
-            if isinstance(leaf, Patches):
-                window = kernels.read_windows(
-                    self.backend,
-                    bases[base_index],
-                    origin,
-                    self.size,
-                    leaf.values,
-                    leaf.origin - origin,
-                    inside=self.inside,
-                )
-            else:  # a constant spatial operand: its window, unchanged
-                window = kernels.gather_windows(bases[base_index], origin, self.size)
-            leaves[leaf_index] = window
-        args, kwargs = tree_unflatten(leaves, spec)
-        return Patches(self.target(*args, **kwargs), positions, origin)
-
-
-class ChannelStep(nn.Module):
-    """A reshape/transpose/permute/chunk/split over channels: run it on the changed values.
-
-    Reshapes take their full output shape with the batch and spatial dims of the patch, so the
-    shape arguments traced from ``x.size()`` are not needed.
-    """
-
-    def __init__(self, target, reshape_to: tuple[int, ...] | None):
-        super().__init__()
-        self.target = target
-        self.reshape_to = reshape_to
-
-    def forward(self, patches: Patches, *args, **kwargs):
-        values = patches.values
-        if self.reshape_to is not None:
-            out = values.reshape(values.shape[0], *self.reshape_to[1:-2], *values.shape[-2:])
-        else:
-            out = self.target(values, *args, **kwargs)
-        if isinstance(out, torch.Tensor):
-            return Patches(out, patches.positions, patches.origin)
-        return tuple(Patches(v, patches.positions, patches.origin) for v in out)
-
-
-class ShapeStep(nn.Module):
-    """``x.size()``, ``x.shape`` or ``x.dim()`` of an incremental value: the full tensor's answer."""
-
-    def __init__(self, target, full_shape: tuple[int, ...]):
-        super().__init__()
-        self.target = target
-        self.full_shape = full_shape
-
-    def forward(self, patches: Patches, *args):
-        shape = torch.Size((patches.values.shape[0], *self.full_shape[1:]))
-        if self.target == "shape":
-            return shape
-        if self.target == "dim":
-            return len(shape)
-        return shape[args[0]] if args else shape
-
-
-class MeanDeltaStep(nn.Module):
-    """Global average pooling from the base mean and the box's change (exact, docs/design.md §2.6)."""
-
-    def __init__(self, in_hw: tuple[int, int], out_shape: tuple[int, ...]):
-        super().__init__()
-        self.area = in_hw[0] * in_hw[1]
-        self.out_shape = out_shape
-
-    def forward(self, base_in: torch.Tensor, base_out: torch.Tensor, patches: Patches) -> torch.Tensor:
-        n, c, h, w = patches.values.shape
-        old = kernels.gather_windows(base_in, patches.origin, (h, w))
-        delta = (patches.values - old).sum(dim=(2, 3)) / self.area
-        return (base_out.reshape(1, c) + delta).view(n, *self.out_shape[1:])
-
-
-class ProjectStep(nn.Module):
-    """Projection to full: paint the changes into N copies of the base (docs/design.md §2.6)."""
-
-    def __init__(self, backend: str = "torch"):
-        super().__init__()
-        self.backend = backend
-
-    def forward(self, base: torch.Tensor, patches: Patches) -> torch.Tensor:
-        values = patches.values  # [N, *channel dims, h, w]: channel dims flatten to one for the kernel
-        full = kernels.project_to_full(
-            self.backend,
-            base.reshape(-1, *base.shape[-2:]),
-            values.reshape(values.shape[0], -1, *values.shape[-2:]),
-            patches.origin,
-        )
-        return full.view(values.shape[0], *base.shape)
 
 
 def _meta(node: fx.Node) -> NodePatch:
@@ -445,7 +229,7 @@ def channel_step(node: fx.Node) -> Step | None:
     def emit(ctx: RewriteContext) -> fx.Node:
         reshape = node.target in ("view", "reshape", torch.reshape)
         reshape_to = tuple(node.meta["tensor_meta"].shape) if reshape else None
-        step = ChannelStep(_call_target(node, ctx.modules), reshape_to)
+        step = ChannelStep(call_target(node, ctx.modules), reshape_to)
         return ctx.add_step(node.name, step, *ctx.mapped(node))
 
     return Step((), emit)
@@ -457,7 +241,7 @@ def pointwise_step(node: fx.Node) -> Step | None:
         return None
 
     def emit(ctx: RewriteContext) -> fx.Node:
-        return ctx.add_step(node.name, PointwiseStep(_call_target(node, ctx.modules)), *ctx.mapped(node))
+        return ctx.add_step(node.name, PointwiseStep(call_target(node, ctx.modules)), *ctx.mapped(node))
 
     return Step((), emit)
 
@@ -493,8 +277,8 @@ def merge_step(node: fx.Node) -> Step | None:
         leaves, _ = tree_flatten((node.args, node.kwargs))
         windowed = {i: windowed_nodes.index(leaf) for i, leaf in enumerate(leaves) if leaf in windowed_nodes}
         changed = [_meta(n).box for n in windowed_nodes if _meta(n).state is State.PATCH]
-        inside = all(_always_inside(box, meta.box) for box in changed)  # true by Eq. 20's construction
-        step = MergeStep(meta, _call_target(node, ctx.modules), windowed, inside, ctx.device, ctx.backend)
+        inside = all(always_inside(box, meta.box) for box in changed)  # true by Eq. 20's construction
+        step = MergeStep(meta, call_target(node, ctx.modules), windowed, inside, ctx.device, ctx.backend)
         args, kwargs = ctx.mapped(node)
         return ctx.add_step(node.name, step, (bases, *args), kwargs)
 
