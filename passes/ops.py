@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from kfx.common import int_pair
+from kfx.errors import TraceError
 from kfx.geometry import conv_fmas, effective_kernel
 
 __all__ = [
@@ -52,11 +54,9 @@ class LocalSpec:
     conv_args: tuple | None = None  # conv only: (stride, dilation, groups), for fused conv kernels
 
 
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    return (v[0], v[0]) if len(v) == 1 else (int(v[0]), int(v[1]))
+def _pair(value, name: str) -> tuple[int, int]:
+    """A kernel/stride/padding/dilation argument as (h, w); anything else is a TraceError."""
+    return int_pair(value, name, TraceError)
 
 
 # Set by shape propagation on nodes whose value is not a tensor (kfx.passes.trace.VALUE_KEY).
@@ -91,19 +91,19 @@ def _conv_spec(
     weight_shape, bias, stride, padding, dilation, groups, apply, const_nodes=()
 ) -> LocalSpec | None:
     c_out, c_in_per_group, kh, kw = weight_shape
-    dilation = _pair(dilation)
+    dilation = _pair(dilation, "dilation")
     kernel = (effective_kernel(kh, dilation[0]), effective_kernel(kw, dilation[1]))
     if isinstance(padding, str):
         padding = (0, 0) if padding == "valid" else _same_padding(kernel)
     return LocalSpec(
         kind="conv",
         kernel=kernel,
-        stride=_pair(stride),
-        padding=_pair(padding),
+        stride=_pair(stride, "stride"),
+        padding=_pair(padding, "padding"),
         pad_value=0.0,
         apply=apply,
         const_nodes=const_nodes,
-        conv_args=(_pair(stride), dilation, groups),
+        conv_args=(_pair(stride, "stride"), dilation, groups),
         fmas_per_output=conv_fmas(c_in_per_group * groups, c_out, groups, kh, kw, 1, 1),
     )
 
@@ -122,11 +122,11 @@ def _avg_divisor(
 
 
 def _pool_spec(kind, kernel_size, stride, padding, dilation, ceil_mode, in_hw, avg_flags=None) -> LocalSpec:
-    k = _pair(kernel_size)
-    s = _pair(stride if stride not in (None, ()) else kernel_size)
-    p = _pair(padding)
+    k = _pair(kernel_size, "kernel_size")
+    s = _pair(stride if stride not in (None, ()) else kernel_size, "stride")
+    p = _pair(padding, "padding")
     if kind == "max_pool":
-        d = _pair(dilation)
+        d = _pair(dilation, "dilation")
         kernel = (effective_kernel(k[0], d[0]), effective_kernel(k[1], d[1]))
         apply = lambda w: F.max_pool2d(w, k, s, 0, d)
         return LocalSpec("max_pool", kernel, s, p, -math.inf, apply)
