@@ -82,9 +82,11 @@ class NaiveEngine(OcclusionRunner):
     ) -> Iterator[torch.Tensor]:
         step = self._step(batch_size)
         for start in range(0, positions.shape[0], step):
-            # no_grad per batch, never across the yield (a server may resume the stream on another thread)
+            # no_grad per batch, never held across the yield: grad mode is per thread, so a stream left
+            # suspended (or resumed on another thread by a server) must not leave it switched off.
             with torch.no_grad():
-                yield self.model(occlude(prepared.image, positions[start : start + step], self.patch))
+                out = self.model(occlude(prepared.image, positions[start : start + step], self.patch))
+            yield out
 
 
 def naive_heatmap(

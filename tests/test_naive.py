@@ -90,3 +90,13 @@ def test_naive_engine_checks_its_input(model, image):
         kfx.NaiveEngine(nn.Linear(2, 2), SHAPE, PATCH)
     with pytest.raises(kfx.PatchError, match="larger than the image"):
         kfx.NaiveEngine(model, SHAPE, kfx.Patch(11))
+
+
+def test_a_suspended_naive_stream_leaves_grad_mode_alone(model, image):
+    """A stream stopped midway (the explorer's Stop) must not leave the thread in no_grad."""
+    naive = kfx.NaiveEngine(model, SHAPE, PATCH, batch_size=2)
+    stream = naive.stream(image)
+    next(stream)
+    assert torch.is_grad_enabled()
+    stream.close()
+    assert torch.is_grad_enabled()
