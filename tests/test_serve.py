@@ -595,9 +595,16 @@ def choose_mode(page, mode: str) -> None:
 
 
 def set_slider(page, elem_id: str, value: int) -> None:
+    """Type ``value`` into the slider's number box, and wait until the slider itself holds it: a Run
+    clicked before that would send the old value (seen once: a batch of 64 instead of 2)."""
     number = page.locator(f"#{elem_id} input[type=number]")
     number.fill(str(value))
     number.press("Enter")
+    page.wait_for_function(
+        "([id, value]) => Number(document.querySelector(`#${id} input[type=range]`).value) === value",
+        arg=[elem_id, value],
+        timeout=10_000,
+    )
 
 
 @pytest.mark.skipif(
