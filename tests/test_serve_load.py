@@ -147,9 +147,15 @@ async def wait_for_text(page, selector: str, text: str) -> None:
 
 
 async def set_slider(page, elem_id: str, value) -> None:
+    """Type ``value`` and wait until the slider holds it (a Run clicked earlier sends the old value)."""
     number = page.locator(f"#{elem_id} input[type=number]")
     await number.fill(str(value))
     await number.press("Enter")
+    await page.wait_for_function(
+        "([id, value]) => Number(document.querySelector(`#${id} input[type=range]`).value) === value",
+        arg=[elem_id, value],
+        timeout=10_000,
+    )
 
 
 async def choose_mode(page, mode: str) -> None:
