@@ -23,6 +23,7 @@ from kfx.passes.ops import INPLACE_TO_FUNCTIONAL
 
 __all__ = [
     "require_eval_module",
+    "training_mode_error",
     "require_traceable_module",
     "trace",
     "functionalize",
@@ -102,10 +103,15 @@ def require_eval_module(model, caller: str) -> None:
         raise ModelError(f"{caller} needs a torch.nn.Module, got {type(model).__name__}")
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
-        raise ModelError(
-            f"the model is in training mode (e.g. module {training[0]!r}); dropout and batch norm would "
-            f"change the answer at every call. Call model.eval() before {caller}"
-        )
+        raise training_mode_error(training[0], caller)
+
+
+def training_mode_error(module: str, caller: str) -> ModelError:
+    """The error for a model with ``module`` in training mode."""
+    return ModelError(
+        f"the model is in training mode (e.g. module {module!r}); dropout and batch norm would "
+        f"change the answer at every call. Call model.eval() before {caller}"
+    )
 
 
 def require_traceable_module(model: nn.Module, caller: str) -> None:
