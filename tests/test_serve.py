@@ -594,17 +594,27 @@ def choose_mode(page, mode: str) -> None:
     page.locator("#kfx-mode label").filter(has_text=mode).click()
 
 
-def set_slider(page, elem_id: str, value: int) -> None:
-    """Type ``value`` into the slider's number box, and wait until the slider itself holds it: a Run
-    clicked before that would send the old value (seen once: a batch of 64 instead of 2)."""
+SLIDER_HOLDS = "([id, value]) => Number(document.querySelector(`#${id} input[type=range]`).value) === value"
+
+
+def set_slider(page, elem_id: str, value: int, attempts: int = 5) -> None:
+    """Type ``value`` into the slider's number box until the slider itself holds it. A Run clicked
+    before that sends the old value (seen once: a batch of 64 instead of 2), and a value typed while
+    an accordion is still opening can be lost (seen once in CI: the slider never changed), so a
+    value that has not arrived after a few seconds is typed again."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     number = page.locator(f"#{elem_id} input[type=number]")
-    number.fill(str(value))
-    number.press("Enter")
-    page.wait_for_function(
-        "([id, value]) => Number(document.querySelector(`#${id} input[type=range]`).value) === value",
-        arg=[elem_id, value],
-        timeout=10_000,
-    )
+    for _ in range(attempts):
+        number.fill(str(value))
+        number.press("Enter")
+        try:
+            page.wait_for_function(SLIDER_HOLDS, arg=[elem_id, value], timeout=3_000)
+            return
+        except PlaywrightTimeout:
+            continue
+    shown = page.locator(f"#{elem_id} input[type=range]").input_value()
+    raise AssertionError(f"slider {elem_id} still shows {shown} after typing {value} {attempts} times")
 
 
 @pytest.mark.skipif(

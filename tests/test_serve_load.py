@@ -26,7 +26,7 @@ import kfx
 from kfx import _serve_core as core
 from kfx.models import read_pixels
 from tests.serve_models import tiny_loaded
-from tests.test_serve import CHROMIUM, CHROMIUM_ARGS, SIZE, calls_settle, free_port, serve
+from tests.test_serve import CHROMIUM, CHROMIUM_ARGS, SIZE, SLIDER_HOLDS, calls_settle, free_port, serve
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="the browser tests need Debian's chromium (apt-get install chromium)"
@@ -146,16 +146,21 @@ async def wait_for_text(page, selector: str, text: str) -> None:
     )
 
 
-async def set_slider(page, elem_id: str, value) -> None:
-    """Type ``value`` and wait until the slider holds it (a Run clicked earlier sends the old value)."""
+async def set_slider(page, elem_id: str, value, attempts: int = 5) -> None:
+    """Type ``value`` until the slider holds it: a Run clicked earlier sends the old value, and a value
+    typed while the page is still settling can be lost, so it is typed again after a few seconds."""
+    from playwright.async_api import TimeoutError as PlaywrightTimeout
+
     number = page.locator(f"#{elem_id} input[type=number]")
-    await number.fill(str(value))
-    await number.press("Enter")
-    await page.wait_for_function(
-        "([id, value]) => Number(document.querySelector(`#${id} input[type=range]`).value) === value",
-        arg=[elem_id, value],
-        timeout=10_000,
-    )
+    for _ in range(attempts):
+        await number.fill(str(value))
+        await number.press("Enter")
+        try:
+            await page.wait_for_function(SLIDER_HOLDS, arg=[elem_id, value], timeout=3_000)
+            return
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError(f"slider {elem_id} never held {value}: {await page_state(page)}")
 
 
 async def choose_mode(page, mode: str) -> None:
