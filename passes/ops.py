@@ -359,6 +359,13 @@ MERGE_FUNCTIONS: frozenset = frozenset(
 )
 MERGE_METHODS: frozenset = frozenset({"add", "sub", "mul", "div", "maximum", "minimum"})
 
+# Metadata a model may ask of a tensor (timm asserts ``x.ndim == 4``; others read ``x.dtype`` to
+# build constants): answered from the full tensor's shape and the batch's dtype and device, so
+# asking never turns the map dense.
+SHAPE_ATTRIBUTES = ("shape", "ndim", "dtype", "device", "is_cuda")
+SHAPE_METHODS = ("size", "dim", "numel")
+
+
 # In-place spellings and the functional op each stands for (the trace pass rewrites them so that
 # cached base activations can never be overwritten).
 INPLACE_TO_FUNCTIONAL: dict = {
@@ -399,8 +406,26 @@ def is_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             return not a["training"] and a["running_mean"] is not None
         return node.target in POINTWISE_FUNCTIONS
     if node.op == "call_method":
-        return node.target in POINTWISE_METHODS
+        return node.target in POINTWISE_METHODS or (node.target in ("to", "type_as") and _keeps_dtype(node))
     return False
+
+
+def _keeps_dtype(node: fx.Node) -> bool:
+    """``x.to(...)`` that leaves the dtype as it is (a no-op, or a move to the device x is on)."""
+    source, out = (getattr(n, "meta", {}).get("tensor_meta") for n in (node.args[0], node))
+    return (
+        source is not None and out is not None and getattr(source, "dtype", None) == getattr(out, "dtype", 0)
+    )
+
+
+def per_channel_operands(node: fx.Node) -> list[fx.Node]:
+    """The operands a pointwise op applies per channel by definition, though their shape is [C] and
+    not [C, 1, 1]: functional BatchNorm's statistics and affine parameters (timm's BatchNormAct2d)."""
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return []
+    bound = bind_args(node, ("input", "running_mean", "running_var", "weight", "bias"), {})
+    names = ("running_mean", "running_var", "weight", "bias")
+    return [bound[name] for name in names if isinstance(bound.get(name), fx.Node)]
 
 
 def is_global_mean(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

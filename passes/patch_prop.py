@@ -32,7 +32,16 @@ from torch import fx, nn
 
 from kfx.errors import TraceError
 from kfx.geometry import Span, read_in_span, shift_inside, thresholded_output_span, union_span
-from kfx.passes.ops import LocalSpec, is_global_mean, is_merge, is_pointwise, local_spec
+from kfx.passes.ops import (
+    SHAPE_ATTRIBUTES,
+    SHAPE_METHODS,
+    LocalSpec,
+    is_global_mean,
+    is_merge,
+    is_pointwise,
+    local_spec,
+    per_channel_operands,
+)
 
 __all__ = [
     "META_KEY",
@@ -141,9 +150,10 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 
 def _is_shape_query(node: fx.Node) -> bool:
+    """A question about a tensor's metadata (x.size(), x.shape, x.ndim, x.dtype, ...), never its values."""
     if node.op == "call_method":
-        return node.target in ("size", "dim")
-    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
+        return node.target in SHAPE_METHODS
+    return node.op == "call_function" and node.target is getattr and node.args[1] in SHAPE_ATTRIBUTES
 
 
 SHAPE_ROLES = ("shape", "shape_arith")
@@ -288,13 +298,15 @@ def global_mean(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
 
 
 def pointwise(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
-    """An element-wise op (activations, eval BatchNorm) of one changed map and constants that are the
-    same at every spatial position: it runs on the changed values alone, and the box stays put."""
+    """An element-wise op (activations, eval BatchNorm, functional too) of one changed map and
+    constants that are the same at every spatial position: it runs on the changed values alone, and
+    the box stays put."""
+    per_channel = per_channel_operands(node)
     if (
         len(ctx.changed) == 1
         and is_pointwise(node, ctx.modules)
         and _shape(node) == _shape(ctx.changed[0])
-        and all(_broadcasts_over_space(n) for n in ctx.others if _shape(n) is not None)
+        and all(_broadcasts_over_space(n) or n in per_channel for n in ctx.others if _shape(n) is not None)
     ):
         return NodePatch(State.PATCH, "pointwise", box=ctx.changed[0].meta[META_KEY].box)
     return None

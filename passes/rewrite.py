@@ -169,16 +169,17 @@ def graph_output(node: fx.Node) -> Step | None:
 
 
 def shape_step(node: fx.Node) -> Step | None:
-    """x.size(), x.shape, x.dim() of an incremental value: ShapeStep answers from the full shape
-    (with the batch of positions); size(dim) keeps its dim argument."""
+    """x.size(), x.shape, x.ndim, x.dtype, ... of an incremental value: ShapeStep answers from the
+    full shape (with the batch of positions); size(dim) keeps its dim argument."""
     if _meta(node).role != "shape":
         return None
 
     def emit(ctx: RewriteContext) -> fx.Node:
         source = node.args[0]
-        target = "shape" if node.op == "call_function" else node.target
+        attribute = node.op == "call_function"  # getattr(x, "ndim"), else a method: x.size(1)
+        target = node.args[1] if attribute else node.target
         step = ShapeStep(target, tuple(source.meta["tensor_meta"].shape))
-        extra = node.args[2:] if target == "shape" else node.args[1:]
+        extra = node.args[2:] if attribute else node.args[1:]
         return ctx.add_step(node.name, step, (ctx.env[source], *fx.node.map_arg(extra, ctx.env.__getitem__)))
 
     return Step((), emit)

@@ -206,20 +206,27 @@ class ChannelStep(nn.Module):
 
 
 class ShapeStep(nn.Module):
-    """``x.size()``, ``x.shape`` or ``x.dim()`` of an incremental value: the full tensor's answer."""
+    """A metadata query of an incremental value (``kfx.passes.ops.SHAPE_ATTRIBUTES``, ``SHAPE_METHODS``):
+    the full tensor's answer, with the batch of positions as its batch."""
 
-    def __init__(self, target, full_shape: tuple[int, ...]):
+    def __init__(self, target: str, full_shape: tuple[int, ...]):
         super().__init__()
         self.target = target
         self.full_shape = full_shape
 
     def forward(self, patches: Patches, *args):
         shape = torch.Size((patches.values.shape[0], *self.full_shape[1:]))
-        if self.target == "shape":
-            return shape
-        if self.target == "dim":
-            return len(shape)
-        return shape[args[0]] if args else shape
+        answers = {
+            "shape": lambda: shape,
+            "size": lambda: shape[args[0]] if args else shape,
+            "ndim": lambda: len(shape),
+            "dim": lambda: len(shape),
+            "numel": shape.numel,
+            "dtype": lambda: patches.values.dtype,
+            "device": lambda: patches.values.device,
+            "is_cuda": lambda: patches.values.is_cuda,
+        }
+        return answers[self.target]()
 
 
 class MeanDeltaStep(nn.Module):

@@ -1,0 +1,103 @@
+"""Modern CNN building blocks run incrementally and exactly (issue #16).
+
+Each block is checked two ways: the engine's outputs equal the eager model run on the occluded
+images (torch itself is the oracle), and the static ceiling equals that of the same model written
+with the classic layer (the block is no obstacle: nothing turns dense before the global tail).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kfx
+
+SHAPE = (3, 16, 16)
+PATCH = kfx.Patch(4, stride=4, fill=0.0)
+POSITIONS = torch.tensor([[0, 0], [0, 12], [12, 0], [12, 12], [5, 7]])
+
+
+def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` in float64 and eval mode, with weights and BatchNorm statistics drawn from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    model = model.double().eval()
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) * 0.6 + 0.2)
+    return model
+
+
+def image(seed: int = 0) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def assert_exact(model: nn.Module, engine) -> None:
+    picture = image()
+    with torch.no_grad():
+        expected = model(kfx.occlude(picture.clone(), POSITIONS, engine.patch))
+    torch.testing.assert_close(engine.outputs(picture, POSITIONS), expected, rtol=1e-12, atol=1e-12)
+
+
+def ceiling(model: nn.Module) -> float:
+    return kfx.compile(model, SHAPE, PATCH).cost().theoretical_speedup
+
+
+class Classifier(nn.Module):
+    """conv -> body -> conv -> global pool -> linear: the body under test sits between two convs."""
+
+    def __init__(self, body: nn.Module, width: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.body = body
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x):
+        x = self.conv(self.body(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: asserts on ``x.ndim``, calls ``F.batch_norm`` with [C]
+    statistics, reads ``x.dtype``, ``x.device`` and the shape, then activates."""
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        per_example = x.numel() // x.shape[0]  # C * H * W, whatever the batch
+        scale = x.size(1) * x.shape[2] * x.shape[3] / per_example * x.dim() / 4  # 1.0, from metadata
+        return F.relu(x.to(x.dtype).to(x.device) * scale + 0.25)
+
+
+class ClassicBatchNormAct(nn.Module):
+    """The same function written with nn.BatchNorm2d: the ceiling to match."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(width)
+
+    def forward(self, x):
+        return F.relu(self.bn(x) * 1.0 + 0.25)
+
+
+def test_functional_batch_norm_and_metadata_queries_are_exact_and_incremental():
+    model = seeded(Classifier(BatchNormAct(4)))
+    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
+    assert_exact(model, engine)
+    assert engine.dense_nodes == []
+    assert ceiling(model) == pytest.approx(ceiling(seeded(Classifier(ClassicBatchNormAct(4)))), rel=1e-9)
+
+
+def test_functional_batch_norm_with_batch_statistics_is_refused():
+    class BatchStatistics(nn.BatchNorm2d):
+        def forward(self, x):  # training=True normalises with the batch's own statistics
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.1, self.eps)
+
+    model = seeded(Classifier(BatchStatistics(4)))
+    with pytest.raises(
+        kfx.ModelError, match="depends on the other images"
+    ):  # each position's output depends on the other positions
+        kfx.compile(model, SHAPE, PATCH)
