@@ -15,6 +15,7 @@ from kfx.cost import CostReport, static_cost
 from kfx.errors import InputError, ModelError, PatchError
 from kfx.memory import MemoryEstimate, estimate_memory, parse_bytes
 from kfx.passes import META_KEY, BaseSlot, annotate, build_base_program, build_program
+from kfx.passes.patch_prop import GLOBAL_CONTEXT_MODES
 from kfx.passes.trace import training_mode_error
 from kfx.patch import Patch
 from kfx.results import DenseNode, Heatmap, Progress
@@ -74,6 +75,7 @@ class Compiled:
     image_shape: tuple[int, int, int]
     patch: Patch
     tau: float
+    global_context: str  # "exact", or "local": squeeze-excitation gates inside the changed box only
     dtype: torch.dtype
     device: torch.device
     backend: str
@@ -108,6 +110,7 @@ class Engine(OcclusionRunner):
     image_shape = property(lambda self: self.compiled.image_shape)
     patch = property(lambda self: self.compiled.patch)
     tau = property(lambda self: self.compiled.tau)
+    global_context = property(lambda self: self.compiled.global_context)
     dtype = property(lambda self: self.compiled.dtype)
     device = property(lambda self: self.compiled.device)
     backend = property(lambda self: self.compiled.backend)
@@ -137,11 +140,11 @@ class Engine(OcclusionRunner):
 
     def __repr__(self) -> str:
         roles = self.roles().values()
-        incremental = sum(r in ("pointwise", "local", "merge") for r in roles)
+        incremental = sum(r in ("pointwise", "gate", "local", "merge") for r in roles)
         dense = "; ".join(f"{d.node}: {d.reason}" for d in self.dense_nodes) or "none"
         return (
             f"kfx.Engine(image_shape={self.image_shape}, patch={self.patch.size}, stride={self.patch.stride}, "
-            f"backend={self.backend!r}, tau={self.tau:g}, "
+            f"backend={self.backend!r}, tau={self.tau:g}, global_context={self.global_context!r}, "
             f"incremental nodes={incremental}, dense from: {dense}, "
             f"theoretical speedup={self.compiled.cost.theoretical_speedup:.2f}x)"
         )
@@ -247,6 +250,7 @@ def compile(
     backend: str = "auto",
     max_memory: int | str | None = None,
     tau: float = 1.0,
+    global_context: str = "exact",
 ) -> Engine:
     """Compile ``model`` into an exact (or, with ``tau < 1``, approximate) incremental occlusion engine.
 
@@ -268,6 +272,11 @@ def compile(
             recomputes at most round(tau * H_out) x round(tau * W_out) outputs around the patch and
             drops the changes beyond them: faster, approximate. 1 (the default) is exact, by the
             same code. ``kfx.tune`` picks tau for a target SSIM; ``engine.cost()`` shows its speedup.
+        global_context: "exact" (the default) or "local" (docs/design.md §4.4). A squeeze-excitation
+            gate (``x * g``, g one value per channel computed from the whole map) changes every cell
+            of its output, so the exact engine runs densely after it. "local" recomputes g exactly
+            but applies its change only inside x's changed box: approximate (``heatmap.approximate``),
+            and as fast as the same model without gates. ``print(engine)`` names the gates.
 
     Returns:
         An :class:`Engine`; ``engine(image)`` gives the heat map, ``engine.outputs(image, positions)``
@@ -277,6 +286,11 @@ def compile(
     >>> heatmap = engine(image)  # doctest: +SKIP
     """
     shape, patch = check_compile_arguments(model, image_shape, patch, tau, "kfx.compile")
+    if global_context not in GLOBAL_CONTEXT_MODES:
+        raise InputError(
+            f"global_context must be one of {', '.join(map(repr, GLOBAL_CONTEXT_MODES))} ('exact' is exact; "
+            f"'local' applies squeeze-excitation gates inside the changed box only), got {global_context!r}"
+        )
     if batch_size is not None:
         check_batch_size(batch_size)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -292,16 +306,20 @@ def compile(
             ) from None
         if max_memory < 1:
             raise InputError(f"max_memory must be positive, got {max_memory}")
-    return Engine(model, _build(model, shape, patch, batch_size, dtype, backend, max_memory, float(tau)))
+    return Engine(
+        model, _build(model, shape, patch, batch_size, dtype, backend, max_memory, float(tau), global_context)
+    )
 
 
-def _build(model, image_shape, patch: Patch, batch_size, dtype, backend, max_memory, tau) -> Compiled:
+def _build(
+    model, image_shape, patch: Patch, batch_size, dtype, backend, max_memory, tau, global_context="exact"
+) -> Compiled:
     """Run the pipeline: annotate, rewrite, cost and memory models, batch size (docs/design.md §3)."""
     model_dtype, device = model_dtype_device(model, _NO_WEIGHTS)
     dtype = dtype or model_dtype
     backend = kernels.resolve_backend(backend, device)
     patch.check_fits(tuple(image_shape[1:]))
-    gm = annotate(model, image_shape, patch.size, tau, dtype, device)
+    gm = annotate(model, image_shape, patch.size, tau, dtype, device, global_context=global_context)
     program = build_program(gm, patch.fill_tensor(image_shape[0], dtype, device), backend)
     sources = [slot.source for slot in program.slots]
     memory = estimate_memory(gm, sources, torch.empty((), dtype=dtype).element_size())
@@ -311,6 +329,7 @@ def _build(model, image_shape, patch: Patch, batch_size, dtype, backend, max_mem
         image_shape=tuple(image_shape),
         patch=patch,
         tau=tau,
+        global_context=global_context,
         dtype=dtype,
         device=device,
         backend=backend,

@@ -27,6 +27,7 @@ class Heatmap:
     ``measured`` (adaptive drill-down only, else None) is a bool mask [H_M, W_M]: True where the
     value came from a query at that very position, False where it was interpolated from stage 1.
     ``tau`` is the engine's projective-field threshold: below 1 every value is approximate.
+    ``global_context`` is the engine's mode for squeeze-excitation gates: "local" is approximate.
     """
 
     values: torch.Tensor
@@ -36,6 +37,12 @@ class Heatmap:
     image_size: tuple[int, int] = field(default=(0, 0))
     measured: torch.Tensor | None = None
     tau: float = 1.0
+    global_context: str = "exact"
+
+    @property
+    def approximate(self) -> bool:
+        """True if any value may differ from full inference: tau < 1, local gates or drill-down."""
+        return self.tau < 1 or self.global_context != "exact" or self.measured is not None
 
     @property
     def stride(self) -> tuple[int, int]:

@@ -35,6 +35,7 @@ class OcclusionRunner:
     device: torch.device
     batch_size: int
     tau: float = 1.0
+    global_context: str = "exact"
     description = "occlusion"  # the progress bar's label
 
     def _prepare(self, image: torch.Tensor):
@@ -175,10 +176,14 @@ class OcclusionRunner:
         for out in self._batches(prepared, positions, batch_size):
             flat[indices[done : done + out.shape[0]]] = torch.softmax(out, dim=1)[:, target].cpu()
             done += out.shape[0]
-            heatmap = Heatmap(values.clone(), target, base, self.patch, hw, tau=self.tau)
+            heatmap = Heatmap(
+                values.clone(), target, base, self.patch, hw, tau=self.tau, global_context=self.global_context
+            )
             yield Progress(heatmap, done, len(indices), time.perf_counter() - started)
         if not len(indices):
-            heatmap = Heatmap(values, target, base, self.patch, hw, tau=self.tau)
+            heatmap = Heatmap(
+                values, target, base, self.patch, hw, tau=self.tau, global_context=self.global_context
+            )
             yield Progress(heatmap, 0, 0, time.perf_counter() - started)
 
     def __call__(

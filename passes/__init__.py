@@ -39,6 +39,7 @@ def annotate(
     device: torch.device,
     *,
     concat: str = "union",
+    global_context: str = "exact",
 ) -> fx.GraphModule:
     """The traced graph of ``model``, checked against it, with shapes and changed boxes on every node.
 
@@ -49,5 +50,5 @@ def annotate(
     propagate_shapes(gm, torch.zeros(1, *image_shape, dtype=dtype, device=device))
     example = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     check_traced(model, gm, example.to(dtype=dtype, device=device))
-    propagate_patches(gm, tuple(image_shape[1:]), patch_hw, tau, concat=concat)
+    propagate_patches(gm, tuple(image_shape[1:]), patch_hw, tau, concat=concat, global_context=global_context)
     return gm

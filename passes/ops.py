@@ -450,6 +450,13 @@ def is_global_mean(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def is_gate_product(node: fx.Node) -> bool:
+    """A product of two tensors (``x * g``, ``torch.mul``, ``x.mul(g)``): the shape of a gate."""
+    if node.op == "call_function":
+        return node.target in (operator.mul, torch.mul)
+    return node.op == "call_method" and node.target == "mul"
+
+
 def is_merge(node: fx.Node) -> bool:
     """True for element-wise binary ops and channel concatenation (merge nodes, docs/design.md §2.5)."""
     if node.op == "call_function":

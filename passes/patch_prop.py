@@ -14,6 +14,11 @@ recompute that box only, so changes outside it are dropped (the output there is 
 Merges take the union of their inputs' (capped) boxes and drop nothing; the next conv or pool caps
 again. At tau = 1 no box is capped and the tables are the exact ones, by the same code.
 
+``global_context="local"`` (opt-in, approximate, docs/design.md §4.4) keeps a squeeze-excitation
+gate incremental: ``x * gate`` where the gate is one value per channel computed from the whole map
+(densely, exactly) is recomputed inside x's changed box only; outside it the base value stays. The
+default ``"exact"`` turns such a product dense, like any op that reads global context.
+
 ``concat="last"`` is for the cost model only, never for an engine: a channel concatenation then
 takes the box of its last input instead of the union. That is not exact (changes in the other
 branches outside that box are lost), but it is the accounting that reproduces the paper's published
@@ -36,6 +41,7 @@ from kfx.passes.ops import (
     SHAPE_ATTRIBUTES,
     SHAPE_METHODS,
     LocalSpec,
+    is_gate_product,
     is_global_mean,
     is_merge,
     is_pointwise,
@@ -208,6 +214,7 @@ def _channel_op(node: fx.Node, source: fx.Node) -> str | None:
 
 
 CONCAT_RULES = ("union", "last")
+GLOBAL_CONTEXT_MODES = ("exact", "local")
 
 
 @dataclass(frozen=True)
@@ -218,6 +225,7 @@ class ClassifyContext:
     modules: dict[str, nn.Module]
     tau: float
     concat: str
+    global_context: str  # one of GLOBAL_CONTEXT_MODES
     inputs: list[fx.Node]  # every node this one reads
     data: list[fx.Node]  # the inputs that are data: values derived from x.size() are metadata
     states: frozenset[State]  # the states of the data inputs
@@ -225,13 +233,16 @@ class ClassifyContext:
     others: list[fx.Node]  # the data inputs that are CONST
 
 
-def _context(node: fx.Node, modules: dict[str, nn.Module], tau: float, concat: str) -> ClassifyContext:
+def _context(
+    node: fx.Node, modules: dict[str, nn.Module], tau: float, concat: str, global_context: str
+) -> ClassifyContext:
     inputs = node.all_input_nodes
     data = [n for n in inputs if n.meta[META_KEY].role not in SHAPE_ROLES]
     return ClassifyContext(
         modules=modules,
         tau=tau,
         concat=concat,
+        global_context=global_context,
         inputs=inputs,
         data=data,
         states=frozenset(n.meta[META_KEY].state for n in data),
@@ -257,6 +268,30 @@ def shape_arithmetic(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     if "tensor_meta" not in node.meta:
         return NodePatch(State.DENSE, "shape_arith")
     return _dense()
+
+
+def gate(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """``x * g``: one changed map times a gate computed from global context (squeeze-excitation and
+    its kin: one value per channel, the same at every spatial position). Exact: every output cell
+    changes, so it is dense, and the report says the local mode would lift it. ``global_context=
+    "local"``: the product is recomputed inside x's box only (approximate, docs/design.md §4.4)."""
+    if not (
+        State.DENSE in ctx.states
+        and len(ctx.changed) == 1
+        and is_gate_product(node)
+        and spatial_size(node) is not None
+        and _shape(node) == _shape(ctx.changed[0])
+        and all(
+            _broadcasts_over_space(n) for n in ctx.data if n is not ctx.changed[0] and _shape(n) is not None
+        )
+    ):
+        return None
+    if ctx.global_context == "local":
+        return NodePatch(State.PATCH, "gate", box=ctx.changed[0].meta[META_KEY].box)
+    return _dense(
+        f"{_describe(node, ctx.modules)} applies a gate computed from global context (squeeze-excitation "
+        "or kin), which changes every cell; global_context='local' would keep it incremental (approximate)"
+    )
 
 
 def downstream_of_dense(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
@@ -375,16 +410,20 @@ def propagate_patches(
     tau: float = 1.0,
     *,
     concat: str = "union",
+    global_context: str = "exact",
 ) -> None:
     """Annotate every node of ``gm`` with its :class:`NodePatch` under ``node.meta["kfx_patch"]``.
 
     ``tau`` in (0, 1] is the projective-field threshold (docs/design.md §4.1); 1 keeps every box exact.
     ``concat``: "union" ([TR] Eq. 20, exact) or "last" (the paper's published accounting, for the
-    cost model only: see the module docstring). Each call node gets the first answer of
+    cost model only: see the module docstring). ``global_context``: "exact" or "local" (squeeze-
+    excitation gates applied inside the changed box only; approximate). Each call node gets the first answer of
     :data:`CLASSIFY_RULES`.
     """
     if concat not in CONCAT_RULES:
         raise ValueError(f"concat must be one of {CONCAT_RULES}, got {concat!r}")
+    if global_context not in GLOBAL_CONTEXT_MODES:
+        raise ValueError(f"global_context must be one of {GLOBAL_CONTEXT_MODES}, got {global_context!r}")
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -394,7 +433,7 @@ def propagate_patches(
             node.meta[META_KEY] = NodePatch(State.CONST, "const")
         else:
             try:
-                node.meta[META_KEY] = _classify(node, _context(node, modules, tau, concat))
+                node.meta[META_KEY] = _classify(node, _context(node, modules, tau, concat, global_context))
             except Exception as exc:  # name the node, as torch.fx's own passes do
                 raise TraceError(
                     f"kfx cannot analyse node {node.format_node()} ({type(exc).__name__}: {exc}); please report "
@@ -403,12 +442,14 @@ def propagate_patches(
 
 
 # The pass's table of contents: how a call node is classified, first match wins. The order matters:
-# the first three rules settle what does not depend on a changed operand (so every later rule sees at
-# least one PATCH operand and no DENSE one), global_context comes before the rules that need a
+# the first rules settle what does not depend on a changed operand or reads a dense one (so every
+# later rule sees at least one PATCH operand and no DENSE one; a gate reads a dense value, so it
+# comes before downstream_of_dense), global_context comes before the rules that need a
 # [1, C, H, W] output, and unknown_op catches the rest. Adding an op kfx runs incrementally is
 # adding a row (or teaching kfx.passes.ops' taxonomy, which these rules ask).
 CLASSIFY_RULES: tuple[Callable[[fx.Node, ClassifyContext], NodePatch | None], ...] = (
     shape_arithmetic,
+    gate,
     downstream_of_dense,
     constant,
     shape_query,

@@ -237,8 +237,9 @@ def channel_step(node: fx.Node) -> Step | None:
 
 
 def pointwise_step(node: fx.Node) -> Step | None:
-    """A point-wise op: PointwiseStep applies it to the changed values only."""
-    if _meta(node).role != "pointwise":
+    """A point-wise op: PointwiseStep applies it to the changed values only. A gate (global_context=
+    "local") is one too: the changed values times each position's own gate, [N, C, 1, 1]."""
+    if _meta(node).role not in ("pointwise", "gate"):
         return None
 
     def emit(ctx: RewriteContext) -> fx.Node:

@@ -101,3 +101,85 @@ def test_functional_batch_norm_with_batch_statistics_is_refused():
         kfx.ModelError, match="depends on the other images"
     ):  # each position's output depends on the other positions
         kfx.compile(model, SHAPE, PATCH)
+
+
+class SqueezeExcite(nn.Module):
+    """conv -> x * sigmoid(fc(relu(fc(mean(x))))) -> conv -> pool -> linear: one gate, written so the
+    test can replay the local mode's rule by hand."""
+
+    def __init__(self, width: int = 4, gated: bool = True):
+        super().__init__()
+        self.gated = gated
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.squeeze = nn.Conv2d(width, 2, 1)
+        self.excite = nn.Conv2d(2, width, 1)
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Linear(width, 5)
+
+    def gate(self, x):
+        return torch.sigmoid(self.excite(F.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+
+    def tail(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.tail(x * self.gate(x) if self.gated else x)
+
+
+def local_gate_oracle(model: SqueezeExcite, picture: torch.Tensor, positions, patch: kfx.Patch):
+    """The local mode's rule replayed by hand: the gate is recomputed exactly for each occluded image,
+    but ``x * gate`` changes only inside x's changed box (the patch grown by the 3x3 stem's one-pixel
+    reach, one width at every position); outside it the unoccluded image's product stays."""
+    with torch.no_grad():
+        x_base = model.stem(picture[None])
+        gated_base = x_base * model.gate(x_base)
+        x = model.stem(kfx.occlude(picture.clone(), positions, patch))
+        gated = gated_base.expand_as(x).clone()
+        (h, w), size = patch.size, picture.shape[1:]
+        for i, (y, x0) in enumerate(positions.tolist()):
+            # kfx's boxes keep one width at every position: at a border, shifted inside the map
+            top, left = min(max(0, y - 1), size[0] - h - 2), min(max(0, x0 - 1), size[1] - w - 2)
+            rows, cols = slice(top, top + h + 2), slice(left, left + w + 2)
+            gated[i, :, rows, cols] = (x[i : i + 1] * model.gate(x[i : i + 1]))[0, :, rows, cols]
+        return model.tail(gated)
+
+
+def test_squeeze_excitation_is_exact_by_default_and_names_the_local_mode():
+    model = seeded(SqueezeExcite())
+    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
+    assert_exact(model, engine)
+    assert [d.node for d in engine.dense_nodes] == ["mul"]
+    assert "global_context='local'" in engine.dense_nodes[0].reason
+    assert not engine(image()).approximate
+
+
+def test_local_global_context_applies_the_gate_inside_the_changed_box_only():
+    model = seeded(SqueezeExcite())
+    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3, global_context="local")
+    picture = image()
+    local = engine.outputs(picture, POSITIONS)
+    torch.testing.assert_close(
+        local, local_gate_oracle(model, picture, POSITIONS, PATCH), rtol=1e-12, atol=1e-12
+    )
+    with torch.no_grad():
+        exact = model(kfx.occlude(picture.clone(), POSITIONS, PATCH))
+    assert (local - exact).abs().max() > 1e-6  # the gate does change outside the box: an approximation
+    heatmap = engine(picture)
+    assert heatmap.approximate and heatmap.global_context == "local"
+    assert engine.dense_nodes == []
+    ungated = kfx.compile(seeded(SqueezeExcite(gated=False)), SHAPE, PATCH).cost().theoretical_speedup
+    assert engine.cost().theoretical_speedup >= 0.9 * ungated
+
+
+def test_local_global_context_is_exact_when_the_gate_does_not_depend_on_the_image():
+    model = seeded(SqueezeExcite())
+    with torch.no_grad():
+        model.squeeze.weight.zero_()  # the gate is sigmoid(excite(relu(bias))): a constant per channel
+    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3, global_context="local")
+    assert_exact(model, engine)
+
+
+def test_unknown_global_context_mode_is_refused():
+    with pytest.raises(kfx.InputError, match="global_context must be one of 'exact', 'local'"):
+        kfx.compile(seeded(SqueezeExcite()), SHAPE, PATCH, global_context="approximate")
