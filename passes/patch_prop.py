@@ -181,11 +181,30 @@ _CHANNEL_FUNCTIONS = {
 }
 
 
+def _is_channel_slice(index, source: tuple | None, out: tuple | None) -> bool:
+    """``x[:, a:b]`` (or ``x[:, a:b, :, :]``) of a [1, C, ..., H, W] map: slices of the channel dims,
+    the batch and the spatial dims taken whole (GhostNet, ReXNet, DPN)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if source is None or out is None or len(source) < 4 or len(items) > len(source):
+        return False
+    whole = slice(None)
+    spatial = [i for i in range(len(items)) if i >= len(source) - 2]
+    return (
+        all(isinstance(item, slice) for item in items)
+        and items[0] == whole
+        and all(items[i] == whole for i in spatial)
+        and out[-2:] == source[-2:]
+        and len(out) == len(source)
+    )
+
+
 def _channel_op(node: fx.Node, source: fx.Node) -> str | None:
-    """The kind of a reshape/transpose/permute/chunk/split that moves channels only, keeping the last
-    two (spatial) dims where they are (channel shuffle, branch splits), or None."""
+    """The kind of a reshape/transpose/permute/chunk/split/slice that moves channels only, keeping the
+    last two (spatial) dims where they are (channel shuffle, branch splits), or None."""
     if node.op == "call_function" and node.target is operator.getitem:
-        return "getitem" if source.meta[META_KEY].role == "channel" and _shape(source) is None else None
+        if source.meta[META_KEY].role == "channel" and _shape(source) is None:
+            return "getitem"  # one piece of a split
+        return "slice" if _is_channel_slice(node.args[1], _shape(source), _shape(node)) else None
     kind = (
         _CHANNEL_METHODS.get(node.target)
         if node.op == "call_method"

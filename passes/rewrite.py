@@ -215,8 +215,11 @@ def dense_copy(node: fx.Node) -> Step | None:
 
 
 def channel_getitem(node: fx.Node) -> Step | None:
-    """One piece of a channel split: the getitem, copied, picks a Patches out of the tuple."""
+    """One piece of a channel split: the getitem, copied, picks a Patches out of the tuple. (A slice
+    of a tensor's channels, ``x[:, a:b]``, is a ChannelStep.)"""
     if _meta(node).role != "channel" or node.target is not operator.getitem:
+        return None
+    if "tensor_meta" in node.args[0].meta and hasattr(node.args[0].meta["tensor_meta"], "shape"):
         return None
     return Step((), lambda ctx: ctx.graph.node_copy(node, ctx.env.__getitem__))
 

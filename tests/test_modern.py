@@ -183,3 +183,47 @@ def test_local_global_context_is_exact_when_the_gate_does_not_depend_on_the_imag
 def test_unknown_global_context_mode_is_refused():
     with pytest.raises(kfx.InputError, match="global_context must be one of 'exact', 'local'"):
         kfx.compile(seeded(SqueezeExcite()), SHAPE, PATCH, global_context="approximate")
+
+
+class GhostSlice(nn.Module):
+    """GhostNet's module: a primary conv and a cheap depthwise conv, concatenated and sliced back to
+    the output width with ``x[:, :out]``; ReXNet slices ``x[:, 0:c]`` to add a shortcut."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.primary = nn.Conv2d(width, 3, 1)
+        self.cheap = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+
+    def forward(self, x):
+        y = self.primary(x)
+        out = torch.cat([y, self.cheap(y)], dim=1)[:, : x.shape[1]]
+        return torch.cat([out[:, 0:2] + x[:, 0:2, :, :], out[:, 2:]], dim=1)
+
+
+class GhostSplit(GhostSlice):
+    """The same function with ``split`` instead of slices: the ceiling to match."""
+
+    def forward(self, x):
+        y = self.primary(x)
+        out = torch.cat([y, self.cheap(y)], dim=1).split([4, 2], dim=1)[0]
+        first, rest = out.split([2, 2], dim=1)
+        return torch.cat([first + x.split([2, 2], dim=1)[0], rest], dim=1)
+
+
+def test_channel_slices_are_exact_and_incremental():
+    model = seeded(Classifier(GhostSlice()))
+    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
+    assert_exact(model, engine)
+    assert engine.dense_nodes == []
+    assert ceiling(model) == pytest.approx(ceiling(seeded(Classifier(GhostSplit()))), rel=1e-9)
+
+
+def test_a_slice_of_the_spatial_dims_is_not_a_channel_op():
+    class Crop(nn.Module):
+        def forward(self, x):
+            return x[:, :, 1:, :-1]
+
+    model = seeded(Classifier(Crop()))
+    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
+    assert_exact(model, engine)  # exact because it runs densely
+    assert [d.node for d in engine.dense_nodes] == ["getitem"]
