@@ -10,7 +10,9 @@ explained in docs/design.md §2 and §4 (departures from the paper: §6).
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 __all__ = [
@@ -24,6 +26,8 @@ __all__ = [
     "read_in_span",
     "shift_inside",
     "union_span",
+    "resample_output_span",
+    "resample_read_span",
     "conv_fmas",
     "projective_field_cap",
     "thresholded_output_span",
@@ -202,6 +206,37 @@ def union_span(spans: list[Span] | tuple[Span, ...]) -> Span:
     """
     start = min(s.start for s in spans)
     return Span(start, max(s.stop for s in spans) - start)
+
+
+def resample_output_span(in_start: int, in_width: int, first: Sequence[int], stop: Sequence[int]) -> Span:
+    """Output box of a resampling op (interpolate, Upsample) whose input changed over
+    [in_start, in_start + in_width) (docs/design.md §2.8).
+
+    Output o reads inputs [first[o], stop[o]) (its nonzero weights); both are nondecreasing in o for
+    every nearest/linear/cubic resampling. The box runs from the first output whose reach ends after
+    in_start to the last whose reach starts before the change ends. An output-skipping downsample
+    may read none of the changed inputs: the box then keeps one output (a superset is exact).
+
+    >>> first, stop = [0, 0, 0, 1, 1, 2, 2, 3], [1, 2, 2, 3, 3, 4, 4, 4]  # bilinear, x2, 4 -> 8
+    >>> resample_output_span(1, 1, first, stop)
+    Span(start=1, width=4)
+    """
+    begin = bisect.bisect_right(stop, in_start)
+    end = bisect.bisect_left(first, in_start + in_width)
+    begin = min(begin, len(first) - 1)
+    return Span(begin, max(end - begin, 1))
+
+
+def resample_read_span(out_start: int, out_width: int, first: Sequence[int], stop: Sequence[int]) -> Span:
+    """Input window that recomputing resampled outputs [out_start, out_start + out_width) reads:
+    from the first output's first input to the last output's last (docs/design.md §2.8).
+
+    >>> first, stop = [0, 0, 0, 1, 1, 2, 2, 3], [1, 2, 2, 3, 3, 4, 4, 4]
+    >>> resample_read_span(1, 4, first, stop)
+    Span(start=0, width=3)
+    """
+    start = first[out_start]
+    return Span(start, stop[out_start + out_width - 1] - start)
 
 
 def conv_fmas(

@@ -71,6 +71,8 @@ def static_value(arg):
         return arg.meta[_VALUE_KEY] if _VALUE_KEY in arg.meta and "tensor_meta" not in arg.meta else arg
     if isinstance(arg, (tuple, list)):
         return type(arg)(static_value(a) for a in arg)
+    if isinstance(arg, dict):
+        return {key: static_value(value) for key, value in arg.items()}
     return arg
 
 

@@ -36,7 +36,15 @@ import torch
 from torch import fx, nn
 
 from kfx.errors import TraceError
-from kfx.geometry import Span, read_in_span, shift_inside, thresholded_output_span, union_span
+from kfx.geometry import (
+    Span,
+    read_in_span,
+    resample_output_span,
+    resample_read_span,
+    shift_inside,
+    thresholded_output_span,
+    union_span,
+)
 from kfx.passes.ops import (
     SHAPE_ATTRIBUTES,
     SHAPE_METHODS,
@@ -48,6 +56,7 @@ from kfx.passes.ops import (
     local_spec,
     per_channel_operands,
 )
+from kfx.passes.resample import ResampleSpec, resample_spec
 
 __all__ = [
     "META_KEY",
@@ -94,11 +103,13 @@ class NodePatch:
 
     state: State
     role: (
-        str  # const | input | pointwise | local | merge | channel | mean_delta | shape | shape_arith | dense
+        str  # const | input | pointwise | gate | local | resample | merge | channel | mean_delta | shape
+        # | shape_arith | dense
     )
     box: Box | None = None  # changed box (PATCH nodes)
-    read: Box | None = None  # read-in window (local nodes)
+    read: Box | None = None  # read-in window (local and resample nodes)
     local: LocalSpec | None = None
+    resample: ResampleSpec | None = None
     reason: str = ""  # dense nodes fed by incremental ones: why the incremental path stops here
 
 
@@ -136,11 +147,24 @@ def _local_axis(
     )
 
 
+def _uniform(spans: list[Span], size: int) -> AxisBoxes:
+    """Spans of one axis made one width (the widest), shifted back inside [0, size) ([TR] Eq. 31)."""
+    width = max(s.width for s in spans)
+    return AxisBoxes(width, tuple(shift_inside(s.start, width, size) for s in spans))
+
+
+def _resample_axis(
+    inp: AxisBoxes, spec: ResampleSpec, axis: int, in_size: int
+) -> tuple[AxisBoxes, AxisBoxes]:
+    first, stop = spec.first[axis], spec.stop[axis]
+    box = _uniform([resample_output_span(s, inp.width, first, stop) for s in inp.starts], len(first))
+    read = _uniform([resample_read_span(s, box.width, first, stop) for s in box.starts], in_size)
+    return box, read
+
+
 def _merge_axis(inputs: list[AxisBoxes], size: int) -> AxisBoxes:
     """Union box of several changed boxes ([TR] Eq. 20), made uniform in width across positions."""
-    unions = [union_span([b.span(x) for b in inputs]) for x in range(len(inputs[0].starts))]
-    width = max(u.width for u in unions)
-    return AxisBoxes(width, tuple(shift_inside(u.start, width, size) for u in unions))
+    return _uniform([union_span([b.span(x) for b in inputs]) for x in range(len(inputs[0].starts))], size)
 
 
 def _dense(reason: str = "") -> NodePatch:
@@ -388,6 +412,20 @@ def local(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     return NodePatch(State.PATCH, "local", box=tuple(box), read=tuple(read), local=spec)
 
 
+def resample(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """Nearest/bilinear/bicubic interpolation of the changed map (F.interpolate, nn.Upsample): a fixed
+    matrix per axis, read off the op; its nonzero pattern gives the box and read-in window (§2.8)."""
+    if not _changes_first_arg(node, ctx):
+        return None
+    source = ctx.changed[0]
+    in_hw, out_hw = spatial_size(source), spatial_size(node)
+    spec = resample_spec(node, ctx.modules, in_hw, out_hw, source.meta["tensor_meta"].dtype)
+    if spec is None:
+        return None
+    box, read = zip(*(_resample_axis(source.meta[META_KEY].box[a], spec, a, in_hw[a]) for a in (0, 1)))
+    return NodePatch(State.PATCH, "resample", box=tuple(box), read=tuple(read), resample=spec)
+
+
 def merge(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """An element-wise op of maps or a channel concat: the union of the changed boxes ([TR] Eq. 20).
     Its operands must share its spatial size (or be constants the same at every position); else the
@@ -477,6 +515,7 @@ CLASSIFY_RULES: tuple[Callable[[fx.Node, ClassifyContext], NodePatch | None], ..
     pointwise,
     global_context,
     local,
+    resample,
     merge,
     unknown_op,
 )

@@ -10,7 +10,7 @@ runs densely. The steps (kfx.passes.steps) only place data; what each computes l
 Each node becomes one step, chosen by the first matching rule of ``STEP_RULES`` (the table at the
 end of the file): input -> InputStep, shape -> ShapeStep, mean_delta -> MeanDeltaStep,
 shape_arith, const and dense -> the original op copied, channel -> ChannelStep, pointwise ->
-PointwiseStep, local -> LocalStep, merge -> MergeStep; a PATCH value read by a dense node or the
+PointwiseStep, local -> LocalStep, resample -> ResampleStep, merge -> MergeStep; a PATCH value read by a dense node or the
 output -> ProjectStep. ``build_base_program`` builds the base program beside it: the model plus
 the base activations the incremental program reads.
 """
@@ -35,6 +35,7 @@ from kfx.passes.steps import (
     Patches,
     PointwiseStep,
     ProjectStep,
+    ResampleStep,
     ShapeStep,
     always_inside,
     call_target,
@@ -270,6 +271,21 @@ def local_step(node: fx.Node) -> Step | None:
     return Step((slot,), emit)
 
 
+def resample_step(node: fx.Node) -> Step | None:
+    """An interpolation: ResampleStep reads windows of its input's base activation (inside the map:
+    resampling reads no padding) and applies the op's matrices (docs/design.md §2.8)."""
+    meta = _meta(node)
+    if meta.role != "resample":
+        return None
+    source = node.args[0]
+
+    def emit(ctx: RewriteContext, base: fx.Node) -> fx.Node:
+        step = ResampleStep(meta, _meta(source), ctx.device, ctx.dtype, ctx.backend)
+        return ctx.add_step(node.name, step, (base, ctx.env[source]))
+
+    return Step((_unpadded(source),), emit)
+
+
 def merge_step(node: fx.Node) -> Step | None:
     """An element-wise op of maps or a channel concat: MergeStep runs it on windows over the union
     box, one per spatial operand, read from that operand's base activation (docs/design.md §2.5)."""
@@ -343,5 +359,6 @@ STEP_RULES: tuple[Callable[[fx.Node], Step | None], ...] = (
     channel_step,
     pointwise_step,
     local_step,
+    resample_step,
     merge_step,
 )

@@ -19,6 +19,7 @@ __all__ = [
     "InputStep",
     "PointwiseStep",
     "LocalStep",
+    "ResampleStep",
     "MergeStep",
     "ChannelStep",
     "ShapeStep",
@@ -145,6 +146,47 @@ class LocalStep(_BoxedStep):
         if self.divisor is not None:
             out = out / kernels.gather_windows(self.divisor, origin, self.size)
         return Patches(out, positions, origin)
+
+
+class ResampleStep(_BoxedStep):
+    """Interpolation on read-in windows: gather from the base, paste the change, and apply each
+    position's rows of the two resampling matrices, out = A_h[box, window] @ x @ A_w[box, window]^T
+    (docs/design.md §2.8)."""
+
+    def __init__(self, meta: NodePatch, in_meta: NodePatch, device, dtype, backend: str = "torch"):
+        super().__init__(meta.box, device)
+        self.backend = backend
+        read_h, read_w = _tables(meta.read, device)
+        self.register_buffer("read_h", read_h, persistent=False)
+        self.register_buffer("read_w", read_w, persistent=False)
+        self.read_size = (meta.read[0].width, meta.read[1].width)
+        self.inside = always_inside(in_meta.box, meta.read)
+        matrix_h, matrix_w = (m.to(device=device, dtype=dtype) for m in meta.resample.matrices)
+        self.register_buffer("matrix_h", matrix_h, persistent=False)
+        self.register_buffer("matrix_w", matrix_w, persistent=False)
+
+    def _rows(self, matrix: torch.Tensor, out_start, out_width: int, in_start, in_width: int) -> torch.Tensor:
+        """Each position's block of ``matrix``: [N, out_width, in_width]."""
+        rows = out_start[:, None] + torch.arange(out_width, device=matrix.device)
+        columns = in_start[:, None] + torch.arange(in_width, device=matrix.device)
+        return matrix[rows[:, :, None], columns[:, None, :]]
+
+    def forward(self, base: torch.Tensor, patches: Patches) -> Patches:
+        positions = patches.positions
+        read = torch.stack((self.read_h[positions[:, 0]], self.read_w[positions[:, 1]]), dim=1)
+        windows = kernels.read_windows(
+            self.backend,
+            base,
+            read,
+            self.read_size,
+            patches.values,
+            patches.origin - read,
+            inside=self.inside,
+        )
+        origin = self.origin(positions)
+        a_h = self._rows(self.matrix_h, origin[:, 0], self.size[0], read[:, 0], self.read_size[0])
+        a_w = self._rows(self.matrix_w, origin[:, 1], self.size[1], read[:, 1], self.read_size[1])
+        return Patches(torch.einsum("nor,ncrs,nps->ncop", a_h, windows, a_w), positions, origin)
 
 
 class MergeStep(_BoxedStep):

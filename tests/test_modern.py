@@ -227,3 +227,79 @@ def test_a_slice_of_the_spatial_dims_is_not_a_channel_op():
     engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
     assert_exact(model, engine)  # exact because it runs densely
     assert [d.node for d in engine.dense_nodes] == ["getitem"]
+
+
+class Interpolate(nn.Module):
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, x):
+        return F.interpolate(x, **self.options)
+
+
+RESAMPLERS = {
+    "nearest x2": nn.Upsample(scale_factor=2),
+    "bilinear x2": nn.Upsample(scale_factor=2, mode="bilinear"),
+    "bilinear x2, align_corners": nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+    "bilinear to 23x17": Interpolate(size=(23, 17), mode="bilinear"),
+    "nearest x1.5": Interpolate(scale_factor=1.5, mode="nearest"),
+    "bilinear x0.5 (down)": Interpolate(scale_factor=0.5, mode="bilinear"),
+    "nearest to 5x7 (down)": Interpolate(size=(5, 7)),
+    "bicubic x1.75": Interpolate(scale_factor=1.75, mode="bicubic"),
+    "size from the shape": None,  # filled below: F.interpolate(x, size=(x.shape[2] * 2, x.shape[3] * 2))
+}
+
+
+class FromShape(nn.Module):
+    def forward(self, x):
+        return F.interpolate(x, size=(x.shape[2] * 2, x.shape[3] * 2), mode="bilinear")
+
+
+RESAMPLERS["size from the shape"] = FromShape()
+
+
+class Fuse(nn.Module):
+    """HRNet's fuse layer in miniature: a strided branch upsampled back and added to the main one."""
+
+    def __init__(self, resampler: nn.Module, width: int = 4):
+        super().__init__()
+        self.down = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        self.resampler = resampler
+        with torch.no_grad():  # add the branches where the resampler restores the input's size
+            self.add = resampler(torch.zeros(1, 1, 8, 8)).shape[-2:] == (16, 16)
+
+    def forward(self, x):
+        up = self.resampler(self.down(x))
+        return x + up if self.add else up
+
+
+@pytest.mark.parametrize("name", RESAMPLERS)
+def test_resampling_is_exact_and_incremental(name):
+    model = seeded(Classifier(Fuse(RESAMPLERS[name])))
+    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
+    assert_exact(model, engine)
+    assert engine.dense_nodes == []
+    assert "resample" in engine.roles().values()
+
+
+@pytest.mark.parametrize("name", ["nearest x2", "bilinear x2", "bicubic x1.75", "nearest to 5x7 (down)"])
+def test_resampling_boxes_cover_every_changed_output(name):
+    """Brute force: every output cell that differs between two inputs differing in one box lies in
+    the box kfx.geometry gives; the read-in window holds every input those outputs read."""
+    from kfx.geometry import resample_output_span, resample_read_span
+    from kfx.passes.resample import _axis_matrix, _reach
+
+    op, size = RESAMPLERS[name], 8
+    matrix = _axis_matrix(op, (size, size), 0, torch.float64)
+    first, stop = _reach(matrix)
+    for start in range(size):
+        for width in range(1, size - start + 1):
+            changed = torch.zeros(size, dtype=torch.float64)
+            changed[start : start + width] = 1
+            hit = (matrix.abs() @ changed).nonzero().flatten().tolist()
+            box = resample_output_span(start, width, first, stop)
+            assert all(box.start <= o < box.start + box.width for o in hit)
+            read = resample_read_span(box.start, box.width, first, stop)
+            reads = matrix[box.start : box.start + box.width].nonzero()[:, 1].tolist()
+            assert all(read.start <= i < read.start + read.width for i in reads)
