@@ -1,0 +1,45 @@
+"""timm's CNN families: exact against full inference (float64), and dense only where the model has
+global context (issue #16). CI runs CI_SUBSET; `pytest -m slow tests/test_timm_zoo.py` runs the rest."""
+
+import pytest
+import torch
+
+import kfx
+from tests.timm_zoo import CI_SUBSET, TIMM_ZOO, build
+
+pytest.importorskip("timm", reason="the timm zoo needs timm: pip install 'kfx[dev]'")
+
+PARAMS = [pytest.param(name, marks=() if name in CI_SUBSET else pytest.mark.slow) for name in TIMM_ZOO]
+PATCH = kfx.Patch(8, stride=4, fill=0.5)
+
+
+def corner_and_interior_positions(size: int) -> torch.Tensor:
+    hi = size - PATCH.size[0]
+    return torch.tensor([[0, 0], [0, hi], [hi, 0], [hi, hi], [size // 3, size // 2]])
+
+
+def assert_matches_full_inference(model, engine, size: int) -> None:
+    image = torch.randn(3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    positions = corner_and_interior_positions(size)
+    with torch.no_grad():
+        expected = model(kfx.occlude(image, positions, PATCH))
+    actual = engine.outputs(image, positions)
+    assert ((actual - expected).abs().max() / expected.abs().max()).item() <= 1e-9
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_timm_model_is_exact_and_dense_only_at_global_context(name):
+    size, dense = TIMM_ZOO[name]
+    model = build(name)
+    engine = kfx.compile(model, (3, size, size), PATCH, batch_size=5)
+    assert_matches_full_inference(model, engine, size)
+    assert tuple(d.node for d in engine.dense_nodes) == dense
+
+
+def test_local_global_context_lifts_every_squeeze_excitation_gate():
+    model = build("mobilenetv3_small_100")
+    exact = kfx.compile(model, (3, 64, 64), PATCH)
+    local = kfx.compile(model, (3, 64, 64), PATCH, global_context="local")
+    assert "global_context='local'" in exact.dense_nodes[0].reason
+    assert local.dense_nodes == []
+    assert local.cost().theoretical_speedup > exact.cost().theoretical_speedup

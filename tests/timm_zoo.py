@@ -1,0 +1,28 @@
+"""timm CNN families used by the timm zoo test and the modern-CNN benchmark (random weights).
+
+name -> (image size, the dense nodes the exact engine reports: where, and only where, the model
+has global context; an empty tuple means incremental up to the global tail).
+"""
+
+TIMM_ZOO = {
+    "regnetx_002": (64, ()),  # BatchNormAct2d: functional BN, x.ndim asserts
+    "cspresnet50": (64, ()),
+    "hrnet_w18_small": (64, ()),  # Upsample in the multi-resolution fuse layers
+    "dpn68": (64, ()),  # channel slices x[:, :c]
+    "ghostnet_100": (64, ("mul", "add_3")),  # slices; squeeze-excitation from the third block on
+    "mobilenetv3_small_100": (64, ("mul",)),  # squeeze-excitation
+    "efficientnet_b0": (64, ("mul",)),
+    "rexnet_100": (64, ("mul",)),
+    "lcnet_050": (64, ("mul",)),
+    "resnest14d": (64, ("sum_1", "mul", "add")),  # split attention: a 5-D radix sum (not yet incremental)
+    "convnext_atto": (64, ("permute",)),  # channels-last blocks (not yet incremental)
+}
+CI_SUBSET = ("regnetx_002", "hrnet_w18_small", "ghostnet_100", "mobilenetv3_small_100")
+
+
+def build(name: str):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=10).double().eval()
