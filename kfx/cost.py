@@ -99,7 +99,14 @@ def static_cost(gm: fx.GraphModule, tau: float = 1.0, concat: str = "union") -> 
             linear = modules[node.target]
             rows = math.prod(node.meta["tensor_meta"].shape[:-1])
             fmas = rows * linear.in_features * linear.out_features
-            layers.append(LayerCost(node.name, "Linear", fmas, fmas, None, None))
+            if meta.state is State.PATCH:  # over the channels of a channels-last map: the box's rows only
+                box = (meta.box[0].width, meta.box[1].width)
+                shape = node.meta["tensor_meta"].shape
+                h, w = meta.spatial
+                incremental = fmas * box[0] * box[1] // (shape[h] * shape[w])
+                layers.append(LayerCost(node.name, "Linear", fmas, incremental, box, (shape[h], shape[w])))
+            else:
+                layers.append(LayerCost(node.name, "Linear", fmas, fmas, None, None))
             continue
         source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         in_hw = spatial_size(source) if source is not None else None

@@ -251,6 +251,8 @@ def compile(
     max_memory: int | str | None = None,
     tau: float = 1.0,
     global_context: str = "exact",
+    leaf_modules: tuple = (),
+    autowrap_functions: tuple = (),
 ) -> Engine:
     """Compile ``model`` into an exact (or, with ``tau < 1``, approximate) incremental occlusion engine.
 
@@ -277,6 +279,10 @@ def compile(
             of its output, so the exact engine runs densely after it. "local" recomputes g exactly
             but applies its change only inside x's changed box: approximate (``heatmap.approximate``),
             and as fast as the same model without gates. ``print(engine)`` names the gates.
+        leaf_modules, autowrap_functions: torch.fx's hooks for code it cannot trace (control flow
+            on shapes, as in timm's ``ConvMlp``): module classes and plain functions kept as single
+            calls. kfx runs them densely (exact). timm's same-padding helper needs neither: kfx
+            knows it and runs it incrementally.
 
     Returns:
         An :class:`Engine`; ``engine(image)`` gives the heat map, ``engine.outputs(image, positions)``
@@ -291,6 +297,7 @@ def compile(
             f"global_context must be one of {', '.join(map(repr, GLOBAL_CONTEXT_MODES))} ('exact' is exact; "
             f"'local' applies squeeze-excitation gates inside the changed box only), got {global_context!r}"
         )
+    trace_hooks = _check_trace_hooks(leaf_modules, autowrap_functions)
     if batch_size is not None:
         check_batch_size(batch_size)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -306,20 +313,61 @@ def compile(
             ) from None
         if max_memory < 1:
             raise InputError(f"max_memory must be positive, got {max_memory}")
+    options = dict(global_context=global_context, trace_hooks=trace_hooks)
     return Engine(
-        model, _build(model, shape, patch, batch_size, dtype, backend, max_memory, float(tau), global_context)
+        model, _build(model, shape, patch, batch_size, dtype, backend, max_memory, float(tau), **options)
     )
 
 
+def _check_trace_hooks(leaf_modules, autowrap_functions) -> tuple[tuple, tuple]:
+    """(leaf module classes, functions), checked: kfx.compile's tracer hooks."""
+    try:
+        leaves, functions = tuple(leaf_modules), tuple(autowrap_functions)
+    except TypeError:
+        raise InputError(
+            "leaf_modules and autowrap_functions must be tuples (of module classes, of functions)"
+        ) from None
+    for leaf in leaves:
+        if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
+            raise InputError(
+                f"leaf_modules must hold nn.Module subclasses (classes, not instances), got {leaf!r}"
+            )
+    for function in functions:
+        if not hasattr(function, "__globals__"):
+            raise InputError(f"autowrap_functions must hold plain Python functions, got {function!r}")
+    return leaves, functions
+
+
 def _build(
-    model, image_shape, patch: Patch, batch_size, dtype, backend, max_memory, tau, global_context="exact"
+    model,
+    image_shape,
+    patch: Patch,
+    batch_size,
+    dtype,
+    backend,
+    max_memory,
+    tau,
+    *,
+    global_context,
+    trace_hooks,
 ) -> Compiled:
     """Run the pipeline: annotate, rewrite, cost and memory models, batch size (docs/design.md §3)."""
     model_dtype, device = model_dtype_device(model, _NO_WEIGHTS)
     dtype = dtype or model_dtype
     backend = kernels.resolve_backend(backend, device)
     patch.check_fits(tuple(image_shape[1:]))
-    gm = annotate(model, image_shape, patch.size, tau, dtype, device, global_context=global_context)
+    leaves, functions = trace_hooks
+    gm = annotate(
+        model,
+        image_shape,
+        patch.size,
+        tau,
+        dtype,
+        device,
+        global_context=global_context,
+        leaf_modules=leaves,
+        autowrap_functions=functions,
+    )
     program = build_program(gm, patch.fill_tensor(image_shape[0], dtype, device), backend)
     sources = [slot.source for slot in program.slots]
     memory = estimate_memory(gm, sources, torch.empty((), dtype=dtype).element_size())

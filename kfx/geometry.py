@@ -26,6 +26,7 @@ __all__ = [
     "read_in_span",
     "shift_inside",
     "union_span",
+    "same_padding",
     "resample_output_span",
     "resample_read_span",
     "conv_fmas",
@@ -206,6 +207,19 @@ def union_span(spans: list[Span] | tuple[Span, ...]) -> Span:
     """
     start = min(s.start for s in spans)
     return Span(start, max(s.stop for s in spans) - start)
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow's "SAME" padding (before, after) of one axis, as timm's ``pad_same`` computes it
+    from the input size: enough for ceil(size / stride) outputs, the odd element after.
+
+    total = max((ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0);  before = total // 2
+
+    >>> same_padding(224, 3, 2), same_padding(7, 5, 1), same_padding(8, 1, 2)
+    ((0, 1), (2, 2), (0, 0))
+    """
+    total = max((ceil_div(size, stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
 
 
 def resample_output_span(in_start: int, in_width: int, first: Sequence[int], stop: Sequence[int]) -> Span:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
+from kfx.passes.layout import spatial_dims
 from kfx.passes.patch_prop import META_KEY, SHAPE_ROLES, State
 
 __all__ = ["MemoryEstimate", "estimate_memory", "parse_bytes"]
@@ -64,12 +65,16 @@ def _numel_per_image(node: fx.Node) -> int:
 
 
 def _patch_numel(node: fx.Node, box) -> int:
-    """Elements of one position's changed box: each tensor's channels times the box area."""
-    return (
-        sum(math.prod(shape[1:-2]) for shape in _shapes(node) if len(shape) >= 3)
-        * box[0].width
-        * box[1].width
-    )
+    """Elements of one position's changed box: each tensor's channels (every dim but the batch and
+    the two spatial ones, wherever a channels-last map has them) times the box area."""
+    meta = node.meta.get(META_KEY)
+    spatial = getattr(meta, "spatial", None)
+    channels = 0
+    for shape in _shapes(node):
+        if len(shape) >= 3:
+            h, w = spatial_dims(spatial, len(shape))
+            channels += math.prod(size for d, size in enumerate(shape) if d not in (0, h, w))
+    return channels * box[0].width * box[1].width
 
 
 def _value_numel(node: fx.Node) -> int:

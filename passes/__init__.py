@@ -40,13 +40,15 @@ def annotate(
     *,
     concat: str = "union",
     global_context: str = "exact",
+    leaf_modules: tuple = (),
+    autowrap_functions: tuple = (),
 ) -> fx.GraphModule:
     """The traced graph of ``model``, checked against it, with shapes and changed boxes on every node.
 
     Runs trace (functional, in-place ops rebound), shape propagation (on a zero image), the check
     against the eager model (a fixed random batch of two) and patch propagation.
     """
-    gm = trace(model)
+    gm = trace(model, leaf_modules, autowrap_functions)
     propagate_shapes(gm, torch.zeros(1, *image_shape, dtype=dtype, device=device))
     example = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     check_traced(model, gm, example.to(dtype=dtype, device=device))

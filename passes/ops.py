@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from kfx.common import int_pair
 from kfx.errors import TraceError
-from kfx.geometry import conv_fmas, effective_kernel
+from kfx.geometry import conv_fmas, effective_kernel, same_padding
 
 __all__ = [
     "LocalSpec",
@@ -231,7 +231,24 @@ def local_spec(node: fx.Node, modules: dict[str, nn.Module], in_hw: tuple[int, i
         if a["mode"] != "constant" or not all(isinstance(v, int) for v in a["pad"]):
             return None
         return _pad_spec(tuple(a["pad"]), a["value"])
+    if _is_same_pad(node.target) and in_hw is not None:
+        a = bind_args(
+            node, ("input", "kernel_size", "stride", "dilation", "value"), {"dilation": 1, "value": 0}
+        )
+        kernel, stride, dilation = (_pair(a[name], name) for name in ("kernel_size", "stride", "dilation"))
+        (top, bottom), (left, right) = (
+            same_padding(in_hw[i], kernel[i], stride[i], dilation[i]) for i in (0, 1)
+        )
+        return _pad_spec((left, right, top, bottom), a["value"])
     return None
+
+
+def _is_same_pad(target) -> bool:
+    """timm's ``pad_same(x, kernel_size, stride, dilation, value)``: TF "SAME" padding from the size."""
+    return (
+        getattr(target, "__module__", None) == "timm.layers.padding"
+        and getattr(target, "__name__", "") == "pad_same"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from kfx.geometry import (
     thresholded_output_span,
     union_span,
 )
+from kfx.passes.layout import acting_dims, constant_over, layer_operands, permuted_spatial, spatial_dims
 from kfx.passes.ops import (
     SHAPE_ATTRIBUTES,
     SHAPE_METHODS,
@@ -110,6 +111,7 @@ class NodePatch:
     read: Box | None = None  # read-in window (local and resample nodes)
     local: LocalSpec | None = None
     resample: ResampleSpec | None = None
+    spatial: tuple[int, int] | None = None  # the (H, W) dims of a channels-last map; None: the last two
     reason: str = ""  # dense nodes fed by incremental ones: why the incremental path stops here
 
 
@@ -162,6 +164,10 @@ def _resample_axis(
     return box, read
 
 
+def _channels_first(node: fx.Node) -> bool:
+    return node.meta[META_KEY].spatial is None
+
+
 def _merge_axis(inputs: list[AxisBoxes], size: int) -> AxisBoxes:
     """Union box of several changed boxes ([TR] Eq. 20), made uniform in width across positions."""
     return _uniform([union_span([b.span(x) for b in inputs]) for x in range(len(inputs[0].starts))], size)
@@ -192,14 +198,12 @@ _CHANNEL_METHODS = {
     "view": "reshape",
     "reshape": "reshape",
     "transpose": "transpose",
-    "permute": "permute",
     "chunk": "split",
     "split": "split",
 }
 _CHANNEL_FUNCTIONS = {
     torch.reshape: "reshape",
     torch.transpose: "transpose",
-    torch.permute: "permute",
     torch.chunk: "split",
     torch.split: "split",
 }
@@ -223,8 +227,9 @@ def _is_channel_slice(index, source: tuple | None, out: tuple | None) -> bool:
 
 
 def _channel_op(node: fx.Node, source: fx.Node) -> str | None:
-    """The kind of a reshape/transpose/permute/chunk/split/slice that moves channels only, keeping the
-    last two (spatial) dims where they are (channel shuffle, branch splits), or None."""
+    """The kind of a reshape/transpose/chunk/split/slice that moves channels only, keeping the last
+    two (spatial) dims where they are (channel shuffle, branch splits), or None. (Permutes: any
+    that keeps the batch dim first, see kfx.passes.layout.)"""
     if node.op == "call_function" and node.target is operator.getitem:
         if source.meta[META_KEY].role == "channel" and _shape(source) is None:
             return "getitem"  # one piece of a split
@@ -247,10 +252,6 @@ def _channel_op(node: fx.Node, source: fx.Node) -> str | None:
         return kind if out is not None and len(out) >= 3 and out[0] == 1 and out[-2:] == src[-2:] else None
     if kind == "transpose":
         return kind if len(args) == 2 and all(inner(d) for d in args) else None
-    if kind == "permute":
-        dims = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
-        dims = tuple(d % rank for d in dims if isinstance(d, int))
-        return kind if len(dims) == rank and dims[0] == 0 and dims[-2:] == (rank - 2, rank - 1) else None
     dim = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
     only_getitem = all(u.op == "call_function" and u.target is operator.getitem for u in node.users)
     return kind if inner(dim) and only_getitem else None
@@ -321,6 +322,7 @@ def gate(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     if not (
         State.DENSE in ctx.states
         and len(ctx.changed) == 1
+        and _channels_first(ctx.changed[0])
         and is_gate_product(node)
         and spatial_size(node) is not None
         and _shape(node) == _shape(ctx.changed[0])
@@ -360,34 +362,73 @@ def shape_query(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
 
 
 def channel_op(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
-    """A reshape/transpose/permute/chunk/split that moves channels only (channel shuffle, branch
-    splits), or a getitem picking one of its pieces: the spatial box is unchanged."""
-    if _changes_first_arg(node, ctx) and _channel_op(node, ctx.changed[0]) is not None:
-        return NodePatch(State.PATCH, "channel", box=ctx.changed[0].meta[META_KEY].box)
+    """A reshape/transpose/chunk/split that moves channels only (channel shuffle, branch splits), a
+    getitem picking one of its pieces, or a permute keeping the batch first (to channels-last and
+    back, §2.9): the spatial box is unchanged, though a permute moves the dims that hold it."""
+    if not _changes_first_arg(node, ctx):
+        return None
+    source = ctx.changed[0]
+    meta, shape = source.meta[META_KEY], _shape(source)
+    if shape is not None and len(shape) >= 4 and shape[0] == 1:
+        moved = permuted_spatial(node, meta.spatial, len(shape))
+        if moved is not False:
+            return NodePatch(State.PATCH, "channel", box=meta.box, spatial=moved)
+    if meta.spatial is None and _channel_op(node, source) is not None:
+        return NodePatch(State.PATCH, "channel", box=meta.box)
     return None
 
 
 def global_mean(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """Global average pooling of the changed map. mean_new = mean_base + (sum(new box) - sum(old
     box)) / (H * W) is exact and needs no projection (docs/design.md §2.6)."""
-    if _changes_first_arg(node, ctx) and is_global_mean(node, ctx.modules):
+    if (
+        _changes_first_arg(node, ctx)
+        and _channels_first(ctx.changed[0])
+        and is_global_mean(node, ctx.modules)
+    ):
         return NodePatch(State.DENSE, "mean_delta")
     return None
 
 
 def pointwise(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
-    """An element-wise op (activations, eval BatchNorm, functional too) of one changed map and
-    constants that are the same at every spatial position: it runs on the changed values alone, and
-    the box stays put."""
-    per_channel = per_channel_operands(node)
-    if (
-        len(ctx.changed) == 1
-        and is_pointwise(node, ctx.modules)
-        and _shape(node) == _shape(ctx.changed[0])
-        and all(_broadcasts_over_space(n) or n in per_channel for n in ctx.others if _shape(n) is not None)
+    """An op of one changed map that acts on each spatial position alone: element-wise (activations,
+    eval BatchNorm, functional too), or a layer over non-spatial trailing dims (Linear, LayerNorm
+    on a channels-last map, §2.9), with constants that are the same at every spatial position. It
+    runs on the changed values alone, and the box stays put."""
+    if len(ctx.changed) != 1:
+        return None
+    source = ctx.changed[0]
+    meta, src, out = source.meta[META_KEY], _shape(source), _shape(node)
+    if src is None or out is None or len(src) != len(out) or len(src) < 3:
+        return None
+    rank = len(src)
+    spatial = spatial_dims(meta.spatial, rank)
+    acting = acting_dims(node, ctx.modules)
+    if acting is not None:
+        mixed = {d % rank for d in acting}
+        if mixed & {0, *spatial} or any(out[d] != src[d] for d in range(rank) if d not in mixed):
+            return None
+        allowed = layer_operands(node)
+    elif is_pointwise(node, ctx.modules) and out == src:
+        allowed = per_channel_operands(node) if 1 not in spatial else []  # batch_norm's [C] act on dim 1
+    else:
+        return None
+    if all(
+        constant_over(_shape(n), spatial, rank) or n in allowed for n in ctx.others if _shape(n) is not None
     ):
-        return NodePatch(State.PATCH, "pointwise", box=ctx.changed[0].meta[META_KEY].box)
+        return NodePatch(State.PATCH, "pointwise", box=meta.box, spatial=meta.spatial)
     return None
+
+
+def channels_last(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """Any other op of a channels-last map (its spatial dims permuted away from the end) runs
+    densely: the rules below assume [1, C, H, W]."""
+    if all(_channels_first(n) for n in ctx.changed):
+        return None
+    return _dense(
+        f"{_describe(node, ctx.modules)} reads a channels-last map; there kfx runs only per-position ops "
+        "(activations, LayerNorm and Linear over channels) and permutes back"
+    )
 
 
 def global_context(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
@@ -513,6 +554,7 @@ CLASSIFY_RULES: tuple[Callable[[fx.Node, ClassifyContext], NodePatch | None], ..
     channel_op,
     global_mean,
     pointwise,
+    channels_last,
     global_context,
     local,
     resample,

@@ -127,7 +127,7 @@ class RewriteContext:
         if _meta(n).state is not State.PATCH:
             return self.env[n]
         if n not in self._projected:
-            step = ProjectStep(self.backend)
+            step = ProjectStep(self.backend, _meta(n).spatial)
             self._projected[n] = self.add_step(
                 f"project_{n.name}", step, (self.bases[_unpadded(n)], self.env[n])
             )

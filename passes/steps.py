@@ -287,18 +287,23 @@ class MeanDeltaStep(nn.Module):
 
 
 class ProjectStep(nn.Module):
-    """Projection to full: paint the changes into N copies of the base (docs/design.md §2.6)."""
+    """Projection to full: paint the changes into N copies of the base (docs/design.md §2.6). A
+    channels-last map (``spatial``: its (H, W) dims) has them moved to the end for the kernel and back."""
 
-    def __init__(self, backend: str = "torch"):
+    def __init__(self, backend: str = "torch", spatial: tuple[int, int] | None = None):
         super().__init__()
         self.backend = backend
+        self.spatial = spatial
 
     def forward(self, base: torch.Tensor, patches: Patches) -> torch.Tensor:
         values = patches.values  # [N, *channel dims, h, w]: channel dims flatten to one for the kernel
+        if self.spatial is not None:  # the base has no batch dim: its (H, W) dims are one lower
+            values = values.movedim(self.spatial, (-2, -1))
+            base = base.movedim(tuple(d - 1 for d in self.spatial), (-2, -1))
         full = kernels.project_to_full(
             self.backend,
             base.reshape(-1, *base.shape[-2:]),
             values.reshape(values.shape[0], -1, *values.shape[-2:]),
             patches.origin,
-        )
-        return full.view(values.shape[0], *base.shape)
+        ).view(values.shape[0], *base.shape)
+        return full if self.spatial is None else full.movedim((-2, -1), self.spatial)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import sys
 
 import torch
 from torch import fx, nn
@@ -145,12 +146,39 @@ def require_traceable_module(model: nn.Module, caller: str) -> None:
             )
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` and rewrite its in-place ops; raise kfx errors on failure."""
+# Functions that compute padding from x.size() with Python control flow, which torch.fx cannot
+# trace through: traced as one call each (kfx.passes.ops knows their padding from the static shape).
+KNOWN_SHAPE_FUNCTIONS = (("timm.layers.padding", "pad_same"),)
+
+
+def _known_shape_functions() -> tuple:
+    """The functions of KNOWN_SHAPE_FUNCTIONS whose modules are imported (so the model may use them)."""
+    found = (getattr(sys.modules.get(module), name, None) for module, name in KNOWN_SHAPE_FUNCTIONS)
+    return tuple(fn for fn in found if fn is not None)
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with the caller's leaf modules kept as single calls (kfx runs them densely)."""
+
+    def __init__(self, leaf_modules: tuple[type, ...], autowrap_functions: tuple):
+        super().__init__(autowrap_functions=(*_known_shape_functions(), *autowrap_functions))
+        self.leaf_modules = leaf_modules
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_modules) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module, leaf_modules: tuple = (), autowrap_functions: tuple = ()) -> fx.GraphModule:
+    """Symbolically trace ``model`` and rewrite its in-place ops; raise kfx errors on failure.
+
+    ``leaf_modules`` (module classes) are kept as single calls, not traced into; ``autowrap_functions``
+    (plain functions called in a forward) likewise: torch.fx's own hooks for code it cannot trace.
+    """
     require_eval_module(model, "kfx.compile")
     require_traceable_module(model, "kfx.compile")
     try:
-        gm = fx.symbolic_trace(model)
+        tracer = _Tracer(tuple(leaf_modules), tuple(autowrap_functions))
+        gm = fx.GraphModule(model, tracer.trace(model), type(model).__name__)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
         if "does not support item assignment" in str(exc):
             raise TraceError(
@@ -160,7 +188,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. kfx needs a model "
             "whose forward has no control flow on tensor values; move such code out of forward, or mark the "
-            "offending submodule as a leaf with a custom torch.fx.Tracer"
+            "offending submodule as a leaf: kfx.compile(..., leaf_modules=(ThatModule,)) (it then runs densely)"
         ) from exc
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:

@@ -31,7 +31,8 @@ def tiny_dag() -> nn.Module:
         Residual(17, 17, 3, 1, 2),  # depthwise-free residual with in-place add
         nn.Conv2d(17, 17, 3, stride=2, padding=1, groups=17),  # depthwise: the direct kernel
         nn.AvgPool2d(3, 1, 1, count_include_pad=False),
-        nn.Upsample(scale_factor=2),  # unknown op: projection to full (project kernel)
+        nn.Upsample(scale_factor=2),  # resampling: gather and paste windows
+        nn.GroupNorm(1, 17),  # global context: projection to full (project kernel)
         nn.Conv2d(17, 4, 1),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),

@@ -207,7 +207,7 @@ def test_engine_reports_where_it_goes_dense():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),
         nn.ReLU(),
-        nn.Upsample(scale_factor=2),
+        nn.GroupNorm(2, 4),  # normalises over the whole map: global context
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(4, 2),
@@ -216,7 +216,7 @@ def test_engine_reports_where_it_goes_dense():
     roles = list(engine.roles().values())
     assert roles[:4] == ["input", "local", "pointwise", "dense"]
     assert [d.node for d in engine.dense_nodes] == ["_2"]
-    assert "Upsample" in engine.dense_nodes[0].reason and "projected to full" in engine.dense_nodes[0].reason
+    assert "GroupNorm" in engine.dense_nodes[0].reason and "projected to full" in engine.dense_nodes[0].reason
 
 
 def test_global_average_pooling_uses_the_exact_delta_not_a_projection():
@@ -243,7 +243,7 @@ def assert_dag_incremental(engine: kfx.Engine, model: nn.Sequential, shape, patc
     dense = engine.dense_nodes
     if excites:
         assert len(dense) == 1 and top_level(nodes[dense[0].node]) == str(first_dense), dense
-        assert "combines a densely computed value with an incremental one" in dense[0].reason
+        assert "applies a gate computed from global context" in dense[0].reason
     else:
         assert dense == []
     before = {

@@ -303,3 +303,112 @@ def test_resampling_boxes_cover_every_changed_output(name):
             read = resample_read_span(box.start, box.width, first, stop)
             reads = matrix[box.start : box.start + box.width].nonzero()[:, 1].tolist()
             assert all(read.start <= i < read.start + read.width for i in reads)
+
+
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt's block in miniature: depthwise conv, permute to NHWC, LayerNorm and a Linear MLP over
+    channels, permute back, layer scale, residual. ``functional`` spells the norm and the first
+    Linear with F.layer_norm / F.linear on parameters (as timm's LayerNorm does)."""
+
+    def __init__(self, width: int = 4, functional: bool = False):
+        super().__init__()
+        self.functional = functional
+        self.conv_dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 3 * width)
+        self.fc2 = nn.Linear(3 * width, width)
+        self.gamma = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        y = self.conv_dw(x).permute(0, 2, 3, 1)
+        if self.functional:
+            y = F.linear(
+                F.layer_norm(y, y.shape[-1:], self.norm.weight, self.norm.bias),
+                self.fc1.weight,
+                self.fc1.bias,
+            )
+        else:
+            y = self.fc1(self.norm(y))
+        y = self.fc2(F.gelu(y)).permute(0, 3, 1, 2)
+        return x + y * self.gamma.reshape(1, -1, 1, 1)
+
+
+class ChannelsFirstBlock(ChannelsLastBlock):
+    """The same block with 1x1 convs and a per-channel affine instead: the ceiling to match."""
+
+    def __init__(self, width: int = 4):
+        super().__init__(width)
+        self.fc1 = nn.Conv2d(width, 3 * width, 1)
+        self.fc2 = nn.Conv2d(3 * width, width, 1)
+        self.norm = nn.BatchNorm2d(width)
+
+    def forward(self, x):
+        y = self.fc2(F.gelu(self.fc1(self.norm(self.conv_dw(x)))))
+        return x + y * self.gamma.reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_channels_last_blocks_are_exact_and_incremental(functional):
+    model = seeded(Classifier(ChannelsLastBlock(functional=functional)))
+    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
+    assert_exact(model, engine)
+    assert engine.dense_nodes == []
+    assert ceiling(model) == pytest.approx(ceiling(seeded(Classifier(ChannelsFirstBlock()))), rel=0.1)
+
+
+class ChannelsLastHead(nn.Module):
+    """A channels-last map read by a spatial op (a conv over the wrong dims after a transpose, then
+    a projection): dense from there, still exact."""
+
+    def forward(self, x):
+        y = x.permute(0, 2, 3, 1)
+        return (y.sum(dim=1, keepdim=True) + y).permute(0, 3, 1, 2)
+
+
+def test_a_spatial_op_on_a_channels_last_map_runs_densely_and_exactly():
+    model = seeded(Classifier(ChannelsLastHead()))
+    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
+    assert_exact(model, engine)
+    assert "channels-last" in engine.dense_nodes[0].reason
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on a shape, which torch.fx cannot trace: kept whole as a leaf."""
+
+    def forward(self, x):
+        return x * 2 if x.shape[-1] > 8 else x
+
+
+def doubled(x):
+    return x * 2 if x.shape[-1] > 8 else x
+
+
+class CallsDoubled(nn.Module):
+    def forward(self, x):
+        return doubled(x)
+
+
+def test_leaf_modules_and_autowrapped_functions_run_densely_and_exactly():
+    for body, hooks in [
+        (ShapeBranch(), {"leaf_modules": (ShapeBranch,)}),
+        (CallsDoubled(), {"autowrap_functions": (doubled,)}),
+    ]:
+        model = seeded(Classifier(body))
+        with pytest.raises(kfx.TraceError, match="leaf_modules"):
+            kfx.compile(model, SHAPE, PATCH)
+        engine = kfx.compile(model, SHAPE, PATCH, batch_size=3, **hooks)
+        assert_exact(model, engine)
+        assert len(engine.dense_nodes) == 1
+
+
+@pytest.mark.parametrize(
+    "hooks, match",
+    [
+        ({"leaf_modules": (ShapeBranch(),)}, "classes, not instances"),
+        ({"leaf_modules": ShapeBranch}, "must be tuples"),
+        ({"autowrap_functions": (len,)}, "plain Python functions"),
+    ],
+)
+def test_bad_tracer_hooks_are_refused(hooks, match):
+    with pytest.raises(kfx.InputError, match=match):
+        kfx.compile(seeded(Classifier(ShapeBranch())), SHAPE, PATCH, **hooks)

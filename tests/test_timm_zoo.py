@@ -43,3 +43,14 @@ def test_local_global_context_lifts_every_squeeze_excitation_gate():
     assert "global_context='local'" in exact.dense_nodes[0].reason
     assert local.dense_nodes == []
     assert local.cost().theoretical_speedup > exact.cost().theoretical_speedup
+
+
+def test_a_module_fx_cannot_trace_runs_densely_as_a_leaf():
+    from timm.models.vgg import ConvMlp  # `if x.shape[-2] < self.input_size`: control flow on a shape
+
+    model = build("vgg11")
+    with pytest.raises(kfx.TraceError, match="leaf_modules"):
+        kfx.compile(model, (3, 32, 32), PATCH)
+    engine = kfx.compile(model, (3, 32, 32), PATCH, batch_size=5, leaf_modules=(ConvMlp,))
+    assert_matches_full_inference(model, engine, 32)
+    assert [d.node for d in engine.dense_nodes] == ["pre_logits"]

@@ -9,6 +9,7 @@ TIMM_ZOO = {
     "cspresnet50": (64, ()),
     "hrnet_w18_small": (64, ()),  # Upsample in the multi-resolution fuse layers
     "dpn68": (64, ()),  # channel slices x[:, :c]
+    "tf_efficientnet_lite0": (64, ()),  # Conv2dSame: TF "SAME" padding computed from x.size()
     "ghostnet_100": (64, ("mul", "add_3")),  # slices; squeeze-excitation from the third block on
     "mobilenetv3_small_100": (64, ("mul",)),  # squeeze-excitation
     "efficientnet_b0": (64, ("mul",)),
@@ -17,7 +18,13 @@ TIMM_ZOO = {
     "resnest14d": (64, ("sum_1", "mul", "add")),  # split attention: a 5-D radix sum (not yet incremental)
     "convnext_atto": (64, ("permute",)),  # channels-last blocks (not yet incremental)
 }
-CI_SUBSET = ("regnetx_002", "hrnet_w18_small", "ghostnet_100", "mobilenetv3_small_100")
+CI_SUBSET = (
+    "regnetx_002",
+    "hrnet_w18_small",
+    "ghostnet_100",
+    "mobilenetv3_small_100",
+    "tf_efficientnet_lite0",
+)
 
 
 def build(name: str):

@@ -1,0 +1,85 @@
+"""Channels-last regions: where a changed map's spatial dims are, and the per-position layer ops
+that may run there (docs/design.md §2.9).
+
+ConvNeXt-style blocks permute NCHW to NHWC, normalise over channels (``LayerNorm``), apply ``Linear``
+layers to the channel dim, and permute back. Each of those ops acts on one spatial position at a
+time, so the changed box stays where it is; only the dims that hold H and W move. A node's
+``spatial`` is that pair of dims in its own tensor; ``None`` means the usual last two.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from kfx.passes.ops import bind_args
+
+__all__ = ["spatial_dims", "permuted_spatial", "acting_dims", "layer_operands", "constant_over"]
+
+PERMUTE_FUNCTIONS = (torch.permute,)
+
+
+def spatial_dims(spatial: tuple[int, int] | None, rank: int) -> tuple[int, int]:
+    """The (H, W) dims of a rank-``rank`` map whose layout is ``spatial`` (None: the last two)."""
+    return (rank - 2, rank - 1) if spatial is None else spatial
+
+
+def permuted_spatial(node: fx.Node, spatial: tuple[int, int] | None, rank: int):
+    """For ``x.permute(dims)`` that keeps the batch dim first: the new (H, W) dims, or None for the
+    usual last two. ``False`` if the node is not such a permute."""
+    if node.op == "call_method" and node.target == "permute":
+        args = node.args[1:]
+    elif node.op == "call_function" and node.target in PERMUTE_FUNCTIONS:
+        args = node.args[1:] or (node.kwargs.get("dims"),)
+    else:
+        return False
+    dims = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
+    if len(dims) != rank or not all(isinstance(d, int) for d in dims):
+        return False
+    dims = tuple(d % rank for d in dims)
+    if dims[0] != 0 or sorted(dims) != list(range(rank)):
+        return False
+    h, w = spatial_dims(spatial, rank)
+    moved = (dims.index(h), dims.index(w))
+    return None if moved == (rank - 2, rank - 1) else moved
+
+
+def acting_dims(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, ...] | None:
+    """The trailing dims a per-position layer op mixes (``Linear``: the last; ``LayerNorm``: its
+    normalised dims), as negative indices; None for any other op."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+            return (-1,)
+        if isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward:
+            return tuple(range(-len(module.normalized_shape), 0))
+        return None
+    if node.op != "call_function":
+        return None
+    if node.target is F.linear:
+        return (-1,)
+    if node.target is F.layer_norm:
+        shape = bind_args(node, ("input", "normalized_shape"), {})["normalized_shape"]
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        return tuple(range(-len(shape), 0))
+    return None
+
+
+def layer_operands(node: fx.Node) -> list[fx.Node]:
+    """The weight and bias a functional ``linear``/``layer_norm`` applies along its acting dims."""
+    if node.op != "call_function" or node.target not in (F.linear, F.layer_norm):
+        return []
+    names = (
+        ("input", "weight", "bias")
+        if node.target is F.linear
+        else ("input", "normalized_shape", "weight", "bias")
+    )
+    bound = bind_args(node, names, {})
+    return [bound[name] for name in ("weight", "bias") if isinstance(bound.get(name), fx.Node)]
+
+
+def constant_over(shape: tuple[int, ...], dims: tuple[int, ...], rank: int) -> bool:
+    """True if a tensor of ``shape``, broadcast against a rank-``rank`` map, is the same along
+    every dim in ``dims`` (size 1 there, or no such dim after right-alignment)."""
+    return all(shape[len(shape) - (rank - d)] == 1 for d in dims if rank - d <= len(shape))
