@@ -2,7 +2,8 @@
 
 :func:`tune` compiles an engine per tau in a grid, measures each one's maps against the exact maps
 on sample images (:func:`kfx.approx.heatmap_ssim`), and picks the lowest tau whose conservative
-SSIM meets the target.
+SSIM meets the target. Given several ``global_context`` modes (§4.4), it does so per mode and keeps
+the choice with the highest static ceiling.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Tuning:
     quantile: float
     tau: float
     paper_tau: float
+    global_context: str = "exact"  # the mode these measurements are for, and the engine's
+    candidates: tuple[tuple[str, float, float], ...] = ()  # (mode, its chosen tau, ceiling) per eligible mode
 
     def predicted_ssim(self, tau: float) -> float:
         """The fitted mean SSIM at ``tau`` (the paper's curve)."""
@@ -71,6 +74,7 @@ def tune(
     batch_size: int | None = None,
     dtype: torch.dtype | None = None,
     backend: str = "auto",
+    global_context: str | Sequence[str] = "exact",
 ) -> Engine:
     """Compile an engine whose tau meets ``target_ssim`` on images like ``samples`` (docs/design.md §4.3).
 
@@ -82,6 +86,13 @@ def tune(
     nine in ten samples at least this good) of the per-image SSIM meets the target, at that tau
     and at every larger one. Both the paper's fit and its choice are kept in ``engine.tuning``.
     With ~30 samples of the production domain, about 90% of new images should meet the target.
+
+    ``global_context``: "exact" (the default), "local" (docs/design.md §4.4), or both, e.g.
+    ``("exact", "local")``: tune then measures the tau grid in each mode against the exact maps
+    (in the local mode tau = 1 is measured too: it is not exact), finds each mode's tau as above,
+    and keeps the (mode, tau) whose engine has the highest static ceiling (``engine.cost()``).
+    The exact mode at tau = 1 always qualifies: if no mode asked for meets the target, tune returns
+    the exact engine (``engine.tuning.candidates`` then lists no local choice).
 
     Deterministic for fixed samples: no randomness is involved.
 
@@ -108,20 +119,62 @@ def tune(
     if len(grid) < 3:
         raise InputError(f"taus needs at least 3 values for the quadratic fit, got {grid}")
     images = _check_samples(samples)
+    modes = _check_modes(global_context)
     options = dict(batch_size=batch_size, dtype=dtype, backend=backend)
 
     exact = compile(model, image_shape, patch, **options)
     reference = [exact(image) for image in images]
+    tunings = {}
+    for mode in modes:
+        scores, engines = _measure(model, image_shape, patch, images, reference, grid, mode, exact, options)
+        tunings[mode] = (_choose(grid, scores, target_ssim, quantile, mode), engines)
+    eligible = [mode for mode in modes if tunings[mode][0].lower[0] >= target_ssim or mode == "exact"]
+    if not eligible:  # only "local" was asked for, and even its tau = 1 misses it: the exact engine
+        tunings["exact"] = (
+            _choose(grid, np.ones((len(images), len(grid))), target_ssim, quantile, "exact"),
+            {1.0: exact},
+        )
+        eligible = ["exact"]
+    ceilings = {}
+    for mode in eligible:
+        tuning, engines = tunings[mode]
+        engines[tuning.tau] = engines.get(tuning.tau) or compile(
+            model, image_shape, patch, tau=tuning.tau, global_context=mode, **options
+        )
+        ceilings[mode] = engines[tuning.tau].cost().theoretical_speedup
+    best = max(eligible, key=lambda mode: ceilings[mode])
+    tuning, engines = tunings[best]
+    candidates = tuple((mode, tunings[mode][0].tau, ceilings[mode]) for mode in eligible)
+    tuning = replace(tuning, candidates=candidates)
+    return Engine(model, replace(engines[tuning.tau].compiled, tuning=tuning))
+
+
+def _check_modes(global_context) -> tuple[str, ...]:
+    modes = (global_context,) if isinstance(global_context, str) else tuple(global_context)
+    if not modes or not all(mode in ("exact", "local") for mode in modes):
+        raise InputError(
+            f"global_context must be 'exact', 'local' or a sequence of them (tune picks the faster mode "
+            f"that meets the target), got {global_context!r}"
+        )
+    return tuple(dict.fromkeys(modes))
+
+
+def _measure(model, image_shape, patch, images, reference, grid, mode, exact, options):
+    """SSIM [sample, tau] of ``mode``'s maps at each grid tau against the exact maps, and the engines."""
     scores = np.ones((len(images), len(grid)))
-    engines = {1.0: exact}
+    engines = {1.0: exact} if mode == "exact" else {}
     for j, tau in enumerate(grid):
-        if tau == 1.0:
-            continue  # tau = 1 runs the exact program: SSIM 1 by construction
-        engines[tau] = compile(model, image_shape, patch, tau=tau, **options)
+        if tau in engines:
+            continue  # the exact mode at tau = 1 runs the exact program: SSIM 1 by construction
+        engines[tau] = compile(model, image_shape, patch, tau=tau, global_context=mode, **options)
         for i, image in enumerate(images):
             approximate = engines[tau](image, reference[i].target)
             scores[i, j] = heatmap_ssim(reference[i], approximate)
+    return scores, engines
 
+
+def _choose(grid, scores, target_ssim: float, quantile: float, mode: str) -> Tuning:
+    """One mode's choice: the lowest tau whose ``quantile`` SSIM, and every larger tau's, meets the target."""
     mean = scores.mean(axis=0)
     lower = np.quantile(scores, quantile, axis=0, method="lower")
     chosen = 1.0
@@ -133,9 +186,7 @@ def tune(
     fine = np.round(np.arange(1.0, min(grid) - 1e-9, -0.01), 2)
     meets = [t for t in fine if np.polyval(fit, t) >= target_ssim]
     paper_tau = float(min(meets)) if meets else 1.0
-
-    engine = engines.get(chosen) or compile(model, image_shape, patch, tau=chosen, **options)
-    tuning = Tuning(
+    return Tuning(
         taus=tuple(grid),
         ssim=tuple(tuple(float(v) for v in row) for row in scores),
         mean=tuple(float(v) for v in mean),
@@ -145,5 +196,5 @@ def tune(
         quantile=quantile,
         tau=chosen,
         paper_tau=paper_tau,
+        global_context=mode,
     )
-    return Engine(model, replace(engine.compiled, tuning=tuning))

@@ -412,3 +412,35 @@ def test_leaf_modules_and_autowrapped_functions_run_densely_and_exactly():
 def test_bad_tracer_hooks_are_refused(hooks, match):
     with pytest.raises(kfx.InputError, match=match):
         kfx.compile(seeded(Classifier(ShapeBranch())), SHAPE, PATCH, **hooks)
+
+
+def test_tune_chooses_the_local_mode_when_it_meets_the_target_and_is_faster():
+    from kfx.approx import heatmap_ssim
+
+    model = seeded(SqueezeExcite())
+    samples = [image(seed) for seed in range(4)]
+    engine = kfx.tune(
+        model, SHAPE, PATCH, samples, 0.5, taus=(1.0, 0.8, 0.6), global_context=("exact", "local")
+    )
+    tuning = engine.tuning
+    modes = {mode: ceiling for mode, _, ceiling in tuning.candidates}
+    assert set(modes) == {"exact", "local"} and modes["local"] > modes["exact"]
+    assert engine.global_context == tuning.global_context == "local"
+    exact = kfx.compile(model, SHAPE, PATCH)
+    column = tuning.taus.index(engine.tau)
+    for i, sample in enumerate(samples):  # the recorded SSIM is the returned engine's, against the exact map
+        reference = exact(sample)
+        assert heatmap_ssim(reference, engine(sample, reference.target)) == pytest.approx(
+            tuning.ssim[i][column]
+        )
+
+
+def test_tune_falls_back_to_the_exact_engine_when_local_misses_the_target():
+    model = seeded(SqueezeExcite())
+    engine = kfx.tune(model, SHAPE, PATCH, [image(0)], 1.0, taus=(1.0, 0.8, 0.6), global_context="local")
+    tuning = engine.tuning  # SSIM 1 is out of the local mode's reach: the exact mode is tuned instead
+    assert engine.global_context == tuning.global_context == "exact"
+    assert [mode for mode, _, _ in tuning.candidates] == ["exact"]
+    assert tuning.lower[tuning.taus.index(engine.tau)] >= 1.0
+    with pytest.raises(kfx.InputError, match="global_context must be"):
+        kfx.tune(model, SHAPE, PATCH, [image(0)], global_context="fast")
