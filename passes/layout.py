@@ -1,5 +1,6 @@
-"""Channels-last regions: where a changed map's spatial dims are, and the per-position layer ops
-that may run there (docs/design.md §2.9).
+"""Where a changed map's spatial dims are: ops that move channels only (shuffles, splits, slices),
+permutes to channels-last and back, and the per-position layer ops that may run there
+(docs/design.md §2.2, §2.9).
 
 ConvNeXt-style blocks permute NCHW to NHWC, normalise over channels (``LayerNorm``), apply ``Linear``
 layers to the channel dim, and permute back. Each of those ops acts on one spatial position at a
@@ -9,13 +10,22 @@ time, so the changed box stays where it is; only the dims that hold H and W move
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from kfx.passes.ops import bind_args
 
-__all__ = ["spatial_dims", "permuted_spatial", "acting_dims", "layer_operands", "constant_over"]
+__all__ = [
+    "channel_op_kind",
+    "spatial_dims",
+    "permuted_spatial",
+    "acting_dims",
+    "layer_operands",
+    "constant_over",
+]
 
 PERMUTE_FUNCTIONS = (torch.permute,)
 
@@ -83,3 +93,66 @@ def constant_over(shape: tuple[int, ...], dims: tuple[int, ...], rank: int) -> b
     """True if a tensor of ``shape``, broadcast against a rank-``rank`` map, is the same along
     every dim in ``dims`` (size 1 there, or no such dim after right-alignment)."""
     return all(shape[len(shape) - (rank - d)] == 1 for d in dims if rank - d <= len(shape))
+
+
+_CHANNEL_METHODS = {
+    "view": "reshape",
+    "reshape": "reshape",
+    "transpose": "transpose",
+    "chunk": "split",
+    "split": "split",
+}
+_CHANNEL_FUNCTIONS = {
+    torch.reshape: "reshape",
+    torch.transpose: "transpose",
+    torch.chunk: "split",
+    torch.split: "split",
+}
+
+
+def _is_channel_slice(index, source: tuple | None, out: tuple | None) -> bool:
+    """``x[:, a:b]`` (or ``x[:, a:b, :, :]``) of a [1, C, ..., H, W] map: slices of the channel dims,
+    the batch and the spatial dims taken whole (GhostNet, ReXNet, DPN)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if source is None or out is None or len(source) < 4 or len(items) > len(source):
+        return False
+    whole = slice(None)
+    spatial = [i for i in range(len(items)) if i >= len(source) - 2]
+    return (
+        all(isinstance(item, slice) for item in items)
+        and items[0] == whole
+        and all(items[i] == whole for i in spatial)
+        and out[-2:] == source[-2:]
+        and len(out) == len(source)
+    )
+
+
+def channel_op_kind(node: fx.Node, src: tuple | None, out: tuple | None, piece_of_split: bool) -> str | None:
+    """The kind of a reshape/transpose/chunk/split/slice that moves channels only, keeping the last
+    two (spatial) dims where they are (channel shuffle, branch splits), or None. ``src`` and
+    ``out`` are the shapes of the node's first operand and of the node (None if not tensors);
+    ``piece_of_split``: the operand is the tuple a channel split made. (Permutes: any that keeps
+    the batch dim first, :func:`permuted_spatial`.)"""
+    if node.op == "call_function" and node.target is operator.getitem:
+        if piece_of_split:
+            return "getitem"  # one piece of a split
+        return "slice" if _is_channel_slice(node.args[1], src, out) else None
+    kind = (
+        _CHANNEL_METHODS.get(node.target)
+        if node.op == "call_method"
+        else _CHANNEL_FUNCTIONS.get(node.target)
+        if node.op == "call_function"
+        else None
+    )
+    if kind is None or src is None or len(src) < 4 or src[0] != 1:
+        return None
+    rank = len(src)
+    inner = lambda d: isinstance(d, int) and 1 <= d % rank <= rank - 3  # neither batch nor spatial
+    args = node.args[1:]
+    if kind == "reshape":
+        return kind if out is not None and len(out) >= 3 and out[0] == 1 and out[-2:] == src[-2:] else None
+    if kind == "transpose":
+        return kind if len(args) == 2 and all(inner(d) for d in args) else None
+    dim = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    only_getitem = all(u.op == "call_function" and u.target is operator.getitem for u in node.users)
+    return kind if inner(dim) and only_getitem else None

@@ -28,7 +28,6 @@ Inception3 speedups ([TR] Fig. 3 and 7a; see kfx.paper_cost and tests/test_cost.
 from __future__ import annotations
 
 import enum
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,7 +44,14 @@ from kfx.geometry import (
     thresholded_output_span,
     union_span,
 )
-from kfx.passes.layout import acting_dims, constant_over, layer_operands, permuted_spatial, spatial_dims
+from kfx.passes.layout import (
+    acting_dims,
+    channel_op_kind,
+    constant_over,
+    layer_operands,
+    permuted_spatial,
+    spatial_dims,
+)
 from kfx.passes.ops import (
     SHAPE_ATTRIBUTES,
     SHAPE_METHODS,
@@ -194,69 +200,6 @@ def _is_shape_query(node: fx.Node) -> bool:
 
 SHAPE_ROLES = ("shape", "shape_arith")
 
-_CHANNEL_METHODS = {
-    "view": "reshape",
-    "reshape": "reshape",
-    "transpose": "transpose",
-    "chunk": "split",
-    "split": "split",
-}
-_CHANNEL_FUNCTIONS = {
-    torch.reshape: "reshape",
-    torch.transpose: "transpose",
-    torch.chunk: "split",
-    torch.split: "split",
-}
-
-
-def _is_channel_slice(index, source: tuple | None, out: tuple | None) -> bool:
-    """``x[:, a:b]`` (or ``x[:, a:b, :, :]``) of a [1, C, ..., H, W] map: slices of the channel dims,
-    the batch and the spatial dims taken whole (GhostNet, ReXNet, DPN)."""
-    items = index if isinstance(index, tuple) else (index,)
-    if source is None or out is None or len(source) < 4 or len(items) > len(source):
-        return False
-    whole = slice(None)
-    spatial = [i for i in range(len(items)) if i >= len(source) - 2]
-    return (
-        all(isinstance(item, slice) for item in items)
-        and items[0] == whole
-        and all(items[i] == whole for i in spatial)
-        and out[-2:] == source[-2:]
-        and len(out) == len(source)
-    )
-
-
-def _channel_op(node: fx.Node, source: fx.Node) -> str | None:
-    """The kind of a reshape/transpose/chunk/split/slice that moves channels only, keeping the last
-    two (spatial) dims where they are (channel shuffle, branch splits), or None. (Permutes: any
-    that keeps the batch dim first, see kfx.passes.layout.)"""
-    if node.op == "call_function" and node.target is operator.getitem:
-        if source.meta[META_KEY].role == "channel" and _shape(source) is None:
-            return "getitem"  # one piece of a split
-        return "slice" if _is_channel_slice(node.args[1], _shape(source), _shape(node)) else None
-    kind = (
-        _CHANNEL_METHODS.get(node.target)
-        if node.op == "call_method"
-        else _CHANNEL_FUNCTIONS.get(node.target)
-        if node.op == "call_function"
-        else None
-    )
-    src = _shape(source)
-    if kind is None or src is None or len(src) < 4 or src[0] != 1:
-        return None
-    rank = len(src)
-    inner = lambda d: isinstance(d, int) and 1 <= d % rank <= rank - 3  # neither batch nor spatial
-    args = node.args[1:]
-    if kind == "reshape":
-        out = _shape(node)
-        return kind if out is not None and len(out) >= 3 and out[0] == 1 and out[-2:] == src[-2:] else None
-    if kind == "transpose":
-        return kind if len(args) == 2 and all(inner(d) for d in args) else None
-    dim = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
-    only_getitem = all(u.op == "call_function" and u.target is operator.getitem for u in node.users)
-    return kind if inner(dim) and only_getitem else None
-
-
 CONCAT_RULES = ("union", "last")
 GLOBAL_CONTEXT_MODES = ("exact", "local")
 
@@ -373,7 +316,8 @@ def channel_op(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
         moved = permuted_spatial(node, meta.spatial, len(shape))
         if moved is not False:
             return NodePatch(State.PATCH, "channel", box=meta.box, spatial=moved)
-    if meta.spatial is None and _channel_op(node, source) is not None:
+    piece_of_split = meta.role == "channel" and shape is None
+    if meta.spatial is None and channel_op_kind(node, shape, _shape(node), piece_of_split) is not None:
         return NodePatch(State.PATCH, "channel", box=meta.box)
     return None
 
