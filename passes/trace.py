@@ -163,9 +163,18 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: tuple[type, ...], autowrap_functions: tuple):
         super().__init__(autowrap_functions=(*_known_shape_functions(), *autowrap_functions))
         self.leaf_modules = leaf_modules
+        self.inside: list[
+            tuple[str, str]
+        ] = []  # (path, class) of the submodules being traced, innermost last
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_modules) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        self.inside.append((self.path_of_module(m), type(m).__name__))
+        result = super().call_module(m, forward, args, kwargs)
+        self.inside.pop()  # left in place when tracing fails: the error names where it happened
+        return result
 
 
 def trace(model: nn.Module, leaf_modules: tuple = (), autowrap_functions: tuple = ()) -> fx.GraphModule:
@@ -176,8 +185,8 @@ def trace(model: nn.Module, leaf_modules: tuple = (), autowrap_functions: tuple 
     """
     require_eval_module(model, "kfx.compile")
     require_traceable_module(model, "kfx.compile")
+    tracer = _Tracer(tuple(leaf_modules), tuple(autowrap_functions))
     try:
-        tracer = _Tracer(tuple(leaf_modules), tuple(autowrap_functions))
         gm = fx.GraphModule(model, tracer.trace(model), type(model).__name__)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
         if "does not support item assignment" in str(exc):
@@ -185,10 +194,14 @@ def trace(model: nn.Module, leaf_modules: tuple = (), autowrap_functions: tuple 
                 f"{type(model).__name__}'s forward assigns into a tensor in place (x[...] = v), which torch.fx "
                 "cannot trace; build the new tensor out of place (torch.where, torch.cat) and retry"
             ) from exc
+        where, leaf = "", "ThatModule"
+        if tracer.inside:
+            path, leaf = tracer.inside[-1]
+            where = f" (in submodule {path!r}, a {leaf})"
         raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. kfx needs a model "
-            "whose forward has no control flow on tensor values; move such code out of forward, or mark the "
-            "offending submodule as a leaf: kfx.compile(..., leaf_modules=(ThatModule,)) (it then runs densely)"
+            f"torch.fx could not trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}. kfx needs a "
+            "model whose forward has no control flow on tensor values; move such code out of forward, or keep "
+            f"that submodule whole: kfx.compile(..., leaf_modules=({leaf},)) (it then runs densely)"
         ) from exc
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
