@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from kfx.passes.ops import local_spec
 from kfx.passes.patch_prop import META_KEY, State, spatial_size
+from kfx.passes.transposed import transposed_spec
 
 __all__ = ["LayerCost", "CostReport", "static_cost"]
 
@@ -110,6 +111,14 @@ def static_cost(gm: fx.GraphModule, tau: float = 1.0, concat: str = "union") -> 
             continue
         source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         in_hw = spatial_size(source) if source is not None else None
+        transposed = transposed_spec(node, modules) if in_hw else None
+        if transposed is not None:  # counted per input pixel: the window's, or the whole map's
+            full = transposed.fmas_per_input * in_hw[0] * in_hw[1]
+            read = (meta.read[0].width, meta.read[1].width) if meta.state is State.PATCH else None
+            incremental = transposed.fmas_per_input * read[0] * read[1] if read else full
+            box = (meta.box[0].width, meta.box[1].width) if read else None
+            layers.append(LayerCost(node.name, _op_name(node, modules), full, incremental, box, out_hw))
+            continue
         spec = local_spec(node, modules, in_hw) if (in_hw and out_hw) else None
         if spec is None or spec.kind != "conv":
             continue

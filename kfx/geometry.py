@@ -27,6 +27,8 @@ __all__ = [
     "shift_inside",
     "union_span",
     "same_padding",
+    "transposed_conv_output_span",
+    "transposed_conv_read_span",
     "resample_output_span",
     "resample_read_span",
     "conv_fmas",
@@ -220,6 +222,38 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     """
     total = max((ceil_div(size, stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
     return total // 2, total - total // 2
+
+
+def transposed_conv_output_span(
+    in_start: int, in_width: int, *, kernel: int, stride: int, padding: int, out_size: int
+) -> Span:
+    """Output box of a transposed conv whose input changed over [in_start, in_start + in_width)
+    (docs/design.md §2.10). Input i reaches outputs i * s - p + j * d for taps j; kernel is the
+    effective extent d * (k - 1) + 1. Clipped to the map, the width made uniform by the caller.
+
+    - start  x_out = max(x_in * s - p, 0)
+    - stop   min((x_in + w_in - 1) * s - p + k_eff, W_out)
+
+    >>> transposed_conv_output_span(3, 2, kernel=4, stride=2, padding=1, out_size=16)
+    Span(start=5, width=6)
+    """
+    start = max(in_start * stride - padding, 0)
+    stop = min((in_start + in_width - 1) * stride - padding + kernel, out_size)
+    return Span(start, max(stop - start, 1))
+
+
+def transposed_conv_read_span(out_start: int, out_width: int, *, kernel: int, stride: int, padding: int) -> Span:
+    """Inputs a transposed conv needs to recompute outputs [out_start, out_start + out_width)
+    (docs/design.md §2.10): every input that reaches one of them, from
+    floor((x_out + p - k_eff + 1) / s) (rounded down, so the window's own outputs start at or
+    before x_out) to floor((x_out + w_out - 1 + p) / s). The caller clips it to the map.
+
+    >>> transposed_conv_read_span(5, 6, kernel=4, stride=2, padding=1)
+    Span(start=1, width=5)
+    """
+    start = (out_start + padding - kernel + 1) // stride
+    stop = (out_start + out_width - 1 + padding) // stride + 1
+    return Span(start, stop - start)
 
 
 def resample_output_span(in_start: int, in_width: int, first: Sequence[int], stop: Sequence[int]) -> Span:

@@ -42,6 +42,8 @@ from kfx.geometry import (
     resample_read_span,
     shift_inside,
     thresholded_output_span,
+    transposed_conv_output_span,
+    transposed_conv_read_span,
     union_span,
 )
 from kfx.passes.layout import (
@@ -64,6 +66,7 @@ from kfx.passes.ops import (
     per_channel_operands,
 )
 from kfx.passes.resample import ResampleSpec, resample_spec
+from kfx.passes.transposed import TransposedSpec, transposed_spec
 
 __all__ = [
     "META_KEY",
@@ -117,6 +120,7 @@ class NodePatch:
     read: Box | None = None  # read-in window (local and resample nodes)
     local: LocalSpec | None = None
     resample: ResampleSpec | None = None
+    transposed: TransposedSpec | None = None
     spatial: tuple[int, int] | None = None  # the (H, W) dims of a channels-last map; None: the last two
     reason: str = ""  # dense nodes fed by incremental ones: why the incremental path stops here
 
@@ -172,6 +176,20 @@ def _resample_axis(
 
 def _channels_first(node: fx.Node) -> bool:
     return node.meta[META_KEY].spatial is None
+
+
+def _transposed_axis(inp: AxisBoxes, spec: TransposedSpec, axis: int, in_size: int, out_size: int):
+    """Box and read-in window along one axis, or None if a window's result would not hold its box."""
+    kw = dict(kernel=spec.kernel[axis], stride=spec.stride[axis], padding=spec.padding[axis])
+    box = _uniform(
+        [transposed_conv_output_span(s, inp.width, out_size=out_size, **kw) for s in inp.starts], out_size
+    )
+    reads = [transposed_conv_read_span(s, box.width, **kw) for s in box.starts]
+    read = _uniform([Span(max(r.start, 0), min(r.stop, in_size) - max(r.start, 0)) for r in reads], in_size)
+    stride, pad = spec.stride[axis], spec.padding[axis]
+    result = (read.width - 1) * stride + spec.kernel[axis] + stride - 1  # one window's output length
+    offsets = [o + pad - r * stride for o, r in zip(box.starts, read.starts)]
+    return (box, read) if all(0 <= off and off + box.width <= result for off in offsets) else None
 
 
 def _merge_axis(inputs: list[AxisBoxes], size: int) -> AxisBoxes:
@@ -411,6 +429,23 @@ def resample(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     return NodePatch(State.PATCH, "resample", box=tuple(box), read=tuple(read), resample=spec)
 
 
+def transposed(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """A transposed conv of the changed map: the outputs the changed inputs reach, recomputed from a
+    window of inputs (docs/design.md §2.10)."""
+    if not _changes_first_arg(node, ctx):
+        return None
+    spec = transposed_spec(node, ctx.modules)
+    source = ctx.changed[0]
+    in_hw, out_hw = spatial_size(source), spatial_size(node)
+    if spec is None or in_hw is None or out_hw is None:
+        return None
+    axes = [_transposed_axis(source.meta[META_KEY].box[a], spec, a, in_hw[a], out_hw[a]) for a in (0, 1)]
+    if None in axes:
+        return None
+    (box_h, read_h), (box_w, read_w) = axes
+    return NodePatch(State.PATCH, "transposed", box=(box_h, box_w), read=(read_h, read_w), transposed=spec)
+
+
 def merge(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """An element-wise op of maps or a channel concat: the union of the changed boxes ([TR] Eq. 20).
     Its operands must share its spatial size (or be constants the same at every position); else the
@@ -502,6 +537,7 @@ CLASSIFY_RULES: tuple[Callable[[fx.Node, ClassifyContext], NodePatch | None], ..
     global_context,
     local,
     resample,
+    transposed,
     merge,
     unknown_op,
 )

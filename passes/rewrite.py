@@ -37,6 +37,7 @@ from kfx.passes.steps import (
     ProjectStep,
     ResampleStep,
     ShapeStep,
+    TransposedStep,
     always_inside,
     call_target,
 )
@@ -286,6 +287,23 @@ def resample_step(node: fx.Node) -> Step | None:
     return Step((_unpadded(source),), emit)
 
 
+def transposed_step(node: fx.Node) -> Step | None:
+    """A transposed conv: TransposedStep reads windows of its input's base activation (inside the
+    map: the op's padding only crops its output) and crops each box from its result (§2.10)."""
+    meta = _meta(node)
+    if meta.role != "transposed":
+        return None
+    source = node.args[0]
+
+    def emit(ctx: RewriteContext, base: fx.Node) -> fx.Node:
+        module = ctx.modules[node.target] if node.op == "call_module" else None
+        step = TransposedStep(meta, _meta(source), module, ctx.device, ctx.backend)
+        consts = tuple(ctx.env[n] for n in meta.transposed.const_nodes)
+        return ctx.add_step(node.name, step, (base, ctx.env[source], *consts))
+
+    return Step((_unpadded(source),), emit)
+
+
 def merge_step(node: fx.Node) -> Step | None:
     """An element-wise op of maps or a channel concat: MergeStep runs it on windows over the union
     box, one per spatial operand, read from that operand's base activation (docs/design.md §2.5)."""
@@ -360,5 +378,6 @@ STEP_RULES: tuple[Callable[[fx.Node], Step | None], ...] = (
     pointwise_step,
     local_step,
     resample_step,
+    transposed_step,
     merge_step,
 )

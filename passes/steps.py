@@ -20,6 +20,7 @@ __all__ = [
     "PointwiseStep",
     "LocalStep",
     "ResampleStep",
+    "TransposedStep",
     "MergeStep",
     "ChannelStep",
     "ShapeStep",
@@ -148,12 +149,10 @@ class LocalStep(_BoxedStep):
         return Patches(out, positions, origin)
 
 
-class ResampleStep(_BoxedStep):
-    """Interpolation on read-in windows: gather from the base, paste the change, and apply each
-    position's rows of the two resampling matrices, out = A_h[box, window] @ x @ A_w[box, window]^T
-    (docs/design.md §2.8)."""
+class _WindowedStep(_BoxedStep):
+    """A step that reads each position's window of its input's (unpadded) base, change pasted."""
 
-    def __init__(self, meta: NodePatch, in_meta: NodePatch, device, dtype, backend: str = "torch"):
+    def __init__(self, meta: NodePatch, in_meta: NodePatch, device, backend: str):
         super().__init__(meta.box, device)
         self.backend = backend
         read_h, read_w = _tables(meta.read, device)
@@ -161,17 +160,9 @@ class ResampleStep(_BoxedStep):
         self.register_buffer("read_w", read_w, persistent=False)
         self.read_size = (meta.read[0].width, meta.read[1].width)
         self.inside = always_inside(in_meta.box, meta.read)
-        matrix_h, matrix_w = (m.to(device=device, dtype=dtype) for m in meta.resample.matrices)
-        self.register_buffer("matrix_h", matrix_h, persistent=False)
-        self.register_buffer("matrix_w", matrix_w, persistent=False)
 
-    def _rows(self, matrix: torch.Tensor, out_start, out_width: int, in_start, in_width: int) -> torch.Tensor:
-        """Each position's block of ``matrix``: [N, out_width, in_width]."""
-        rows = out_start[:, None] + torch.arange(out_width, device=matrix.device)
-        columns = in_start[:, None] + torch.arange(in_width, device=matrix.device)
-        return matrix[rows[:, :, None], columns[:, None, :]]
-
-    def forward(self, base: torch.Tensor, patches: Patches) -> Patches:
+    def windows(self, base: torch.Tensor, patches: Patches) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows [N, C, h_rd, w_rd] and their origins [N, 2]."""
         positions = patches.positions
         read = torch.stack((self.read_h[positions[:, 0]], self.read_w[positions[:, 1]]), dim=1)
         windows = kernels.read_windows(
@@ -183,10 +174,55 @@ class ResampleStep(_BoxedStep):
             patches.origin - read,
             inside=self.inside,
         )
-        origin = self.origin(positions)
+        return windows, read
+
+
+class TransposedStep(_WindowedStep):
+    """A transposed conv on read-in windows: run it with no padding, then crop each position's box
+    out of its window's result, at box origin + padding - window origin * stride (§2.10)."""
+
+    def __init__(self, meta: NodePatch, in_meta: NodePatch, module, device, backend: str = "torch"):
+        super().__init__(meta, in_meta, device, backend)
+        self.spec = meta.transposed
+        self.op = module  # registers a module's parameters with the program (None for the functional form)
+        self.register_buffer("padding", torch.tensor(self.spec.padding, device=device), persistent=False)
+        self.register_buffer("stride", torch.tensor(self.spec.stride, device=device), persistent=False)
+
+    def forward(self, base: torch.Tensor, patches: Patches, *consts) -> Patches:
+        windows, read = self.windows(base, patches)
+        result = self.spec.apply(windows, *consts)  # [N, C_out, L_h, L_w]
+        origin = self.origin(patches.positions)
+        offset = origin + self.padding - read * self.stride
+        rows = offset[:, 0, None] + torch.arange(self.size[0], device=offset.device)
+        columns = offset[:, 1, None] + torch.arange(self.size[1], device=offset.device)
+        batch = torch.arange(result.shape[0], device=offset.device)[:, None, None]
+        boxes = result.permute(0, 2, 3, 1)[batch, rows[:, :, None], columns[:, None, :]]
+        return Patches(boxes.permute(0, 3, 1, 2), patches.positions, origin)
+
+
+class ResampleStep(_WindowedStep):
+    """Interpolation on read-in windows: gather from the base, paste the change, and apply each
+    position's rows of the two resampling matrices, out = A_h[box, window] @ x @ A_w[box, window]^T
+    (docs/design.md §2.8)."""
+
+    def __init__(self, meta: NodePatch, in_meta: NodePatch, device, dtype, backend: str = "torch"):
+        super().__init__(meta, in_meta, device, backend)
+        matrix_h, matrix_w = (m.to(device=device, dtype=dtype) for m in meta.resample.matrices)
+        self.register_buffer("matrix_h", matrix_h, persistent=False)
+        self.register_buffer("matrix_w", matrix_w, persistent=False)
+
+    def _rows(self, matrix: torch.Tensor, out_start, out_width: int, in_start, in_width: int) -> torch.Tensor:
+        """Each position's block of ``matrix``: [N, out_width, in_width]."""
+        rows = out_start[:, None] + torch.arange(out_width, device=matrix.device)
+        columns = in_start[:, None] + torch.arange(in_width, device=matrix.device)
+        return matrix[rows[:, :, None], columns[:, None, :]]
+
+    def forward(self, base: torch.Tensor, patches: Patches) -> Patches:
+        windows, read = self.windows(base, patches)
+        origin = self.origin(patches.positions)
         a_h = self._rows(self.matrix_h, origin[:, 0], self.size[0], read[:, 0], self.read_size[0])
         a_w = self._rows(self.matrix_w, origin[:, 1], self.size[1], read[:, 1], self.read_size[1])
-        return Patches(torch.einsum("nor,ncrs,nps->ncop", a_h, windows, a_w), positions, origin)
+        return Patches(torch.einsum("nor,ncrs,nps->ncop", a_h, windows, a_w), patches.positions, origin)
 
 
 class MergeStep(_BoxedStep):

@@ -449,3 +449,86 @@ def test_tune_falls_back_to_the_exact_engine_when_local_misses_the_target():
     assert tuning.lower[tuning.taus.index(engine.tau)] >= 1.0
     with pytest.raises(kfx.InputError, match="global_context must be"):
         kfx.tune(model, SHAPE, PATCH, [image(0)], global_context="fast")
+
+
+class FunctionalTransposed(nn.Module):
+    def __init__(self, conv: nn.ConvTranspose2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        c = self.conv
+        return F.conv_transpose2d(
+            x, c.weight, c.bias, c.stride, c.padding, c.output_padding, c.groups, c.dilation
+        )
+
+
+TRANSPOSED = {
+    "2x2 stride 2": nn.ConvTranspose2d(4, 4, 2, stride=2),
+    "4x4 stride 2 padding 1": nn.ConvTranspose2d(4, 4, 4, stride=2, padding=1),
+    "3x3 stride 2 padding 1 output_padding 1": nn.ConvTranspose2d(
+        4, 4, 3, stride=2, padding=1, output_padding=1
+    ),
+    "1x1 stride 3 (outputs no input reaches)": nn.ConvTranspose2d(4, 4, 1, stride=3),
+    "3x3 stride 1 padding 1, groups 2": nn.ConvTranspose2d(4, 4, 3, padding=1, groups=2),
+    "3x2 stride (2, 3), dilation 2": nn.ConvTranspose2d(4, 4, (3, 2), stride=(2, 3), dilation=2),
+    "functional 4x4 stride 2 padding 1": FunctionalTransposed(
+        nn.ConvTranspose2d(4, 4, 4, stride=2, padding=1)
+    ),
+}
+
+
+class Decoder(nn.Module):
+    """A UNet-style decoder step: a strided conv down, a transposed conv back up."""
+
+    def __init__(self, up: nn.Module, width: int = 4):
+        super().__init__()
+        self.down = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        self.up = up
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+@pytest.mark.parametrize("name", TRANSPOSED)
+def test_transposed_convs_are_exact_and_incremental(name):
+    model = seeded(Classifier(Decoder(TRANSPOSED[name])))
+    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
+    assert_exact(model, engine)
+    assert engine.dense_nodes == []
+    assert "transposed" in engine.roles().values()
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [(2, 2, 0), (4, 2, 1), (3, 2, 1), (1, 3, 0), (5, 1, 2)])
+def test_transposed_conv_boxes_cover_every_changed_output(kernel, stride, padding):
+    """Brute force on one axis: the outputs a changed input span reaches lie in the box, and the
+    inputs that reach the box lie in the read-in window."""
+    from kfx.geometry import transposed_conv_output_span, transposed_conv_read_span
+
+    size = 7
+    out_size = (size - 1) * stride - 2 * padding + kernel
+    reach = {
+        i: [i * stride - padding + j for j in range(kernel) if 0 <= i * stride - padding + j < out_size]
+        for i in range(size)
+    }
+    for start in range(size):
+        for width in range(1, size - start + 1):
+            box = transposed_conv_output_span(
+                start, width, kernel=kernel, stride=stride, padding=padding, out_size=out_size
+            )
+            hit = [o for i in range(start, start + width) for o in reach[i]]
+            assert all(box.start <= o < box.stop for o in hit)
+            read = transposed_conv_read_span(
+                box.start, box.width, kernel=kernel, stride=stride, padding=padding
+            )
+            needed = [i for i in range(size) if any(box.start <= o < box.stop for o in reach[i])]
+            assert all(read.start <= i < read.stop for i in needed)
+
+
+def test_the_cost_model_counts_transposed_convs_by_their_read_in_window():
+    model = seeded(Classifier(Decoder(nn.ConvTranspose2d(4, 4, 4, stride=2, padding=1))))
+    engine = kfx.compile(model, SHAPE, PATCH)
+    (layer,) = [layer for layer in engine.cost().layers if layer.node == "body_up"]
+    read = engine.graph_module.graph.find_nodes(op="call_module", target="body.up")[0].meta["kfx_patch"].read
+    per_input = 4 * 4 * 4 * 4  # C_in * C_out * k_h * k_w
+    assert layer.full == per_input * 8 * 8 and layer.incremental == per_input * read[0].width * read[1].width
