@@ -242,7 +242,9 @@ def transposed_conv_output_span(
     return Span(start, max(stop - start, 1))
 
 
-def transposed_conv_read_span(out_start: int, out_width: int, *, kernel: int, stride: int, padding: int) -> Span:
+def transposed_conv_read_span(
+    out_start: int, out_width: int, *, kernel: int, stride: int, padding: int
+) -> Span:
     """Inputs a transposed conv needs to recompute outputs [out_start, out_start + out_width)
     (docs/design.md §2.10): every input that reaches one of them, from
     floor((x_out + p - k_eff + 1) / s) (rounded down, so the window's own outputs start at or
