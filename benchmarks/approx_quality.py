@@ -26,6 +26,16 @@ one image's full grid (VGG16: a subset of positions, extrapolated per position).
     python benchmarks/approx_quality.py --quick    # ~2 minutes: smaller images, fewer of them
 
 Writes benchmarks/results/approx_quality[_quick].json and a CDF plot beside it (.png).
+
+    python benchmarks/approx_quality.py --drill-down [--quick]
+
+compares the drill-down rules instead (issue #20): DrillDown(rule="adaptive" | "lowest" | "paper")
+at query speedups 2-6 on 20 held-out photos (5 scikit-image photos, each centred, mirrored, cropped,
+cropped and mirrored; the adaptive rule's knobs were set on 7 other photos) with EfficientNet-Lite0
+(stride 4 at 128x128, stride 8 at 160x160: smaller than 224 so that 40 exact maps fit a shared
+2-core CPU), and 30 held-out digits (stride 2 and 4); the target_ssim mode's true SSIM; and the
+wall clock of DrillDown(target_speedup=3) against the exact engine. Writes
+benchmarks/results/approx_quality_drilldown[_quick].{json,md,png}.
 """
 
 from __future__ import annotations
@@ -377,6 +387,340 @@ def goals(results: dict) -> dict:
     return out
 
 
+# -- drill-down study: SSIM against query speedup per rule (issue #20) ------------------------------
+
+# Photos for tuning the adaptive rule's knobs and photos to report on: disjoint scikit-image photos,
+# so the reported numbers come from pictures the rule was never adjusted on.
+DRILL_TUNING_PHOTOS = (
+    "clock",
+    "moon",
+    "brick",
+    "gravel",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "coins",
+)
+DRILL_HELD_OUT_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera")
+DRILL_CACHE = Path(os.environ.get("KFX_DRILL_CACHE", "/tmp/kfx_drilldown_cache"))
+
+
+def photo_variants(names, size: int, seed: int, variants=("centre", "flip", "crop", "crop-flip")):
+    """(label, image) pairs: per photo its centre crop, the mirror image, and random square crops
+    (half to all of the shorter side), one of them mirrored."""
+    from kfx.models import preprocess, read_pixels
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in names:
+        pixels = read_pixels(name)
+        h, w = pixels.shape[:2]
+        for variant in variants:
+            crop = pixels
+            if variant.startswith("crop"):
+                side = int(min(h, w) * rng.uniform(0.5, 0.9))
+                top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+                crop = pixels[top : top + side, left : left + side]
+            if variant.endswith("flip"):
+                crop = crop[:, ::-1]
+            out.append((f"{name}/{variant}", preprocess(np.ascontiguousarray(crop), size)))
+    return out
+
+
+def cached_exact_map(key: str, engine, image, target=None):
+    """(values float64 [H_M, W_M], target, base, seconds) of the exact map, cached on disk by ``key``
+    (exact maps are deterministic for a model, image and patch; the cache only saves time)."""
+    path = DRILL_CACHE / f"{key}.npz"
+    if path.exists():
+        data = np.load(path)
+        return data["values"], int(data["target"]), float(data["base"]), float(data["seconds"])
+    started = time.perf_counter()
+    heatmap = engine(image, target)
+    seconds = time.perf_counter() - started
+    values = heatmap.values.to(torch.float64).numpy()
+    DRILL_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, values=values, target=heatmap.target, base=heatmap.base, seconds=seconds)
+    os.replace(tmp, path)
+    return values, heatmap.target, heatmap.base, seconds
+
+
+class MapOracle:
+    """An engine stand-in that answers queries from a known exact map: the drill-down rules ask
+    exactly what they would ask a real engine, and every answer is the exact map's cell (what the
+    real engine returns, tests/test_drilldown.py), so quality curves cost no inference."""
+
+    tau = 1.0
+    global_context = "exact"
+
+    def __init__(self, values: np.ndarray, target: int, base: float, patch: kfx.Patch, image_size):
+        self.values = torch.from_numpy(np.asarray(values, dtype=np.float64))
+        self.target, self.base, self.patch = target, base, patch
+        self.image_shape = (3, *image_size)
+        self.queries = 0
+
+    def stream(self, image, target=None, *, cells=None, batch_size=None):
+        cells = torch.ones(self.values.shape, dtype=torch.bool) if cells is None else cells
+        flat = cells.view(-1).nonzero()[:, 0]
+        out = torch.full(self.values.shape, float("nan"), dtype=torch.float64)
+        size = batch_size or 64
+        hw = tuple(self.image_shape[1:])
+        for start in range(0, max(len(flat), 1), size):
+            chunk = flat[start : start + size]
+            out.view(-1)[chunk] = self.values.view(-1)[chunk]
+            self.queries += len(chunk)
+            done = min(start + size, len(flat))
+            heatmap = kfx.Heatmap(out.clone(), self.target, self.base, self.patch, hw)
+            yield kfx.Progress(heatmap, done, len(flat), 0.0)
+
+
+DRILL_SPEEDUPS = (2.0, 2.5, 3.0, 4.0, 6.0)
+DRILL_TARGETS = (0.8, 0.9, 0.95)
+DRILL_GOAL = {"speedup": 3.0, "mean_ssim": 0.9, "share": 0.9, "share_threshold": 0.85, "wall_clock": 2.5}
+
+
+def drill_rules(speedup: float) -> dict:
+    """The rules compared at one query speedup. The two-stage rules need r * t < 1; they get
+    r = 0.25 (the paper's and kfx's default) where that allows, else half the queries (r = 1 / 2t)."""
+    fraction = min(0.25, 1.0 / (2.0 * speedup))
+    return {
+        "adaptive": kfx.DrillDown(target_speedup=speedup),
+        "lowest": kfx.DrillDown(fraction, target_speedup=speedup),
+        "paper": kfx.DrillDown(fraction, target_speedup=speedup, rule="paper"),
+    }
+
+
+def simulate(oracle: MapOracle, drill: kfx.DrillDown) -> tuple[kfx.Heatmap, int]:
+    """The rule's final map and its query count, answered from the exact map."""
+    oracle.queries = 0
+    *_, last = drill.stream(oracle, None, None, 64)
+    return last.heatmap, oracle.queries
+
+
+def drill_curves(maps: list[dict], patch: kfx.Patch, image_size, log) -> dict:
+    """Per rule and speedup: SSIM per image and realized query speedup; target_ssim tracking."""
+    curves = {}
+    for speedup in DRILL_SPEEDUPS:
+        for rule, drill in drill_rules(speedup).items():
+            ssim, realized = [], []
+            for m in maps:
+                oracle = MapOracle(m["values"], m["target"], m["base"], patch, image_size)
+                heatmap, queries = simulate(oracle, drill)
+                ssim.append(kfx.heatmap_ssim(m["values"], heatmap.values))
+                realized.append(m["values"].size / queries)
+            curves.setdefault(rule, []).append(
+                {"target_speedup": speedup, "query_speedup": float(np.mean(realized)), "ssim": ssim,
+                 **summarize(ssim, DRILL_GOAL["mean_ssim"]),
+                 "share_at_least_0.85": float(np.mean(np.asarray(ssim) >= DRILL_GOAL["share_threshold"]))}
+            )  # fmt: skip
+            last = curves[rule][-1]
+            log(f"  {rule:<8} t {speedup:<4g} queries /{last['query_speedup']:.2f}: SSIM mean {last['mean']:.3f} "
+                f"min {last['min']:.3f}, >= 0.85: {last['share_at_least_0.85']:.0%}")  # fmt: skip
+    tracking = []
+    import warnings
+
+    for target in DRILL_TARGETS:
+        ssim, shares = [], []
+        for m in maps:
+            oracle = MapOracle(m["values"], m["target"], m["base"], patch, image_size)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                heatmap, queries = simulate(oracle, kfx.DrillDown(target_ssim=target))
+            ssim.append(kfx.heatmap_ssim(m["values"], heatmap.values))
+            shares.append(queries / m["values"].size)
+        tracking.append(
+            {"target_ssim": target, "ssim": ssim, "queried_share": shares, **summarize(ssim, target),
+             "mean_query_speedup": float(np.mean(1 / np.asarray(shares)))}
+        )  # fmt: skip
+        t = tracking[-1]
+        log(f"  target_ssim {target}: true SSIM mean {t['mean']:.3f} min {t['min']:.3f}, meets target "
+            f"{t['share_at_least_target']:.0%}, within 0.05 {t['share_within_0.05']:.0%}, "
+            f"queries /{t['mean_query_speedup']:.2f}")  # fmt: skip
+    return {"curves": curves, "target_ssim": tracking}
+
+
+def drill_wall_clock(engine, images, drill: kfx.DrillDown, repeats: int, log) -> dict:
+    """Exact engine and drill-down side by side on the same images, alternating, best of
+    ``repeats`` per image; the drill-down map is also checked against the exact one cell by cell."""
+    rows = []
+    for label, image in images:
+        exact, t_exact, t_drill = None, [], []
+        for _ in range(repeats):
+            exact, seconds = timed(partial(engine, image))
+            t_exact.append(seconds)
+            approx, seconds = timed(partial(engine, image, exact.target, drill_down=drill))
+            t_drill.append(seconds)
+        measured = approx.measured
+        rows.append({
+            "image": label, "exact_s": min(t_exact), "drill_s": min(t_drill),
+            "speedup": min(t_exact) / min(t_drill), "queries": int(measured.sum()),
+            "cells": int(measured.numel()), "ssim": kfx.heatmap_ssim(exact, approx),
+            "queried_cells_max_abs_diff": float((approx.values[measured] - exact.values[measured]).abs().max()),
+        })  # fmt: skip
+        r = rows[-1]
+        log(f"  wall clock {label}: exact {r['exact_s']:.2f} s, drill {r['drill_s']:.2f} s -> {r['speedup']:.2f}x "
+            f"({r['queries']}/{r['cells']} queries, SSIM {r['ssim']:.3f})")  # fmt: skip
+    return {
+        "timing": f"best of {repeats} alternating runs per image; speedup = median over images",
+        "median_speedup": float(np.median([r["speedup"] for r in rows])),
+        "per_image": rows,
+    }
+
+
+def drill_study(args, log) -> dict:
+    """Issue #20: each rule's SSIM against query speedup, on held-out photos and digits."""
+    from kfx.models import efficientnet_lite0
+
+    results = {"machine": machine(), "goal": DRILL_GOAL, "settings": {}, "models": {}}
+    sizes = {4: 96, 8: 128} if args.quick else {4: 128, 8: 160}
+    model = efficientnet_lite0()
+    for stride, size in sizes.items():
+        patch = kfx.Patch(16, stride=stride)
+        engine = kfx.compile(model, (3, size, size), patch)
+        name = f"efficientnet_lite0/stride{stride}"
+        log(f"\n== {name}: {size}x{size}, patch 16, stride {stride}, map {patch.grid_shape((size, size))}")
+        held_out = photo_variants(DRILL_HELD_OUT_PHOTOS, size, seed=1)
+        maps = []
+        for label, image in held_out:
+            key = f"effnet{size}_p16_s{stride}_" + label.replace("/", "_")
+            values, target, base, _ = cached_exact_map(key, engine, image)
+            maps.append({"image": label, "values": values, "target": target, "base": base})
+        entry = {"image_size": size, "patch": 16, "stride": stride, "grid": list(maps[0]["values"].shape),
+                 "held_out": [m["image"] for m in maps], **drill_curves(maps, patch, (size, size), log)}  # fmt: skip
+        chosen = held_out[:: max(1, len(held_out) // args.wall_clock_images)][: args.wall_clock_images]
+        entry["wall_clock"] = drill_wall_clock(engine, chosen, kfx.DrillDown(target_speedup=3), 3, log)
+        results["models"][name] = entry
+
+    images, labels = digits_data()
+    digits, accuracy = train_digits_cnn(images, labels)
+    test = list(images[1300:1330])
+    for stride in (2, 4):
+        patch = kfx.Patch(8, stride=stride)
+        engine = kfx.compile(digits, (1, 32, 32), patch)
+        name = f"digits/stride{stride}"
+        log(
+            f"\n== {name}: 32x32 (8x8 digits upscaled), patch 8, stride {stride}, map {patch.grid_shape((32, 32))}"
+        )
+        maps = []
+        for i, image in enumerate(test):
+            heatmap = engine(image)
+            maps.append({"image": f"digit {1300 + i}", "values": heatmap.values.double().numpy(),
+                         "target": heatmap.target, "base": heatmap.base})  # fmt: skip
+        entry = {"image_size": 32, "patch": 8, "stride": stride, "grid": list(maps[0]["values"].shape),
+                 "accuracy": accuracy, **drill_curves(maps, patch, (32, 32), log)}  # fmt: skip
+        results["models"][name] = entry
+    results["goals"] = drill_goals(results)
+    return results
+
+
+def drill_goals(results: dict) -> dict:
+    out = {}
+    for name, entry in results["models"].items():
+        at = next(c for c in entry["curves"]["adaptive"] if c["target_speedup"] == DRILL_GOAL["speedup"])
+        goal = {
+            "query_speedup": at["query_speedup"],
+            "mean_ssim": at["mean"],
+            "share_at_least_0.85": at["share_at_least_0.85"],
+            "mean_ssim >= 0.9": at["mean"] >= DRILL_GOAL["mean_ssim"],
+            ">= 90% of images at 0.85": at["share_at_least_0.85"] >= DRILL_GOAL["share"],
+        }
+        if "wall_clock" in entry:
+            goal["wall_clock_speedup"] = entry["wall_clock"]["median_speedup"]
+            goal["wall_clock >= 2.5x"] = goal["wall_clock_speedup"] >= DRILL_GOAL["wall_clock"]
+        out[name] = goal
+    return out
+
+
+def drill_markdown(results: dict) -> str:
+    machine_ = results["machine"]
+    lines = [
+        "# Drill-down rules: whole-map SSIM against query speedup (issue #20)",
+        "",
+        f"Machine: {machine_['platform']}, {machine_['cpus']} CPUs (shared), torch {machine_['torch']}, "
+        f"{machine_['threads']} threads. Command: `{machine_['command']}`.",
+        "",
+        "SSIM: `kfx.heatmap_ssim` (data_range = the exact map's range). Held-out photos: "
+        f"{', '.join(DRILL_HELD_OUT_PHOTOS)} (scikit-image), each as centre crop, mirror image, a random "
+        "crop and a mirrored random crop (20 images). The adaptive rule's knobs were set on other photos "
+        f"({', '.join(DRILL_TUNING_PHOTOS)}). Quality curves answer each rule's queries from the exact "
+        "map (kfx's queried cells equal the exact map's, tests/test_drilldown.py); wall clock runs the "
+        "real engine. lowest/paper: fraction r = min(0.25, 1/(2t)).",
+        "",
+    ]
+    for name, entry in results["models"].items():
+        lines += [f"## {name}: {entry['image_size']}x{entry['image_size']}, patch {entry['patch']}, "
+                  f"stride {entry['stride']}, map {entry['grid'][0]}x{entry['grid'][1]}", ""]  # fmt: skip
+        lines += ["| target speedup | " + " | ".join(
+            f"{rule}: queries / SSIM mean / min / >= 0.85" for rule in entry["curves"]) + " |"]  # fmt: skip
+        lines += ["|---" * (1 + len(entry["curves"])) + "|"]
+        for k, speedup in enumerate(DRILL_SPEEDUPS):
+            cells = []
+            for curve in entry["curves"].values():
+                c = curve[k]
+                cells.append(f"/{c['query_speedup']:.2f} / {c['mean']:.3f} / {c['min']:.3f} / "
+                             f"{c['share_at_least_0.85']:.0%}")  # fmt: skip
+            lines.append(f"| {speedup:g} | " + " | ".join(cells) + " |")
+        lines += ["", "target_ssim mode (adaptive): true SSIM of the map it returns", "",
+                  "| target | true mean | min | meets target | within 0.05 | queries |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for t in entry["target_ssim"]:
+            lines.append(f"| {t['target_ssim']} | {t['mean']:.3f} | {t['min']:.3f} | {t['share_at_least_target']:.0%} | "
+                         f"{t['share_within_0.05']:.0%} | /{t['mean_query_speedup']:.2f} |")  # fmt: skip
+        if "wall_clock" in entry:
+            wc = entry["wall_clock"]
+            lines += ["", f"Wall clock, DrillDown(target_speedup=3) against the exact engine ({wc['timing']}): "
+                      f"**{wc['median_speedup']:.2f}x**", ""]  # fmt: skip
+            lines += [
+                "| image | exact s | drill-down s | speedup | queries | SSIM |",
+                "|---|---|---|---|---|---|",
+            ]
+            for r in wc["per_image"]:
+                lines.append(f"| {r['image']} | {r['exact_s']:.2f} | {r['drill_s']:.2f} | {r['speedup']:.2f}x | "
+                             f"{r['queries']}/{r['cells']} | {r['ssim']:.3f} |")  # fmt: skip
+        lines.append("")
+    lines += [
+        "## Goals at 3x fewer queries (adaptive rule)",
+        "",
+        "```",
+        json.dumps(results["goals"], indent=1),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def drill_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["models"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for rule, curve in results["models"][name]["curves"].items():
+            x = [c["query_speedup"] for c in curve]
+            ax.plot(x, [c["mean"] for c in curve], marker="o", label=f"{rule} (mean)")
+            ax.fill_between(x, [c["p10"] for c in curve], [c["mean"] for c in curve], alpha=0.15)
+        ax.axhline(0.9, color="gray", linestyle="--", linewidth=1)
+        ax.axvline(3.0, color="gray", linestyle=":", linewidth=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("query speedup over the exact map")
+        ax.set_ylabel("whole-map SSIM (mean; band down to p10)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def drill_main(args, log) -> None:
+    results = drill_study(args, log)
+    stem = "approx_quality_drilldown_quick" if args.quick else "approx_quality_drilldown"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1, default=float))
+    (RESULTS / f"{stem}.md").write_text(drill_markdown(results))
+    drill_plot(results, RESULTS / f"{stem}.png")
+    log(f"\ngoals: {json.dumps(results['goals'], indent=1)}\nwrote {RESULTS / stem}.json, .md and .png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -388,11 +732,23 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--skip", nargs="*", default=(), choices=("digits", "efficientnet_lite0", "vgg16"))
+    parser.add_argument(
+        "--drill-down",
+        action="store_true",
+        help="instead: the drill-down rules' SSIM against query speedup (issue #20); exact maps are "
+        "cached in $KFX_DRILL_CACHE (default /tmp/kfx_drilldown_cache)",
+    )
+    parser.add_argument(
+        "--wall-clock-images", type=int, default=4, help="--drill-down: images timed per stride"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
     log = lambda text: print(text, flush=True)
+    if args.drill_down:
+        drill_main(args, log)
+        return
     started = time.perf_counter()
     results = {"machine": machine(), "quick": quick, "target_ssim": TARGET_SSIM, "models": {}}
 

@@ -39,6 +39,18 @@ __all__ = [
     "ModelError",
     "PatchError",
     "TraceError",
+    "explain_dataset",
+    "read_results",
 ]
+
+
+def __getattr__(name: str):
+    # kfx.dataset imports the command line's image reading and pyarrow: loaded on first use only.
+    if name in ("explain_dataset", "read_results"):
+        from kfx import dataset
+
+        return getattr(dataset, name)
+    raise AttributeError(f"module 'kfx' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"

@@ -303,7 +303,7 @@ class Explorer:
                 raise InputError(
                     "drill-down chooses its own positions: clear the selection, or turn drill-down off"
                 )
-            drill_down_of(checked)  # its fraction and speedup
+            drill_down_of(checked)  # its rule, fraction and speedup
         return checked
 
     def check_target(self, target) -> int | None:
@@ -396,8 +396,11 @@ class Explorer:
         if settings.drill_down:  # checked with the settings: never with a selection
             options["drill_down"] = drill_down_of(settings)
             notes.append(
-                "drill-down: a coarse stage 1, the rest interpolated, then the target stride where the "
-                "drops are largest"
+                "drill-down: a coarse grid first, then level by level the cells where the interpolation "
+                "is expected to be most wrong; the rest interpolated"
+                if settings.drill_rule == "adaptive"
+                else f"drill-down ({settings.drill_rule}): a coarse stage 1, the rest filled from it, then "
+                "the target stride where the drops are largest"
             )
         steps = _deferred(
             lambda: engine.stream(

@@ -50,7 +50,20 @@ PREDICTED_CLASS = -1  # the class menu's value for "the predicted class"
 
 
 def _settings(
-    mode, size, patch, stride, fill, batch_size, tau, drill_down, fraction, speedup, steps, shape, target
+    mode,
+    size,
+    patch,
+    stride,
+    fill,
+    batch_size,
+    tau,
+    drill_down,
+    drill_rule,
+    fraction,
+    speedup,
+    steps,
+    shape,
+    target,
 ):
     """The page's controls as :class:`MapSettings`, as they come (sliders may deliver floats):
     :meth:`core.Explorer.check_settings` checks and converts them."""
@@ -63,6 +76,7 @@ def _settings(
         batch_size=batch_size,
         tau=tau,
         drill_down=drill_down,
+        drill_rule=drill_rule,
         fraction=fraction,
         target_speedup=speedup,
         neuromask_steps=steps,

@@ -60,6 +60,7 @@ class MapSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     tau: float = 1.0
     drill_down: bool = False
+    drill_rule: str = "adaptive"  # kfx.DrillDown's rule; fraction applies to "lowest" and "paper" only
     fraction: float = 0.25
     target_speedup: float = 3.0
     neuromask_steps: int = 150
@@ -267,8 +268,10 @@ def grid_summary(
 
 
 def drill_down_of(settings: MapSettings) -> kfx.DrillDown:
-    """The drill-down the settings ask for (kfx.DrillDown checks its fraction and speedup)."""
-    return kfx.DrillDown(
-        fraction=_real("drill-down fraction", settings.fraction),
-        target_speedup=_real("drill-down target speedup", settings.target_speedup),
-    )
+    """The drill-down the settings ask for (kfx.DrillDown checks its rule, fraction and speedup):
+    the adaptive rule at the target speedup, or a two-stage rule with the fraction too."""
+    speedup = _real("drill-down target speedup", settings.target_speedup)
+    if settings.drill_rule == "adaptive":
+        return kfx.DrillDown(target_speedup=speedup)
+    fraction = _real("drill-down fraction", settings.fraction)
+    return kfx.DrillDown(fraction, target_speedup=speedup, rule=settings.drill_rule)

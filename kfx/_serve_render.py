@@ -91,7 +91,12 @@ def _side(pair: tuple[int, int]) -> str:
 def _approximate_label(settings: MapSettings) -> str:
     parts = [f"tau {float(settings.tau):g}"]
     if settings.drill_down:
-        parts.append(f"drill-down r {float(settings.fraction):g}, t {float(settings.target_speedup):g}")
+        if settings.drill_rule == "adaptive":
+            parts.append(f"drill-down t {float(settings.target_speedup):g}")
+        else:
+            parts.append(
+                f"drill-down {settings.drill_rule} r {float(settings.fraction):g}, t {float(settings.target_speedup):g}"
+            )
     return f"{APPROXIMATE} ({'; '.join(parts)})"
 
 

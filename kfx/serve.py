@@ -148,13 +148,19 @@ def build_app(
                         label="Adaptive drill-down (chooses its own positions: no selection)",
                         elem_id="kfx-drill-down",
                     )
+                    drill_rule = gr.Radio(
+                        ["adaptive", "lowest", "paper"],
+                        value="adaptive",
+                        label="drill-down rule (adaptive: coarse to fine where the fill is least sure)",
+                        elem_id="kfx-drill-rule",
+                    )
                     with gr.Row():
                         fraction = gr.Slider(
                             0.05,
                             0.9,
                             value=0.25,
                             step=0.05,
-                            label="drill-down fraction r",
+                            label="drill-down fraction r (lowest and paper rules)",
                         )
                         speedup = gr.Slider(
                             1.0,
@@ -246,6 +252,7 @@ def build_app(
             batch,
             tau,
             drill_down,
+            drill_rule,
             fraction,
             speedup,
             steps,

@@ -24,3 +24,30 @@ def tiny() -> nn.Module:
 def not_a_model():
     """A factory that returns something else, for the error message."""
     return "not a module"
+
+
+class _Gate(nn.Module):
+    """Squeeze-excitation: x * sigmoid(fc(mean(x)))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fc = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+def tiny_gated() -> nn.Module:
+    """``tiny`` with a squeeze-excitation gate after its first conv (for --global-context)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        _Gate(4),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, NUM_CLASSES),
+    ).eval()

@@ -248,9 +248,24 @@ def test_tau_and_drill_down_give_the_engines_approximate_map(capsys, image_file)
     engine = kfx.compile(loaded.model, tuple(image.shape), kfx.Patch(4, stride=1), tau=0.8)
     expected = engine(image, drill_down=kfx.DrillDown(fraction=0.25, target_speedup=3))
     assert torch.equal(torch.tensor(document["map"], dtype=torch.float32), expected.values)
-    assert document["tau"] == 0.8 and document["drill_down"] == [0.25, 3.0]
+    assert document["tau"] == 0.8
+    assert document["drill_down"] == {"rule": "lowest", "fraction": 0.25, "target_speedup": 3.0}
     # positions counts the queries that ran, not the cells of the map (most are interpolated)
     assert document["timings"]["positions"] == int(expected.measured.sum()) < expected.values.numel()
+
+
+def test_global_context_local_gives_the_engines_map_and_says_so(capsys, image_file):
+    options = ["--patch", "4", "--stride", "2", "--global-context", "local", "--json", "-"]
+    code, out, err = run(capsys, "explain", image_file, "--model", "cli_models:tiny_gated", *SIZE, *options)
+    assert code == cli.EXIT_OK, err
+    document = json.loads(out)
+    loaded = load_model("cli_models:tiny_gated")
+    image = loaded.prepare(read_pixels(str(image_file)), 32)
+    engine = kfx.compile(loaded.model, tuple(image.shape), kfx.Patch(4, stride=2), global_context="local")
+    assert torch.equal(torch.tensor(document["map"], dtype=torch.float32), engine(image).values)
+    assert document["global_context"] == "local"
+    exact = kfx.compile(loaded.model, tuple(image.shape), kfx.Patch(4, stride=2))
+    assert document["theoretical_speedup"] > exact.cost().theoretical_speedup
 
 
 # -- the real model, demo, python -m kfx ----------------------------------------------------------------

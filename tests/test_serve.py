@@ -194,21 +194,19 @@ def test_bad_settings_raise_before_any_work(explorer, photo, run_settings, photo
 def test_approximate_mode_with_kfx_tau_and_drill_down(explorer, photo):
     tau_only = last_frame(explorer.run(photo, None, settings(mode=core.APPROXIMATE, tau=0.5)))
     assert tau_only.record.mode == "Approximate (tau 0.5)" and tau_only.record.positions == FULL_POSITIONS
-    drill = settings(
-        mode=core.APPROXIMATE, tau=0.8, drill_down=True, fraction=0.25, target_speedup=2, batch_size=16
-    )
+    drill = settings(mode=core.APPROXIMATE, tau=0.8, drill_down=True, target_speedup=2, batch_size=16)
     frames = list(explorer.run(photo, None, drill))
     final = frames[-1]
     assert final.record.cells == FULL_POSITIONS and final.record.positions < FULL_POSITIONS
-    assert "drill-down" in final.status  # the page says what the two stages did
-    # It streams: stage 1's samples first (NaN elsewhere), then the whole map, refined by stage 2.
+    assert "drill-down" in final.status  # the page says what the levels did
+    # It streams: the coarse level's samples first (NaN elsewhere), then the whole map, refined.
     maps = [f.heatmap for f in frames if f.heatmap is not None]
     assert len(maps) > 2 and torch.isnan(maps[0].values).any()
     assert int(final.heatmap.measured.sum()) == final.record.positions
     # the oracle: the engine's own drill-down on the same input
     engine, _ = explorer.engine(SIZE, explorer.patch(drill), 0.8)
     image = explorer.model_input(photo, SIZE)
-    expected = engine(image, batch_size=16, drill_down=kfx.DrillDown(0.25, target_speedup=2))
+    expected = engine(image, batch_size=16, drill_down=kfx.DrillDown(target_speedup=2))  # adaptive
     assert torch.equal(final.heatmap.values, expected.values)
     with pytest.raises(kfx.InputError, match="drill-down chooses its own positions"):
         list(explorer.run(photo, [stroke_layer()], drill))
@@ -285,8 +283,17 @@ def no_work(monkeypatch):
     [
         ([stroke_layer()], dict(mode=core.APPROXIMATE, drill_down=True), "drill-down chooses its own"),
         # a speedup of 1 is the page's slider minimum
-        (None, dict(mode=core.APPROXIMATE, drill_down=True, target_speedup=1.0), "above 1"),
-        (None, dict(mode=core.APPROXIMATE, drill_down=True, fraction=0.5), "cannot reach speedup 3"),
+        (
+            None,
+            dict(mode=core.APPROXIMATE, drill_down=True, drill_rule="lowest", target_speedup=1.0),
+            "above 1",
+        ),
+        (
+            None,
+            dict(mode=core.APPROXIMATE, drill_down=True, drill_rule="lowest", fraction=0.5),
+            "cannot reach speedup 3",
+        ),
+        (None, dict(mode=core.APPROXIMATE, drill_down=True, drill_rule="blocks"), "rule must be one of"),
         (None, dict(mode=core.APPROXIMATE, tau=0.0), r"tau must be in \(0, 1\]"),
         (None, dict(target=99), "class index must be a whole number from 0 to 5"),
         (None, dict(size=None), "input size must be a number, got None"),
@@ -354,7 +361,7 @@ def test_stop_or_a_closed_page_ends_a_neuromask_run_at_its_next_step(handlers, p
     from kfx.serve import RunControl
 
     control = RunControl()
-    neuromask = (core.NEUROMASK, SIZE) + CONTROLS[2:10] + (100,) + CONTROLS[11:]
+    neuromask = (core.NEUROMASK, SIZE) + CONTROLS[2:11] + (100,) + CONTROLS[12:]  # 100 NeuroMask steps
     if how == "Stop":
         action = lambda: handlers.stop(core.status_html("NeuroMask: running"), control)  # noqa: E731
     else:
@@ -437,7 +444,7 @@ def test_handler_loads_a_sample_and_predicts(handlers):
     assert set(prediction) <= set(TINY_LABELS) and abs(sum(prediction.values()) - 1) < 1.0
 
 
-CONTROLS = (core.EXACT, SIZE, 16, 4, "#808080", 64, 1.0, False, 0.25, 3.0, 10, core.BRUSH, -1)
+CONTROLS = (core.EXACT, SIZE, 16, 4, "#808080", 64, 1.0, False, "adaptive", 0.25, 3.0, 10, core.BRUSH, -1)
 
 
 def test_handler_class_menu_lists_the_top_classes_and_a_run_explains_the_chosen_one(handlers, photo):

@@ -21,16 +21,18 @@ def _check_method_options(args) -> None:
 
 
 def _approximate_options(args) -> tuple[dict, dict]:
-    """``kfx.compile`` and run keyword arguments for --tau / --drill-down."""
+    """``kfx.compile`` and run keyword arguments for --tau / --global-context / --drill-down."""
     compile_options, run_options = {}, {}
     if args.tau is not None:
         compile_options["tau"] = args.tau
+    if args.global_context is not None:
+        compile_options["global_context"] = args.global_context
     if args.drill_down is not None:
-        fraction, speedup = args.drill_down
         try:
-            run_options["drill_down"] = kfx.DrillDown(fraction=fraction, target_speedup=speedup)
+            run_options["drill_down"] = kfx.DrillDown(**args.drill_down)
         except (KfxError, ValueError, TypeError) as exc:
-            raise UsageError(f"--drill-down {fraction:g}:{speedup:g}: {exc}") from None
+            settings = ",".join(f"{key}={value}" for key, value in args.drill_down.items())
+            raise UsageError(f"--drill-down {settings}: {exc}") from None
     return compile_options, run_options
 
 

@@ -12,7 +12,7 @@ STEM = "{stem}"
 DEMO_STRIDE, DEMO_QUICK_STRIDE = 4, 8
 DEMO_NAIVE_POSITIONS = DEFAULT_BATCH_SIZE  # per photo: one batch of the default size
 PROGRESS_DELAY_S = 1.0  # tqdm shows a bar only for runs longer than this
-OCCLUSION_ONLY = ("patch", "stride", "fill", "batch_size", "backend", "tau", "drill_down")
+OCCLUSION_ONLY = ("patch", "stride", "fill", "batch_size", "backend", "tau", "global_context", "drill_down")
 NEUROMASK_ONLY = ("steps", "seed")
 
 

@@ -117,7 +117,8 @@ def _explain_occlusion(session: Session, name: str, image: torch.Tensor, target:
         "stride": list(patch.stride),
         "fill": list(patch.fill) if isinstance(patch.fill, tuple) else patch.fill,
         "tau": args.tau,
-        "drill_down": list(args.drill_down) if args.drill_down else None,
+        "global_context": engine.global_context,
+        "drill_down": _drill_down_details(session.run_options.get("drill_down")),
         "backend": engine.backend,
         "timings": {
             "compile_s": session.compile_s,  # once, for all the images of this command
@@ -132,6 +133,15 @@ def _explain_occlusion(session: Session, name: str, image: torch.Tensor, target:
         name, "occlusion", heatmap.target, session.loaded.label(heatmap.target), heatmap.base,
         heatmap.values, step.elapsed, step.done, heatmap, details,
     )  # fmt: skip
+
+
+def _drill_down_details(drill_down: kfx.DrillDown | None) -> dict | None:
+    """The --json record of a drill-down: its rule and the settings it was given (None: not set)."""
+    if drill_down is None:
+        return None
+    fields = ("rule", "queries", "target_speedup", "target_ssim", "fraction", "stage1_stride")
+    settings = {name: getattr(drill_down, name) for name in fields}
+    return {name: list(v) if isinstance(v, tuple) else v for name, v in settings.items() if v is not None}
 
 
 def _explain_neuromask(

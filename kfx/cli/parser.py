@@ -1,11 +1,11 @@
-"""The ``kfx`` argument parser: option types, the subcommands (explain, demo, serve) and their options."""
+"""The ``kfx`` argument parser: the subcommands (explain, demo, serve, batch) and their options."""
 
 from __future__ import annotations
 
 import argparse
-import math
 
 import kfx
+from kfx.cli.batch import add_batch
 from kfx.cli.common import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_PATCH,
@@ -18,73 +18,55 @@ from kfx.cli.common import (
 )
 from kfx.cli.demo import _demo
 from kfx.cli.explain import _explain
+from kfx.cli.options import _fill, _finite_float, _int_pair, _positive_int, _tau
 from kfx.neuromask import DEFAULT_STEPS
 
-# -- option types (argparse calls them; ArgumentTypeError becomes a one-line usage error) ----------
+_DRILL_DOWN_KEYS = {
+    "rule": ("rule", str),
+    "queries": ("queries", int),
+    "speedup": ("target_speedup", float),
+    "ssim": ("target_ssim", float),
+    "fraction": ("fraction", float),
+    "stage1": ("stage1_stride", float),
+}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _int_pair(text: str) -> int | tuple[int, int]:
-    """``16`` (square) or ``16x8`` (height x width), each at least 1."""
-    parts = text.lower().split("x")
-    if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 16 or 16x8), got {text!r}")
-    try:
-        values = [_positive_int(part) for part in parts]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected N or HxW with positive integers (e.g. 16 or 16x8), got {text!r}"
-        ) from None
-    return values[0] if len(values) == 1 else (values[0], values[1])
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _fill(text: str) -> float | tuple[float, ...]:
-    """One float for every channel, or comma-separated floats, one per channel (R,G,B)."""
-    values = tuple(_finite_float(part.strip()) for part in text.split(","))
-    if len(values) not in (1, 3):
-        raise argparse.ArgumentTypeError(
-            f"expected one value or three (R,G,B), got {len(values)} in {text!r}"
-        )
-    return values[0] if len(values) == 1 else values
-
-
-def _tau(text: str) -> float:
-    value = _finite_float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"tau must be in (0, 1] (1 = exact), got {value}")
-    return value
-
-
-def _drill_down(text: str) -> tuple[float, float]:
-    """``FRACTION:SPEEDUP``, e.g. ``0.25:3``."""
+def _drill_down(text: str) -> dict:
+    """kfx.DrillDown's keyword arguments from ``SPEEDUP`` (the adaptive rule, e.g. ``3``),
+    ``FRACTION:SPEEDUP`` (the two-stage "lowest" rule, e.g. ``0.25:3``) or ``KEY=VALUE,...`` with
+    keys rule, queries, speedup, ssim, fraction, stage1 (e.g. ``ssim=0.9`` or ``rule=paper,speedup=3``).
+    kfx.DrillDown checks the values together."""
+    if "=" in text:
+        return dict(_drill_down_pair(part) for part in text.split(","))
     fraction_text, colon, speedup_text = text.partition(":")
     if not colon:
-        raise argparse.ArgumentTypeError(f"expected FRACTION:SPEEDUP (e.g. 0.25:3), got {text!r}")
+        speedup = _finite_float(text)
+        if speedup < 1.0:
+            raise argparse.ArgumentTypeError(
+                f"a single number is the adaptive rule's SPEEDUP (at least 1), got {speedup}; "
+                "the two-stage rule takes FRACTION:SPEEDUP (e.g. 0.25:3)"
+            )
+        return {"target_speedup": speedup}
     fraction, speedup = _finite_float(fraction_text), _finite_float(speedup_text)
     if not 0.0 < fraction <= 1.0:
         raise argparse.ArgumentTypeError(f"FRACTION must be in (0, 1], got {fraction}")
     if speedup <= 0.0:
         raise argparse.ArgumentTypeError(f"SPEEDUP must be positive, got {speedup}")
-    return fraction, speedup
+    return {"rule": "lowest", "fraction": fraction, "target_speedup": speedup}
+
+
+def _drill_down_pair(text: str) -> tuple[str, object]:
+    key, _, value = (part.strip() for part in text.partition("="))
+    if key not in _DRILL_DOWN_KEYS:
+        raise argparse.ArgumentTypeError(
+            f"unknown drill-down setting {key!r}; use {', '.join(_DRILL_DOWN_KEYS)} (e.g. ssim=0.9)"
+        )
+    name, kind = _DRILL_DOWN_KEYS[key]
+    if kind is str:
+        return name, value
+    if kind is int:
+        return name, _positive_int(value)
+    return name, _finite_float(value)
 
 
 # -- the parser ------------------------------------------------------------------------------------
@@ -180,10 +162,18 @@ def _add_explain(subparsers) -> None:
         help="approximate: projective-field threshold in (0, 1], 1 = exact",
     )
     occlusion.add_argument(
+        "--global-context",
+        choices=("exact", "local"),
+        help="squeeze-excitation gates: exact (default; dense after the first gate) or local (approximate: "
+        "each gate applied inside the changed box only, as fast as the model without gates)",
+    )
+    occlusion.add_argument(
         "--drill-down",
         type=_drill_down,
-        metavar="FRACTION:SPEEDUP",
-        help="approximate: adaptive drill-down, e.g. 0.25:3 = kfx.DrillDown(fraction=0.25, target_speedup=3)",
+        metavar="SPEEDUP|FRACTION:SPEEDUP|KEY=VALUE,...",
+        help="approximate: drill-down from fewer queries. 3 = kfx.DrillDown(target_speedup=3), the adaptive "
+        "rule; ssim=0.9 or queries=500 its other budgets; 0.25:3 = the two-stage rule "
+        "kfx.DrillDown(fraction=0.25, target_speedup=3); rule=paper,fraction=0.25,speedup=3 the paper's",
     )
     neuromask = parser.add_argument_group("neuromask options")
     neuromask.add_argument(
@@ -269,7 +259,7 @@ def _fail_serve(reason: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``kfx`` parser with its subcommands (explain, demo, serve)."""
+    """The ``kfx`` parser with its subcommands (explain, demo, serve, batch)."""
     parser = _Parser(
         prog="kfx",
         description="Exact, incremental occlusion heat maps for PyTorch CNNs.",
@@ -284,4 +274,5 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(subparsers)
     _add_demo(subparsers)
     _add_serve(subparsers)
+    add_batch(subparsers)
     return parser

@@ -1,0 +1,60 @@
+"""Option types of the ``kfx`` command line, shared by the parser and its subcommands (kfx batch).
+
+argparse calls them; an ArgumentTypeError becomes a one-line usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _int_pair(text: str) -> int | tuple[int, int]:
+    """``16`` (square) or ``16x8`` (height x width), each at least 1."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 16 or 16x8), got {text!r}")
+    try:
+        values = [_positive_int(part) for part in parts]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected N or HxW with positive integers (e.g. 16 or 16x8), got {text!r}"
+        ) from None
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _fill(text: str) -> float | tuple[float, ...]:
+    """One float for every channel, or comma-separated floats, one per channel (R,G,B)."""
+    values = tuple(_finite_float(part.strip()) for part in text.split(","))
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(
+            f"expected one value or three (R,G,B), got {len(values)} in {text!r}"
+        )
+    return values[0] if len(values) == 1 else values
+
+
+def _tau(text: str) -> float:
+    value = _finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"tau must be in (0, 1] (1 = exact), got {value}")
+    return value
