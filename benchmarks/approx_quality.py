@@ -101,6 +101,11 @@ def train_digits_cnn(images, labels, epochs: int = 6) -> tuple[nn.Module, float]
         nn.Flatten(),
         nn.Linear(32 * 8 * 8, 10),
     )
+    return model, train_on_digits(model, images, labels, epochs)
+
+
+def train_on_digits(model: nn.Module, images, labels, epochs: int) -> float:
+    """Adam on the first 1300 digits, batches of 32 in a seeded order; the held-out accuracy."""
     train_x, train_y = images[:1300], labels[:1300]
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
@@ -114,8 +119,7 @@ def train_digits_cnn(images, labels, epochs: int = 6) -> tuple[nn.Module, float]
             optimizer.step()
     model.eval()
     with torch.no_grad():
-        accuracy = (model(images[1300:]).argmax(1) == labels[1300:]).float().mean().item()
-    return model, accuracy
+        return (model(images[1300:]).argmax(1) == labels[1300:]).float().mean().item()
 
 
 def photo_crops(count: int, size: int, seed: int) -> list[torch.Tensor]:

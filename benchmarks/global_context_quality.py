@@ -27,7 +27,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from approx_quality import digits_data  # benchmarks/ is on sys.path
+from approx_quality import digits_data, train_on_digits  # benchmarks/ is on sys.path
 from compare import RESULTS, machine
 from torch import nn
 
@@ -67,24 +67,6 @@ def se_digits_cnn(gated: bool = True) -> nn.Module:
     )
 
 
-def train(model: nn.Module, images, labels, epochs: int = 8) -> float:
-    """Train on the first 1300 digits (fixed seed and epochs: deterministic); held-out accuracy."""
-    train_x, train_y = images[:1300], labels[:1300]
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        order = torch.randperm(len(train_x), generator=generator)
-        for i in range(0, len(order), 32):
-            batch = order[i : i + 32]
-            loss = F.cross_entropy(model(train_x[batch]), train_y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        return (model(images[1300:]).argmax(1) == labels[1300:]).float().mean().item()
-
-
 def ssim_study(model, images, patch: kfx.Patch) -> dict:
     shape = tuple(images[0].shape)
     exact = kfx.compile(model, shape, patch)
@@ -112,7 +94,7 @@ def digits_study(count: int) -> dict:
     images, labels = digits_data()
     torch.manual_seed(0)
     model = se_digits_cnn()
-    accuracy = train(model, images, labels)
+    accuracy = train_on_digits(model, images, labels, epochs=8)
     held_out = images[1300 : 1300 + count]
     ungated = se_digits_cnn(gated=False).eval()
     rows = []

@@ -21,6 +21,13 @@ def tiny() -> nn.Module:
     ).eval()
 
 
+def tiny_gated() -> nn.Module:
+    """``tiny`` with a squeeze-excitation gate after its first conv (for --global-context)."""
+    layers = list(tiny())
+    layers.insert(2, _Gate(4))  # its weights follow tiny's from the same seeded generator state
+    return nn.Sequential(*layers).eval()
+
+
 def not_a_model():
     """A factory that returns something else, for the error message."""
     return "not a module"
@@ -35,19 +42,3 @@ class _Gate(nn.Module):
 
     def forward(self, x):
         return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
-
-
-def tiny_gated() -> nn.Module:
-    """``tiny`` with a squeeze-excitation gate after its first conv (for --global-context)."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU(),
-        _Gate(4),
-        nn.MaxPool2d(2),
-        nn.Conv2d(4, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, NUM_CLASSES),
-    ).eval()

@@ -41,6 +41,15 @@ def assert_exact(model: nn.Module, engine) -> None:
     torch.testing.assert_close(engine.outputs(picture, POSITIONS), expected, rtol=1e-12, atol=1e-12)
 
 
+def assert_exact_and_incremental(body: nn.Module, role: str) -> None:
+    """``body`` inside a classifier: exact, nothing dense before the tail, and run in ``role``."""
+    model = seeded(Classifier(body))
+    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
+    assert_exact(model, engine)
+    assert engine.dense_nodes == []
+    assert role in engine.roles().values()
+
+
 def ceiling(model: nn.Module) -> float:
     return kfx.compile(model, SHAPE, PATCH).cost().theoretical_speedup
 
@@ -276,11 +285,7 @@ class Fuse(nn.Module):
 
 @pytest.mark.parametrize("name", RESAMPLERS)
 def test_resampling_is_exact_and_incremental(name):
-    model = seeded(Classifier(Fuse(RESAMPLERS[name])))
-    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
-    assert_exact(model, engine)
-    assert engine.dense_nodes == []
-    assert "resample" in engine.roles().values()
+    assert_exact_and_incremental(Fuse(RESAMPLERS[name]), "resample")
 
 
 @pytest.mark.parametrize("name", ["nearest x2", "bilinear x2", "bicubic x1.75", "nearest to 5x7 (down)"])
@@ -492,11 +497,7 @@ class Decoder(nn.Module):
 
 @pytest.mark.parametrize("name", TRANSPOSED)
 def test_transposed_convs_are_exact_and_incremental(name):
-    model = seeded(Classifier(Decoder(TRANSPOSED[name])))
-    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
-    assert_exact(model, engine)
-    assert engine.dense_nodes == []
-    assert "transposed" in engine.roles().values()
+    assert_exact_and_incremental(Decoder(TRANSPOSED[name]), "transposed")
 
 
 @pytest.mark.parametrize("kernel, stride, padding", [(2, 2, 0), (4, 2, 1), (3, 2, 1), (1, 3, 0), (5, 1, 2)])
