@@ -54,3 +54,21 @@ def test_a_module_fx_cannot_trace_runs_densely_as_a_leaf():
     engine = kfx.compile(model, (3, 32, 32), PATCH, batch_size=5, leaf_modules=(ConvMlp,))
     assert_matches_full_inference(model, engine, 32)
     assert [d.node for d in engine.dense_nodes] == ["pre_logits"]
+
+
+@pytest.mark.parametrize("name", ["regnetx_002", "mobilenetv3_small_100"])
+def test_functional_batch_norm_costs_what_the_hand_made_module_costs(name):
+    from tests.timm_zoo import with_classic_batch_norm
+
+    size = TIMM_ZOO[name][0]
+    timm_model, classic = build(name), with_classic_batch_norm(build(name))
+    assert not any(type(m).__name__ == "BatchNormAct2d" for m in classic.modules())
+    with torch.no_grad():  # the same function
+        image = torch.randn(1, 3, size, size, dtype=torch.float64)
+        torch.testing.assert_close(classic(image), timm_model(image))
+    options = dict(global_context="local")  # the gates of mobilenetv3 aside
+    ceilings = [
+        kfx.compile(m, (3, size, size), PATCH, **options).cost().theoretical_speedup
+        for m in (timm_model, classic)
+    ]
+    assert ceilings[0] == pytest.approx(ceilings[1], rel=0.1)

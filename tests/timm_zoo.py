@@ -33,3 +33,20 @@ def build(name: str):
 
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False, num_classes=10).double().eval()
+
+
+def with_classic_batch_norm(model):
+    """``model`` with every timm ``BatchNormAct2d`` (functional BN, shape asserts) replaced by the
+    hand-made equivalent nn.BatchNorm2d -> drop -> act, same statistics: the ceiling to match."""
+    from timm.layers import BatchNormAct2d
+    from torch import nn
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BatchNormAct2d):
+                classic = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine)
+                classic.load_state_dict(child.state_dict(), strict=False)
+                setattr(
+                    parent, name, nn.Sequential(classic, child.drop, child.act).to(child.weight.dtype).eval()
+                )
+    return model
