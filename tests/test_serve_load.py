@@ -177,6 +177,30 @@ async def upload(page, path) -> None:
     )
 
 
+async def upload_with_settings(
+    page, path, patch: int, stride: int, grid_text: str, attempts: int = 3
+) -> None:
+    """Upload ``path``, set the patch and stride, and wait for the grid to count the positions. With
+    four pages uploading at once, Chromium once dropped an upload mid-request (the server logged a
+    ClientDisconnect and the page never got the photo), so a grid that has not updated after 20 s
+    gets the upload again, as a user would."""
+    from playwright.async_api import TimeoutError as PlaywrightTimeout
+
+    condition = "([s, t]) => { const e = document.querySelector(s); return e && e.innerText.includes(t); }"
+    for _ in range(attempts):
+        await upload(page, path)
+        await set_slider(page, "kfx-patch", patch)
+        await set_slider(page, "kfx-stride", stride)
+        try:
+            await page.wait_for_function(condition, arg=["#kfx-grid", grid_text], timeout=20_000)
+            return
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError(
+        f"{path.name} uploaded {attempts} times, the grid never said {grid_text!r}: {await page_state(page)}"
+    )
+
+
 async def runs_rows(page) -> list[list[str]]:
     rows = page.locator("#kfx-runs tbody tr")
     return [
@@ -247,11 +271,8 @@ async def one_session(browser, url: str, index: int, path) -> list[list[str]]:
     naive map (or leave during a NeuroMask run); returns the page's runs table."""
     _, patch, stride = SESSIONS[index]
     context, page = await open_page(browser, url)
-    await upload(page, path)
-    await set_slider(page, "kfx-patch", patch)
-    await set_slider(page, "kfx-stride", stride)
     cells = grid_cells(patch, stride)
-    await wait_for_text(page, "#kfx-grid", f"= {cells:,} patch positions")
+    await upload_with_settings(page, path, patch, stride, f"= {cells:,} patch positions")
     await page.get_by_text("More settings").click()  # the batch slider sits in a closed accordion
 
     exact = await run_to_the_end(page, 0)
