@@ -454,7 +454,6 @@ class MapOracle:
     real engine returns, tests/test_drilldown.py), so quality curves cost no inference."""
 
     tau = 1.0
-    global_context = "exact"
 
     def __init__(self, values: np.ndarray, target: int, base: float, patch: kfx.Patch, image_size):
         self.values = torch.from_numpy(np.asarray(values, dtype=np.float64))

@@ -234,7 +234,7 @@ def _refine(engine, image, drill_down, batch_size, hierarchy, budget, steps) -> 
     def level_map(total: int) -> tuple[Progress, np.ndarray, np.ndarray]:
         estimate, surplus = hierarchy.interpolate(values, queried)
         estimate[queried] = values[queried]
-        heatmap = _heatmap(engine, first, estimate, queried, dtype)
+        heatmap = _heatmap(first, estimate, queried, dtype)
         return Progress(heatmap, done, total, time.perf_counter() - started), estimate, surplus
 
     scale = None  # observed / predicted error, from the last level's queries
@@ -255,7 +255,7 @@ def _refine(engine, image, drill_down, batch_size, hierarchy, budget, steps) -> 
             now = queried | got
             shown = np.where(now, values, estimate)
             yield Progress(
-                _heatmap(engine, first, shown, now, dtype),
+                _heatmap(first, shown, now, dtype),
                 done + fine.done,
                 max(done + fine.total, budget),
                 time.perf_counter() - started,
@@ -324,8 +324,8 @@ def _next_level(
     return chosen.reshape(estimate.shape)
 
 
-def _heatmap(engine, first: Heatmap, values: np.ndarray, queried: np.ndarray, dtype) -> Heatmap:
-    return Heatmap(
-        torch.from_numpy(values).to(dtype), first.target, first.base, engine.patch, first.image_size,
-        measured=torch.from_numpy(queried.copy()), tau=engine.tau, global_context=engine.global_context,
-    )  # fmt: skip
+def _heatmap(first: Heatmap, values: np.ndarray, queried: np.ndarray, dtype) -> Heatmap:
+    """The engine's first map with these values: its target, base, patch and modes carried over."""
+    return replace(
+        first, values=torch.from_numpy(values).to(dtype), measured=torch.from_numpy(queried.copy())
+    )

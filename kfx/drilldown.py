@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from kfx._drilldown_adaptive import _Hierarchy as _Hierarchy  # tests' own
 from kfx._drilldown_adaptive import stage1_cells as stage1_cells
 from kfx.errors import InputError
 from kfx.geometry import drill_down_speedup, drill_down_stage1_stride
-from kfx.results import Heatmap, Progress
+from kfx.results import Progress
 
 __all__ = ["DrillDown", "drill_down_stream", "stage1_cells", "RULES"]
 
@@ -277,8 +277,7 @@ def _two_stage(engine, image, drill_down, batch_size, stage1, rows, cols, coarse
         queried = fine.heatmap.evaluated
         values[queried] = fine.heatmap.values[queried]
         measured |= queried
-        heatmap = Heatmap(
-            values.clone(), coarse.target, coarse.base, engine.patch, coarse.image_size,
-            measured=measured.clone(), tau=engine.tau, global_context=engine.global_context,
-        )  # fmt: skip
+        heatmap = replace(
+            coarse, values=values.clone(), measured=measured.clone()
+        )  # the engine's modes carried
         yield Progress(heatmap, sampled + fine.done, sampled + fine.total, elapsed + fine.elapsed)

@@ -176,15 +176,16 @@ class OcclusionRunner:
         for out in self._batches(prepared, positions, batch_size):
             flat[indices[done : done + out.shape[0]]] = torch.softmax(out, dim=1)[:, target].cpu()
             done += out.shape[0]
-            heatmap = Heatmap(
-                values.clone(), target, base, self.patch, hw, tau=self.tau, global_context=self.global_context
+            yield Progress(
+                self._heatmap(values.clone(), target, base), done, len(indices), time.perf_counter() - started
             )
-            yield Progress(heatmap, done, len(indices), time.perf_counter() - started)
         if not len(indices):
-            heatmap = Heatmap(
-                values, target, base, self.patch, hw, tau=self.tau, global_context=self.global_context
-            )
-            yield Progress(heatmap, 0, 0, time.perf_counter() - started)
+            yield Progress(self._heatmap(values, target, base), 0, 0, time.perf_counter() - started)
+
+    def _heatmap(self, values: torch.Tensor, target: int, base: float) -> Heatmap:
+        """A map of this runner's: its patch, image size and approximation modes recorded with it."""
+        hw = tuple(self.image_shape[1:])
+        return Heatmap(values, target, base, self.patch, hw, tau=self.tau, global_context=self.global_context)
 
     def __call__(
         self,

@@ -140,9 +140,10 @@ def _shape(node: fx.Node):
 
 
 def _broadcasts_over_space(node: fx.Node) -> bool:
-    """A constant operand that is the same at every spatial position (e.g. a [C, 1, 1] scale)."""
+    """A constant operand that is the same at every spatial position of a [1, C, H, W] map (e.g. a
+    [C, 1, 1] scale): kfx.passes.layout's rule, for the usual layout."""
     shape = _shape(node)
-    return shape is not None and all(d == 1 for d in shape[-2:])
+    return shape is not None and constant_over(shape, (2, 3), 4)
 
 
 def _local_axis(

@@ -100,7 +100,38 @@ def always_inside(patch: tuple[AxisBoxes, AxisBoxes], window: tuple[AxisBoxes, A
     )
 
 
-class LocalStep(_BoxedStep):
+class _WindowedStep(_BoxedStep):
+    """A step that reads each position's read-in window of its input's base, the change pasted in."""
+
+    def __init__(self, meta: NodePatch, in_meta: NodePatch, device, backend: str):
+        super().__init__(meta.box, device)
+        self.backend = backend
+        read_h, read_w = _tables(meta.read, device)
+        self.register_buffer("read_h", read_h, persistent=False)
+        self.register_buffer("read_w", read_w, persistent=False)
+        self.read_size = (meta.read[0].width, meta.read[1].width)
+        self.inside = always_inside(in_meta.box, meta.read)
+
+    def read_origin(self, positions: torch.Tensor) -> torch.Tensor:
+        """Each position's read-in window origin [N, 2] in the unpadded input."""
+        return torch.stack((self.read_h[positions[:, 0]], self.read_w[positions[:, 1]]), dim=1)
+
+    def windows(self, base: torch.Tensor, patches: Patches) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows [N, C, h_rd, w_rd] and their origins [N, 2]."""
+        read = self.read_origin(patches.positions)
+        windows = kernels.read_windows(
+            self.backend,
+            base,
+            read,
+            self.read_size,
+            patches.values,
+            patches.origin - read,
+            inside=self.inside,
+        )
+        return windows, read
+
+
+class LocalStep(_WindowedStep):
     """Conv/pool/pad on read-in windows: gather from the padded base, paste the change, run the op."""
 
     def __init__(
@@ -113,16 +144,10 @@ class LocalStep(_BoxedStep):
         dtype,
         backend: str = "torch",
     ):
-        super().__init__(meta.box, device)
+        super().__init__(meta, in_meta, device, backend)
         self.spec = meta.local
-        self.backend = backend
         self.op = module  # registers a conv's parameters with the program (None for functional ops)
-        read_h, read_w = _tables(meta.read, device)
-        self.register_buffer("read_h", read_h, persistent=False)
-        self.register_buffer("read_w", read_w, persistent=False)
-        self.read_size = (meta.read[0].width, meta.read[1].width)
-        self.offset = offset
-        self.inside = always_inside(in_meta.box, meta.read)
+        self.offset = offset  # the padded base's margins before each axis
         divisor = meta.local.divisor
         self.register_buffer(
             "divisor",
@@ -132,7 +157,7 @@ class LocalStep(_BoxedStep):
 
     def forward(self, padded_base: torch.Tensor, patches: Patches, *consts) -> Patches:
         positions = patches.positions
-        read = torch.stack((self.read_h[positions[:, 0]], self.read_w[positions[:, 1]]), dim=1)
+        read = self.read_origin(positions)
         offset = torch.tensor(self.offset, device=read.device)
         window_args = (padded_base, read + offset, self.read_size, patches.values, patches.origin - read)
         if self.spec.conv_args is not None and self.backend == "triton":
@@ -147,34 +172,6 @@ class LocalStep(_BoxedStep):
         if self.divisor is not None:
             out = out / kernels.gather_windows(self.divisor, origin, self.size)
         return Patches(out, positions, origin)
-
-
-class _WindowedStep(_BoxedStep):
-    """A step that reads each position's window of its input's (unpadded) base, change pasted."""
-
-    def __init__(self, meta: NodePatch, in_meta: NodePatch, device, backend: str):
-        super().__init__(meta.box, device)
-        self.backend = backend
-        read_h, read_w = _tables(meta.read, device)
-        self.register_buffer("read_h", read_h, persistent=False)
-        self.register_buffer("read_w", read_w, persistent=False)
-        self.read_size = (meta.read[0].width, meta.read[1].width)
-        self.inside = always_inside(in_meta.box, meta.read)
-
-    def windows(self, base: torch.Tensor, patches: Patches) -> tuple[torch.Tensor, torch.Tensor]:
-        """The windows [N, C, h_rd, w_rd] and their origins [N, 2]."""
-        positions = patches.positions
-        read = torch.stack((self.read_h[positions[:, 0]], self.read_w[positions[:, 1]]), dim=1)
-        windows = kernels.read_windows(
-            self.backend,
-            base,
-            read,
-            self.read_size,
-            patches.values,
-            patches.origin - read,
-            inside=self.inside,
-        )
-        return windows, read
 
 
 class TransposedStep(_WindowedStep):

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import fx, nn
 
-from kfx.common import int_pair
-from kfx.errors import TraceError
 from kfx.geometry import effective_kernel
-from kfx.passes.ops import bind_args
+from kfx.passes.ops import _pair, bind_args  # kfx.passes.ops' argument reading
 
 __all__ = ["TransposedSpec", "transposed_spec"]
 
@@ -37,10 +35,6 @@ class TransposedSpec:
     apply: Callable
     fmas_per_input: int  # C_in * C_out/groups * k_h * k_w: one input pixel's FMAs (the cost model's unit)
     const_nodes: tuple[fx.Node, ...] = ()
-
-
-def _pair(value, name: str) -> tuple[int, int]:
-    return int_pair(value, name, TraceError)
 
 
 def _spec(weight_shape, stride, padding, dilation, groups, run, const_nodes=()) -> TransposedSpec | None:
