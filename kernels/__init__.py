@@ -35,11 +35,18 @@ def _triton_kernels():
     return _triton
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> "triton" for CUDA models when triton runs there, else "torch"; check explicit choices."""
+def resolve_backend(backend: str, device: torch.device, axes: int = 2) -> str:
+    """"auto" -> "triton" for CUDA models of 2-d images when triton runs there, else "torch"; check
+    explicit choices. The Triton kernels are written for 2-d maps: 1-d signals and 3-d volumes run
+    on the torch kernels, which are N-d."""
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+    if backend == "triton" and axes != 2:
+        raise InputError(
+            f"backend='triton' has kernels for 2-d images only, and this input has {axes} spatial axes; "
+            "use backend='torch' or 'auto' (which picks torch for 1-d and 3-d inputs)"
+        )
+    if backend == "torch" or (backend == "auto" and (device.type != "cuda" or axes != 2)):
         return "torch"  # without importing triton: it is slow to import and pointless here
     usable = _triton_kernels().available(device)
     if backend == "auto":

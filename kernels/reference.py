@@ -4,11 +4,14 @@ Every function works on a whole batch of N patch positions at once, with no per-
 loop: per-position offsets become flat index tensors and one ``index_select`` / ``gather`` /
 ``scatter`` moves the data. Triton kernels (kfx.kernels._triton) compute the same functions.
 
-Conventions: a base activation is the unoccluded image's tensor [1, C, H, W]; a *changed patch*
-is a tensor [N, C, h, w] plus its top-left corners ``origin`` [N, 2] (y, x) in that tensor.
+Conventions: a base activation is the unoccluded image's tensor [1, C, *S] (S: one to three spatial
+axes); a *changed patch* is a tensor [N, C, *s] plus its top-left corners ``origin`` [N, axes] in
+that tensor. Every function works for any number of spatial axes.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,33 +19,39 @@ import torch.nn.functional as F
 __all__ = ["pad_base", "gather_windows", "paste", "gather_paste", "project"]
 
 
-def pad_base(base: torch.Tensor, margins: tuple[int, int, int, int], value: float) -> torch.Tensor:
-    """Pad a base activation [1, C, H, W] by (top, bottom, left, right) with ``value``.
+def pad_base(base: torch.Tensor, margins: tuple[int, ...], value: float) -> torch.Tensor:
+    """Pad a base activation [1, C, *S] by ``margins`` = (before, after) per spatial axis, in axis
+    order (for a map [1, C, H, W]: top, bottom, left, right), with ``value``.
 
     Done once per image, so that per-batch gathers never index outside the tensor: read-in windows
-    may reach into the op's padding (docs/design.md §2.4). Returns [C, H + top + bottom, W + left + right].
+    may reach into the op's padding (docs/design.md §2.4). Returns [C, *padded S].
     """
-    top, bottom, left, right = margins
     if not any(margins):
         return base[0].contiguous()
-    return F.pad(base, (left, right, top, bottom), value=value)[0].contiguous()
+    pairs = [margins[i : i + 2] for i in range(0, len(margins), 2)]
+    torch_order = [m for pair in reversed(pairs) for m in pair]  # F.pad starts at the last axis
+    return F.pad(base, torch_order, value=value)[0].contiguous()
 
 
-def _flat_window_index(origin: torch.Tensor, size: tuple[int, int], row_stride: int) -> torch.Tensor:
-    """Flat indices [N, h, w] of the windows of ``size`` at ``origin`` in a [.., rows, row_stride] plane."""
-    h, w = size
-    rows = origin[:, 0, None] + torch.arange(h, device=origin.device)
-    cols = origin[:, 1, None] + torch.arange(w, device=origin.device)
-    return rows[:, :, None] * row_stride + cols[:, None, :]
+def _flat_window_index(origin: torch.Tensor, size: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+    """Flat indices [N, *size] of the windows of ``size`` at ``origin`` [N, axes] in a tensor whose
+    spatial dims are ``shape`` (row-major, the last axis fastest)."""
+    n, axes = origin.shape[0], len(size)
+    index = torch.zeros((n,) + (1,) * axes, dtype=torch.long, device=origin.device)
+    step = 1
+    for axis in reversed(range(axes)):
+        along = origin[:, axis, None] + torch.arange(size[axis], device=origin.device)
+        index = index + (along * step).view((n,) + tuple(size[axis] if d == axis else 1 for d in range(axes)))
+        step *= shape[axis]
+    return index
 
 
-def gather_windows(padded: torch.Tensor, origin: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Read-in windows [N, C, h, w] from a padded base [C, Hp, Wp] at ``origin`` [N, 2] (padded coords)."""
-    c, _, wp = padded.shape
-    n, (h, w) = origin.shape[0], size
-    # One gather straight into [N, C, h*w] (10-20% faster here than index_select + transpose copy).
-    index = _flat_window_index(origin, size, wp).view(n, 1, h * w).expand(n, c, h * w)
-    return padded.reshape(1, c, -1).expand(n, c, -1).gather(2, index).view(n, c, h, w)
+def gather_windows(padded: torch.Tensor, origin: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Read-in windows [N, C, *size] from a padded base [C, *Sp] at ``origin`` [N, axes] (padded coords)."""
+    c, n, cells = padded.shape[0], origin.shape[0], math.prod(size)
+    # One gather straight into [N, C, cells] (10-20% faster here than index_select + transpose copy).
+    index = _flat_window_index(origin, size, tuple(padded.shape[1:])).view(n, 1, cells).expand(n, c, cells)
+    return padded.reshape(1, c, -1).expand(n, c, -1).gather(2, index).view(n, c, *size)
 
 
 def paste(
@@ -55,10 +64,10 @@ def paste(
 ) -> torch.Tensor:
     """Paint each position's changed patch into its window; parts outside the window are dropped.
 
-    windows [N, C, hr, wr] at window_origin [N, 2]; patch [N, C, hp, wp] at patch_origin [N, 2],
-    both in the same tensor's coordinates. ``inside=True`` promises every patch lies wholly inside
-    its window (checked at compile time), which allows a cheaper scatter. Returns the new windows
-    (may reuse ``windows``' storage).
+    windows [N, C, *window size] at window_origin [N, axes]; patch [N, C, *patch size] at
+    patch_origin [N, axes], both in the same tensor's coordinates. ``inside=True`` promises every
+    patch lies wholly inside its window (checked at compile time), which allows a cheaper scatter.
+    Returns the new windows (may reuse ``windows``' storage).
     """
     return _paste_at(windows, patch, patch_origin - window_origin, inside)
 
@@ -66,7 +75,7 @@ def paste(
 def gather_paste(
     padded: torch.Tensor,
     origin: torch.Tensor,
-    size: tuple[int, int],
+    size: tuple[int, ...],
     patch: torch.Tensor,
     patch_offset: torch.Tensor,
     *,
@@ -74,10 +83,10 @@ def gather_paste(
 ) -> torch.Tensor:
     """Read-in windows with each position's patch painted in: ``paste(gather_windows(...))``.
 
-    ``origin`` [N, 2] is in padded coordinates, ``patch_offset`` [N, 2] the patch's corner relative
-    to its window. One semantic op for every backend (kfx.kernels dispatches it).
+    ``origin`` [N, axes] is in padded coordinates, ``patch_offset`` [N, axes] the patch's corner
+    relative to its window. One semantic op for every backend (kfx.kernels dispatches it).
     """
-    if inside and tuple(patch.shape[-2:]) == tuple(size):
+    if inside and tuple(patch.shape[2:]) == tuple(size):
         # The patch fills its whole window (common once boxes grow to the tensor's size): nothing
         # of the base shows through, so skip the gather and the paste.
         return patch
@@ -85,28 +94,36 @@ def gather_paste(
 
 
 def _paste_at(windows: torch.Tensor, patch: torch.Tensor, offset: torch.Tensor, inside: bool) -> torch.Tensor:
-    n, c, hr, wr = windows.shape
-    hp, wp = patch.shape[-2:]
+    n, c = windows.shape[:2]
+    window_size, patch_size = tuple(windows.shape[2:]), tuple(patch.shape[2:])
+    window_cells, patch_cells = math.prod(window_size), math.prod(patch_size)
     if inside:
-        index = _flat_window_index(offset, (hp, wp), wr).view(n, 1, hp * wp).expand(n, c, hp * wp)
-        out = windows.reshape(n, c, hr * wr)
-        out.scatter_(2, index, patch.reshape(n, c, hp * wp))
-        return out.view(n, c, hr, wr)
-    rows = torch.arange(hr, device=windows.device)[None, :] - offset[:, 0, None]  # patch row per window row
-    cols = torch.arange(wr, device=windows.device)[None, :] - offset[:, 1, None]
-    valid = ((rows >= 0) & (rows < hp))[:, :, None] & ((cols >= 0) & (cols < wp))[:, None, :]
-    index = rows.clamp(0, hp - 1)[:, :, None] * wp + cols.clamp(0, wp - 1)[:, None, :]
-    from_patch = patch.reshape(n, c, hp * wp).gather(2, index.view(n, 1, hr * wr).expand(n, c, hr * wr))
-    return torch.where(valid.view(n, 1, hr, wr), from_patch.view(n, c, hr, wr), windows)
+        index = _flat_window_index(offset, patch_size, window_size).view(n, 1, patch_cells)
+        out = windows.reshape(n, c, window_cells)
+        out.scatter_(2, index.expand(n, c, patch_cells), patch.reshape(n, c, patch_cells))
+        return out.view(n, c, *window_size)
+    # Each window cell's coordinate in its patch, per axis; valid where every axis lands inside it.
+    axes = len(window_size)
+    valid = torch.ones((n,) + (1,) * axes, dtype=torch.bool, device=windows.device)
+    index = torch.zeros((n,) + (1,) * axes, dtype=torch.long, device=windows.device)
+    for axis in range(axes):
+        along = torch.arange(window_size[axis], device=windows.device)[None, :] - offset[:, axis, None]
+        shape = (n,) + tuple(window_size[axis] if d == axis else 1 for d in range(axes))
+        valid = valid & ((along >= 0) & (along < patch_size[axis])).view(shape)
+        index = index * patch_size[axis] + along.clamp(0, patch_size[axis] - 1).view(shape)
+    index = index.expand((n,) + window_size).reshape(n, 1, window_cells).expand(n, c, window_cells)
+    from_patch = patch.reshape(n, c, patch_cells).gather(2, index).view(n, c, *window_size)
+    return torch.where(valid.view(n, 1, *window_size), from_patch, windows)
 
 
 def project(base: torch.Tensor, patch: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
-    """Projection to full (docs/design.md §2.6): N copies of base [C, H, W] with each patch painted in."""
-    n, c, h, w = patch.shape
-    _, height, width = base.shape
+    """Projection to full (docs/design.md §2.6): N copies of base [C, *S] with each patch painted in."""
+    n, c, size = patch.shape[0], patch.shape[1], tuple(patch.shape[2:])
+    full = tuple(base.shape[1:])
+    cells = math.prod(size)
     # clone, not contiguous(): for N == 1 the expanded view is already contiguous, and scattering
     # into it would overwrite the cached base activation that later batches read.
-    out = base.expand(n, c, height, width).clone(memory_format=torch.contiguous_format)
-    index = _flat_window_index(origin, (h, w), width).view(n, 1, h * w).expand(n, c, h * w)
-    out.view(n, c, height * width).scatter_(2, index, patch.reshape(n, c, h * w))
+    out = base.expand(n, c, *full).clone(memory_format=torch.contiguous_format)
+    index = _flat_window_index(origin, size, full).view(n, 1, cells).expand(n, c, cells)
+    out.view(n, c, math.prod(full)).scatter_(2, index, patch.reshape(n, c, cells))
     return out

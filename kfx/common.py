@@ -15,7 +15,7 @@ import torch
 from kfx.errors import InputError
 from kfx.validation import as_int
 
-__all__ = ["DEFAULT_BATCH_SIZE", "model_dtype_device", "int_pair", "progress_bar", "follow_progress"]
+__all__ = ["DEFAULT_BATCH_SIZE", "model_dtype_device", "int_pair", "int_tuple", "progress_bar", "follow_progress"]
 
 # Patch positions per batch when none is given: large enough to keep the incremental program's
 # batched kernels busy, small enough that a typical CNN's batch fits in a few GB.
@@ -45,11 +45,33 @@ def int_pair(value, name: str, error: type[Exception] = InputError) -> tuple[int
     >>> int_pair(3, "stride"), int_pair((16, 8), "patch size"), int_pair([2], "dilation")
     ((3, 3), (16, 8), (2, 2))
     """
-    items = (value,) if as_int(value) is not None else _sequence(value)
-    numbers = [as_int(item) for item in items]
-    if len(numbers) not in (1, 2) or None in numbers:
+    numbers = int_sequence(value)
+    if len(numbers) not in (1, 2):
         raise error(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
     return (numbers[0], numbers[-1])
+
+
+def int_sequence(value) -> tuple[int, ...]:
+    """The ints of ``value``: (v,) for one int, else the items of a list, tuple or 1-d tensor of
+    ints; () if ``value`` is neither (or holds a non-int)."""
+    items = (value,) if as_int(value) is not None else _sequence(value)
+    numbers = tuple(as_int(item) for item in items)
+    return () if None in numbers else numbers
+
+
+def int_tuple(value, name: str, axes: int, error: type[Exception] = InputError) -> tuple[int, ...]:
+    """``value`` as one int per spatial axis (``axes`` of them): an int, or a sequence of one, stands
+    for every axis, as torch's N-d ops read their arguments.
+
+    >>> int_tuple(3, "stride", 3), int_tuple((16, 8), "patch size", 2), int_tuple([250], "patch size", 1)
+    ((3, 3, 3), (16, 8), (250,))
+    """
+    numbers = int_sequence(value)
+    if len(numbers) == 1:
+        return numbers * axes
+    if len(numbers) != axes:
+        raise error(f"{name} must be an int or {axes} ints (one per spatial axis), got {value!r}")
+    return numbers
 
 
 def _sequence(value) -> tuple:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from kfx.passes.ops import local_spec
-from kfx.passes.patch_prop import META_KEY, State, spatial_size
+from kfx.passes.layout import spatial_dims
+from kfx.passes.patch_prop import META_KEY, State, input_axes, spatial_size
 from kfx.passes.transposed import transposed_spec
 
 __all__ = ["LayerCost", "CostReport", "static_cost"]
@@ -30,8 +31,8 @@ class LayerCost:
     op: str
     full: int
     incremental: int
-    box: tuple[int, int] | None  # changed box (h, w) of the output; None if the layer runs densely
-    out: tuple[int, int] | None  # full output (H, W)
+    box: tuple[int, ...] | None  # changed box (h, w) of the output; None if the layer runs densely
+    out: tuple[int, ...] | None  # full output (H, W), one entry per spatial axis
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,8 @@ class CostReport:
     def __str__(self) -> str:
         rows = [f"{'node':<28} {'op':<18} {'box':>9} {'out':>9} {'full MFMA':>11} {'inc MFMA':>10}"]
         for layer in self.layers:
-            box = "dense" if layer.box is None else f"{layer.box[0]}x{layer.box[1]}"
-            out = "" if layer.out is None else f"{layer.out[0]}x{layer.out[1]}"
+            box = "dense" if layer.box is None else "x".join(map(str, layer.box))
+            out = "" if layer.out is None else "x".join(map(str, layer.out))
             rows.append(
                 f"{layer.node:<28} {layer.op:<18} {box:>9} {out:>9} {layer.full / 1e6:>11.2f} {layer.incremental / 1e6:>10.2f}"
             )
@@ -90,42 +91,43 @@ def static_cost(gm: fx.GraphModule, tau: float = 1.0, concat: str = "union") -> 
     ``tau`` and ``concat`` are recorded only: the boxes in ``node.meta`` already carry them.
     """
     modules = dict(gm.named_modules())
+    axes = input_axes(gm)
     layers = []
     for node in gm.graph.nodes:
         meta = node.meta.get(META_KEY)
         if meta is None or meta.state is State.CONST or node.op not in ("call_module", "call_function"):
             continue
-        out_hw = spatial_size(node)
+        out_hw = spatial_size(node, axes)
         if node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
             linear = modules[node.target]
             rows = math.prod(node.meta["tensor_meta"].shape[:-1])
             fmas = rows * linear.in_features * linear.out_features
             if meta.state is State.PATCH:  # over the channels of a channels-last map: the box's rows only
-                box = (meta.box[0].width, meta.box[1].width)
+                box = tuple(b.width for b in meta.box)
                 shape = node.meta["tensor_meta"].shape
-                h, w = meta.spatial
-                incremental = fmas * box[0] * box[1] // (shape[h] * shape[w])
-                layers.append(LayerCost(node.name, "Linear", fmas, incremental, box, (shape[h], shape[w])))
+                full_size = tuple(shape[d] for d in spatial_dims(meta.spatial, len(shape), axes))
+                incremental = fmas * math.prod(box) // math.prod(full_size)
+                layers.append(LayerCost(node.name, "Linear", fmas, incremental, box, full_size))
             else:
                 layers.append(LayerCost(node.name, "Linear", fmas, fmas, None, None))
             continue
         source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        in_hw = spatial_size(source) if source is not None else None
+        in_hw = spatial_size(source, axes) if source is not None else None
         transposed = transposed_spec(node, modules) if in_hw else None
         if transposed is not None:  # counted per input pixel: the window's, or the whole map's
-            full = transposed.fmas_per_input * in_hw[0] * in_hw[1]
-            read = (meta.read[0].width, meta.read[1].width) if meta.state is State.PATCH else None
-            incremental = transposed.fmas_per_input * read[0] * read[1] if read else full
-            box = (meta.box[0].width, meta.box[1].width) if read else None
+            full = transposed.fmas_per_input * math.prod(in_hw)
+            read = tuple(r.width for r in meta.read) if meta.state is State.PATCH else None
+            incremental = transposed.fmas_per_input * math.prod(read) if read else full
+            box = tuple(b.width for b in meta.box) if read else None
             layers.append(LayerCost(node.name, _op_name(node, modules), full, incremental, box, out_hw))
             continue
         spec = local_spec(node, modules, in_hw) if (in_hw and out_hw) else None
         if spec is None or spec.kind != "conv":
             continue
-        full = spec.fmas_per_output * out_hw[0] * out_hw[1]
+        full = spec.fmas_per_output * math.prod(out_hw)
         if meta.state is State.PATCH:
-            box = (meta.box[0].width, meta.box[1].width)
-            incremental = spec.fmas_per_output * box[0] * box[1]
+            box = tuple(b.width for b in meta.box)
+            incremental = spec.fmas_per_output * math.prod(box)
         else:
             box, incremental = None, full
         layers.append(LayerCost(node.name, _op_name(node, modules), full, incremental, box, out_hw))

@@ -196,10 +196,9 @@ class Engine(OcclusionRunner):
             yield out
 
 
-def check_compile_arguments(
-    model, image_shape, patch, tau, caller: str
-) -> tuple[tuple[int, int, int], Patch]:
-    """The arguments kfx.compile, kfx.paper_cost and kfx.NaiveEngine share, checked: (C, H, W) and a Patch."""
+def check_compile_arguments(model, image_shape, patch, tau, caller: str) -> tuple[tuple[int, ...], Patch]:
+    """The arguments kfx.compile, kfx.paper_cost and kfx.NaiveEngine share, checked: (C, *spatial)
+    with one to three spatial axes, and a Patch with as many axes."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"{caller} needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(patch, int) and not isinstance(patch, bool):
@@ -209,14 +208,17 @@ def check_compile_arguments(
     try:
         shape = tuple(int(v) for v in image_shape)
     except (TypeError, ValueError):
-        raise InputError(f"image_shape must be (C, H, W), got {image_shape!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise InputError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")
+        raise InputError(f"image_shape must be (C, H, W), (C, L) or (C, D, H, W), got {image_shape!r}") from None
+    if len(shape) not in (2, 3, 4) or min(shape) < 1:
+        raise InputError(
+            "image_shape must be positive ints: (C, H, W) for images, (C, L) for signals or (C, D, H, W) for "
+            f"volumes; got {image_shape!r}"
+        )
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0 < tau <= 1):
         raise InputError(
             f"tau must be a number in (0, 1] (1 = exact, smaller = faster and more approximate), got {tau!r}"
         )
-    return shape, patch
+    return shape, patch.for_axes(len(shape) - 1)
 
 
 def paper_cost(
@@ -354,7 +356,7 @@ def _build(
     """Run the pipeline: annotate, rewrite, cost and memory models, batch size (docs/design.md §3)."""
     model_dtype, device = model_dtype_device(model, _NO_WEIGHTS)
     dtype = dtype or model_dtype
-    backend = kernels.resolve_backend(backend, device)
+    backend = kernels.resolve_backend(backend, device, axes=len(image_shape) - 1)
     patch.check_fits(tuple(image_shape[1:]))
     leaves, functions = trace_hooks
     gm = annotate(

@@ -66,15 +66,15 @@ def _numel_per_image(node: fx.Node) -> int:
 
 def _patch_numel(node: fx.Node, box) -> int:
     """Elements of one position's changed box: each tensor's channels (every dim but the batch and
-    the two spatial ones, wherever a channels-last map has them) times the box area."""
+    the spatial ones, wherever a channels-last map has them) times the box volume."""
     meta = node.meta.get(META_KEY)
     spatial = getattr(meta, "spatial", None)
     channels = 0
     for shape in _shapes(node):
-        if len(shape) >= 3:
-            h, w = spatial_dims(spatial, len(shape))
-            channels += math.prod(size for d, size in enumerate(shape) if d not in (0, h, w))
-    return channels * box[0].width * box[1].width
+        if len(shape) >= len(box) + 1:
+            dims = spatial_dims(spatial, len(shape), len(box))
+            channels += math.prod(size for d, size in enumerate(shape) if d != 0 and d not in dims)
+    return channels * math.prod(b.width for b in box)
 
 
 def _value_numel(node: fx.Node) -> int:

@@ -19,7 +19,7 @@ from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device
 from kfx.engine import check_compile_arguments
 from kfx.errors import InputError
 from kfx.passes.trace import require_eval_module
-from kfx.patch import Patch, occlude
+from kfx.patch import Patch, image_has_batch, occlude
 from kfx.results import Heatmap
 from kfx.runner import OcclusionRunner
 from kfx.validation import check_batch_size
@@ -99,6 +99,6 @@ def naive_heatmap(
     """
     if not isinstance(image, torch.Tensor):
         raise InputError(f"image must be a torch.Tensor [C, H, W], got {type(image).__name__}")
-    shape = tuple(image.shape[-3:])
+    shape = tuple(image.shape[1:] if image_has_batch(image, patch) else image.shape)
     batch_options = {k: options.pop(k) for k in ("batch_size", "dtype") if k in options}
     return NaiveEngine(model, shape, patch, **batch_options)(image, target, **options)

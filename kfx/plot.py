@@ -9,16 +9,19 @@ __all__ = ["to_pixels", "plot", "save", "plot_mask", "save_mask", "gallery", "pi
 
 
 def to_pixels(heatmap) -> torch.Tensor:
-    """Captum-style per-pixel map [H, W]: the mean, over the windows covering each pixel, of
-    (base probability - occluded probability). Pixels no evaluated window covers (a remainder at the
-    bottom/right when (H - patch) is not a multiple of the stride, or outside a selection) get 0."""
-    height, width = heatmap.image_size
+    """Captum-style per-pixel map (the image's spatial shape, e.g. [H, W]): the mean, over the
+    windows covering each pixel, of (base probability - occluded probability). Pixels no evaluated
+    window covers (a remainder at the bottom/right when (H - patch) is not a multiple of the stride,
+    or outside a selection) get 0. Signals and volumes work the same way along every axis."""
+    size = tuple(heatmap.image_size)
     evaluated = heatmap.evaluated.double()[None, None]
     drops = (heatmap.base - heatmap.values.double()).nan_to_num(0.0)[None, None]
     ones = torch.ones(1, 1, *heatmap.patch.size, dtype=torch.float64)
-    sums = F.conv_transpose2d(drops, ones, stride=heatmap.patch.stride)
-    counts = F.conv_transpose2d(evaluated, ones, stride=heatmap.patch.stride)
-    pad = (0, width - sums.shape[-1], 0, height - sums.shape[-2])
+    spread = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(size) - 1]
+    sums = spread(drops, ones, stride=heatmap.patch.stride)
+    counts = spread(evaluated, ones, stride=heatmap.patch.stride)
+    # F.pad starts at the last axis: (after-padding of the last axis first, then the one before).
+    pad = [v for axis in reversed(range(len(size))) for v in (0, size[axis] - sums.shape[2 + axis])]
     sums, counts = F.pad(sums, pad), F.pad(counts, pad)
     return (sums / counts.clamp_min(1))[0, 0].to(heatmap.values.dtype)
 

@@ -26,6 +26,11 @@ from kfx.validation import check_batch_size, check_class_index
 __all__ = ["OcclusionRunner"]
 
 
+def _layout(rank: int) -> str:
+    """How an input of ``rank`` dims (channels included) is laid out, for messages."""
+    return {2: "[C, L]", 3: "[C, H, W]", 4: "[C, D, H, W]"}.get(rank, f"of {rank} dims")
+
+
 class OcclusionRunner:
     """Occlusion maps for one (image shape, patch); subclasses evaluate the positions."""
 
@@ -51,13 +56,15 @@ class OcclusionRunner:
 
     def _check_image(self, image) -> torch.Tensor:
         if not isinstance(image, torch.Tensor):
-            raise InputError(f"image must be a torch.Tensor [C, H, W], got {type(image).__name__}")
-        if image.dim() == 4 and image.shape[0] == 1:
+            layout = _layout(len(self.image_shape))
+            raise InputError(f"image must be a torch.Tensor {layout}, got {type(image).__name__}")
+        if image.dim() == len(self.image_shape) + 1 and image.shape[0] == 1:
             image = image[0]
         if tuple(image.shape) != tuple(self.image_shape):
             raise InputError(
                 f"image has shape {list(image.shape)} but the engine was compiled for {list(self.image_shape)} "
-                "([C, H, W] or [1, C, H, W]); compile another engine for this shape"
+                f"({_layout(len(self.image_shape))}, or with a batch of 1 in front); compile another engine "
+                "for this shape"
             )
         if image.dtype != self.dtype:
             raise InputError(
@@ -74,7 +81,7 @@ class OcclusionRunner:
         """The model's raw outputs [N, ...] for ``image`` occluded at each of ``positions``.
 
         Equal to ``model(kfx.occlude(image, positions, patch))``. ``positions`` is an integer tensor
-        [N, 2] of (y, x) top-left corners; any corner where the patch fits is allowed (interactive
+        [N, axes] of top-left corners ((y, x) for images, (z, y, x) for volumes); any corner where the patch fits is allowed (interactive
         mode), not only the heat-map grid.
 
         >>> engine.outputs(image, torch.tensor([[0, 0], [8, 12]])).shape  # doctest: +SKIP
@@ -89,16 +96,18 @@ class OcclusionRunner:
         return torch.cat(batches)
 
     def cells_overlapping(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Grid cells [H_M, W_M] whose patch window touches a True pixel of ``pixels`` [H, W].
+        """Grid cells (the heat map's shape) whose patch window touches a True pixel of ``pixels``
+        (a mask of the image's spatial shape, e.g. [H, W]).
 
         Turns a user's selection (a rectangle or brush strokes, as a pixel mask) into the ``cells``
         argument of :meth:`__call__` / :meth:`stream`.
         """
-        hw = tuple(self.image_shape[1:])
-        if not isinstance(pixels, torch.Tensor) or tuple(pixels.shape) != hw:
-            raise InputError(f"the selection must be a [H, W] = {list(hw)} mask tensor")
+        size = tuple(self.image_shape[1:])
+        if not isinstance(pixels, torch.Tensor) or tuple(pixels.shape) != size:
+            raise InputError(f"the selection must be a mask tensor of the image's spatial shape {list(size)}")
         mask = pixels.detach().to("cpu", torch.float32)[None, None]
-        return F.max_pool2d(mask, self.patch.size, self.patch.stride)[0, 0] > 0
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[len(size) - 1]
+        return pool(mask, self.patch.size, self.patch.stride)[0, 0] > 0
 
     def _check_cells(self, cells) -> torch.Tensor:
         grid = self.patch.grid_shape(tuple(self.image_shape[1:]))

@@ -32,8 +32,8 @@ __all__ = [
 
 def annotate(
     model: nn.Module,
-    image_shape: tuple[int, int, int],
-    patch_hw: tuple[int, int],
+    image_shape: tuple[int, ...],
+    patch_size: tuple[int, ...],
     tau: float,
     dtype: torch.dtype,
     device: torch.device,
@@ -52,5 +52,5 @@ def annotate(
     propagate_shapes(gm, torch.zeros(1, *image_shape, dtype=dtype, device=device))
     example = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     check_traced(model, gm, example.to(dtype=dtype, device=device))
-    propagate_patches(gm, tuple(image_shape[1:]), patch_hw, tau, concat=concat, global_context=global_context)
+    propagate_patches(gm, tuple(image_shape[1:]), patch_size, tau, concat=concat, global_context=global_context)
     return gm

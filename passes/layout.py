@@ -30,9 +30,10 @@ __all__ = [
 PERMUTE_FUNCTIONS = (torch.permute,)
 
 
-def spatial_dims(spatial: tuple[int, int] | None, rank: int) -> tuple[int, int]:
-    """The (H, W) dims of a rank-``rank`` map whose layout is ``spatial`` (None: the last two)."""
-    return (rank - 2, rank - 1) if spatial is None else spatial
+def spatial_dims(spatial: tuple[int, ...] | None, rank: int, axes: int = 2) -> tuple[int, ...]:
+    """The spatial dims of a rank-``rank`` map with ``axes`` spatial axes whose layout is
+    ``spatial`` (None: the last ``axes`` dims; channels-last layouts exist for 2-d maps only)."""
+    return tuple(range(rank - axes, rank)) if spatial is None else spatial
 
 
 def permuted_spatial(node: fx.Node, spatial: tuple[int, int] | None, rank: int):
@@ -110,33 +111,35 @@ _CHANNEL_FUNCTIONS = {
 }
 
 
-def _is_channel_slice(index, source: tuple | None, out: tuple | None) -> bool:
-    """``x[:, a:b]`` (or ``x[:, a:b, :, :]``) of a [1, C, ..., H, W] map: slices of the channel dims,
-    the batch and the spatial dims taken whole (GhostNet, ReXNet, DPN)."""
+def _is_channel_slice(index, source: tuple | None, out: tuple | None, axes: int) -> bool:
+    """``x[:, a:b]`` (or ``x[:, a:b, :, :]``) of a [1, C, ..., *S] map: slices of the channel dims,
+    the batch and the ``axes`` spatial dims taken whole (GhostNet, ReXNet, DPN)."""
     items = index if isinstance(index, tuple) else (index,)
-    if source is None or out is None or len(source) < 4 or len(items) > len(source):
+    if source is None or out is None or len(source) < axes + 2 or len(items) > len(source):
         return False
     whole = slice(None)
-    spatial = [i for i in range(len(items)) if i >= len(source) - 2]
+    spatial = [i for i in range(len(items)) if i >= len(source) - axes]
     return (
         all(isinstance(item, slice) for item in items)
         and items[0] == whole
         and all(items[i] == whole for i in spatial)
-        and out[-2:] == source[-2:]
+        and out[-axes:] == source[-axes:]
         and len(out) == len(source)
     )
 
 
-def channel_op_kind(node: fx.Node, src: tuple | None, out: tuple | None, piece_of_split: bool) -> str | None:
+def channel_op_kind(
+    node: fx.Node, src: tuple | None, out: tuple | None, piece_of_split: bool, axes: int = 2
+) -> str | None:
     """The kind of a reshape/transpose/chunk/split/slice that moves channels only, keeping the last
-    two (spatial) dims where they are (channel shuffle, branch splits), or None. ``src`` and
+    ``axes`` (spatial) dims where they are (channel shuffle, branch splits), or None. ``src`` and
     ``out`` are the shapes of the node's first operand and of the node (None if not tensors);
     ``piece_of_split``: the operand is the tuple a channel split made. (Permutes: any that keeps
     the batch dim first, :func:`permuted_spatial`.)"""
     if node.op == "call_function" and node.target is operator.getitem:
         if piece_of_split:
             return "getitem"  # one piece of a split
-        return "slice" if _is_channel_slice(node.args[1], src, out) else None
+        return "slice" if _is_channel_slice(node.args[1], src, out, axes) else None
     kind = (
         _CHANNEL_METHODS.get(node.target)
         if node.op == "call_method"
@@ -144,13 +147,14 @@ def channel_op_kind(node: fx.Node, src: tuple | None, out: tuple | None, piece_o
         if node.op == "call_function"
         else None
     )
-    if kind is None or src is None or len(src) < 4 or src[0] != 1:
+    if kind is None or src is None or len(src) < axes + 2 or src[0] != 1:
         return None
     rank = len(src)
-    inner = lambda d: isinstance(d, int) and 1 <= d % rank <= rank - 3  # neither batch nor spatial
+    inner = lambda d: isinstance(d, int) and 1 <= d % rank <= rank - axes - 1  # neither batch nor spatial
     args = node.args[1:]
     if kind == "reshape":
-        return kind if out is not None and len(out) >= 3 and out[0] == 1 and out[-2:] == src[-2:] else None
+        keeps_space = out is not None and len(out) >= axes + 1 and out[-axes:] == src[-axes:]
+        return kind if keeps_space and out[0] == 1 else None
     if kind == "transpose":
         return kind if len(args) == 2 and all(inner(d) for d in args) else None
     dim = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)

@@ -3,7 +3,7 @@
 Requires: a traced, functional graph with ``tensor_meta`` on its nodes (kfx.passes.trace).
 Ensures: every node carries ``node.meta["kfx_patch"]``, a :class:`NodePatch` saying whether its
 value is constant (independent of the image), incremental (a changed box per patch position,
-height and width separately) or dense (recomputed in full after a projection), and for local ops
+one spatial axis at a time: 1, 2 or 3 of them) or dense (recomputed in full after a projection), and for local ops
 the read-in window (docs/design.md §2.3). Boxes are tabulated for every patch coordinate along each axis, so
 any position (not only the heat-map grid) can be looked up at run time with one index. Each call
 node is classified by the first matching rule of ``CLASSIFY_RULES`` (the table at the end of the file).
@@ -78,6 +78,7 @@ __all__ = [
     "CLASSIFY_RULES",
     "propagate_patches",
     "spatial_size",
+    "input_axes",
 ]
 
 META_KEY = "kfx_patch"
@@ -104,7 +105,7 @@ class AxisBoxes:
         return Span(self.starts[x], self.width)
 
 
-Box = tuple[AxisBoxes, AxisBoxes]  # (height axis, width axis)
+Box = tuple[AxisBoxes, ...]  # one per spatial axis: (height, width) for images, (depth, height, width) for volumes
 
 
 @dataclass(frozen=True)
@@ -121,17 +122,23 @@ class NodePatch:
     local: LocalSpec | None = None
     resample: ResampleSpec | None = None
     transposed: TransposedSpec | None = None
-    spatial: tuple[int, int] | None = None  # the (H, W) dims of a channels-last map; None: the last two
+    spatial: tuple[int, int] | None = None  # the (H, W) dims of a channels-last 2-d map; None: the last ones
     reason: str = ""  # dense nodes fed by incremental ones: why the incremental path stops here
 
 
-def spatial_size(node: fx.Node) -> tuple[int, int] | None:
-    """(H, W) of a node whose value is a single-image 4-D tensor [1, C, H, W], else None."""
+def spatial_size(node: fx.Node, axes: int = 2) -> tuple[int, ...] | None:
+    """The spatial size of a node whose value is a single-input map [1, C, *S] with ``axes``
+    spatial axes ((H, W) for images, (L,) for signals, (D, H, W) for volumes), else None."""
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
-    if shape is None or len(shape) != 4 or shape[0] != 1:
+    if shape is None or len(shape) != axes + 2 or shape[0] != 1:
         return None
-    return (int(shape[2]), int(shape[3]))
+    return tuple(int(v) for v in shape[2:])
+
+
+def input_axes(gm: fx.GraphModule) -> int:
+    """How many spatial axes the annotated graph's input has (the length of its changed box)."""
+    return next(len(n.meta[META_KEY].box) for n in gm.graph.nodes if n.op == "placeholder")
 
 
 def _shape(node: fx.Node):
@@ -139,11 +146,11 @@ def _shape(node: fx.Node):
     return tuple(getattr(meta, "shape", ())) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _broadcasts_over_space(node: fx.Node) -> bool:
-    """A constant operand that is the same at every spatial position of a [1, C, H, W] map (e.g. a
+def _broadcasts_over_space(node: fx.Node, axes: int) -> bool:
+    """A constant operand that is the same at every spatial position of a [1, C, *S] map (e.g. a
     [C, 1, 1] scale): kfx.passes.layout's rule, for the usual layout."""
     shape = _shape(node)
-    return shape is not None and constant_over(shape, (2, 3), 4)
+    return shape is not None and constant_over(shape, tuple(range(2, axes + 2)), axes + 2)
 
 
 def _local_axis(
@@ -152,18 +159,24 @@ def _local_axis(
     kw = dict(kernel=spec.kernel[axis], stride=spec.stride[axis], padding=spec.padding[axis])
     # The paper caps convs and pools; a constant pad only shifts coordinates, it never grows a box.
     cap = 1.0 if spec.kind == "pad" else tau
-    outs = [thresholded_output_span(s, inp.width, out_size=out_size, tau=cap, **kw) for s in inp.starts]
-    reads = [read_in_span(o.start, o.width, **kw) for o in outs]
+    # The table has a start per patch coordinate, but after a few strided layers only a handful of
+    # distinct ones: each distinct start is mapped once (compile time, not a different answer).
+    out_of = {
+        s: thresholded_output_span(s, inp.width, out_size=out_size, tau=cap, **kw) for s in set(inp.starts)
+    }
+    read_of = {o: read_in_span(o.start, o.width, **kw) for o in set(out_of.values())}
+    outs = [out_of[s] for s in inp.starts]
     return (
         AxisBoxes(outs[0].width, tuple(o.start for o in outs)),
-        AxisBoxes(reads[0].width, tuple(r.start for r in reads)),
+        AxisBoxes(read_of[outs[0]].width, tuple(read_of[o].start for o in outs)),
     )
 
 
 def _uniform(spans: list[Span], size: int) -> AxisBoxes:
     """Spans of one axis made one width (the widest), shifted back inside [0, size) ([TR] Eq. 31)."""
     width = max(s.width for s in spans)
-    return AxisBoxes(width, tuple(shift_inside(s.start, width, size) for s in spans))
+    shifted = {start: shift_inside(start, width, size) for start in {s.start for s in spans}}
+    return AxisBoxes(width, tuple(shifted[s.start] for s in spans))
 
 
 def _resample_axis(
@@ -195,7 +208,9 @@ def _transposed_axis(inp: AxisBoxes, spec: TransposedSpec, axis: int, in_size: i
 
 def _merge_axis(inputs: list[AxisBoxes], size: int) -> AxisBoxes:
     """Union box of several changed boxes ([TR] Eq. 20), made uniform in width across positions."""
-    return _uniform([union_span([b.span(x) for b in inputs]) for x in range(len(inputs[0].starts))], size)
+    starts = list(zip(*(b.starts for b in inputs)))  # the inputs' starts at each patch coordinate
+    union_of = {key: union_span([Span(s, b.width) for s, b in zip(key, inputs)]) for key in set(starts)}
+    return _uniform([union_of[key] for key in starts], size)
 
 
 def _dense(reason: str = "") -> NodePatch:
@@ -232,6 +247,7 @@ class ClassifyContext:
     tau: float
     concat: str
     global_context: str  # one of GLOBAL_CONTEXT_MODES
+    axes: int  # spatial axes of the model's input (and of every map kfx tracks)
     inputs: list[fx.Node]  # every node this one reads
     data: list[fx.Node]  # the inputs that are data: values derived from x.size() are metadata
     states: frozenset[State]  # the states of the data inputs
@@ -240,7 +256,7 @@ class ClassifyContext:
 
 
 def _context(
-    node: fx.Node, modules: dict[str, nn.Module], tau: float, concat: str, global_context: str
+    node: fx.Node, modules: dict[str, nn.Module], tau: float, concat: str, global_context: str, axes: int
 ) -> ClassifyContext:
     inputs = node.all_input_nodes
     data = [n for n in inputs if n.meta[META_KEY].role not in SHAPE_ROLES]
@@ -249,6 +265,7 @@ def _context(
         tau=tau,
         concat=concat,
         global_context=global_context,
+        axes=axes,
         inputs=inputs,
         data=data,
         states=frozenset(n.meta[META_KEY].state for n in data),
@@ -286,10 +303,12 @@ def gate(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
         and len(ctx.changed) == 1
         and _channels_first(ctx.changed[0])
         and is_gate_product(node)
-        and spatial_size(node) is not None
+        and spatial_size(node, ctx.axes) is not None
         and _shape(node) == _shape(ctx.changed[0])
         and all(
-            _broadcasts_over_space(n) for n in ctx.data if n is not ctx.changed[0] and _shape(n) is not None
+            _broadcasts_over_space(n, ctx.axes)
+            for n in ctx.data
+            if n is not ctx.changed[0] and _shape(n) is not None
         )
     ):
         return None
@@ -331,12 +350,13 @@ def channel_op(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
         return None
     source = ctx.changed[0]
     meta, shape = source.meta[META_KEY], _shape(source)
-    if shape is not None and len(shape) >= 4 and shape[0] == 1:
+    if ctx.axes == 2 and shape is not None and len(shape) >= 4 and shape[0] == 1:
         moved = permuted_spatial(node, meta.spatial, len(shape))
         if moved is not False:
             return NodePatch(State.PATCH, "channel", box=meta.box, spatial=moved)
     piece_of_split = meta.role == "channel" and shape is None
-    if meta.spatial is None and channel_op_kind(node, shape, _shape(node), piece_of_split) is not None:
+    kind = channel_op_kind(node, shape, _shape(node), piece_of_split, ctx.axes)
+    if meta.spatial is None and kind is not None:
         return NodePatch(State.PATCH, "channel", box=meta.box)
     return None
 
@@ -365,7 +385,7 @@ def pointwise(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     if src is None or out is None or len(src) != len(out) or len(src) < 3:
         return None
     rank = len(src)
-    spatial = spatial_dims(meta.spatial, rank)
+    spatial = spatial_dims(meta.spatial, rank, ctx.axes)
     acting = acting_dims(node, ctx.modules)
     if acting is not None:
         mixed = {d % rank for d in acting}
@@ -397,9 +417,9 @@ def channels_last(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
 def global_context(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """Anything left whose output is not a [1, C, H, W] map (flatten, linear, a spatial reduction)
     needs its whole input: the change is projected to full here. Later rules may assume a map."""
-    if spatial_size(node) is not None:
+    if spatial_size(node, ctx.axes) is not None:
         return None
-    return _dense(f"{_describe(node, ctx.modules)} is global context (its output is not a [1, C, H, W] map)")
+    return _dense(f"{_describe(node, ctx.modules)} is global context (its output is not a [1, C, *spatial] map)")
 
 
 def local(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
@@ -408,11 +428,13 @@ def local(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     if not _changes_first_arg(node, ctx):
         return None
     source = ctx.changed[0]
-    spec = local_spec(node, ctx.modules, spatial_size(source))
+    spec = local_spec(node, ctx.modules, spatial_size(source, ctx.axes))
     if spec is None:
         return None
-    size = spatial_size(node)
-    box, read = zip(*(_local_axis(source.meta[META_KEY].box[a], spec, a, size[a], ctx.tau) for a in (0, 1)))
+    size = spatial_size(node, ctx.axes)
+    box, read = zip(
+        *(_local_axis(source.meta[META_KEY].box[a], spec, a, size[a], ctx.tau) for a in range(ctx.axes))
+    )
     return NodePatch(State.PATCH, "local", box=tuple(box), read=tuple(read), local=spec)
 
 
@@ -422,11 +444,11 @@ def resample(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     if not _changes_first_arg(node, ctx):
         return None
     source = ctx.changed[0]
-    in_hw, out_hw = spatial_size(source), spatial_size(node)
+    in_hw, out_hw = spatial_size(source, ctx.axes), spatial_size(node, ctx.axes)
     spec = resample_spec(node, ctx.modules, in_hw, out_hw, source.meta["tensor_meta"].dtype)
     if spec is None:
         return None
-    box, read = zip(*(_resample_axis(source.meta[META_KEY].box[a], spec, a, in_hw[a]) for a in (0, 1)))
+    box, read = zip(*(_resample_axis(source.meta[META_KEY].box[a], spec, a, in_hw[a]) for a in range(ctx.axes)))
     return NodePatch(State.PATCH, "resample", box=tuple(box), read=tuple(read), resample=spec)
 
 
@@ -437,14 +459,15 @@ def transposed(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
         return None
     spec = transposed_spec(node, ctx.modules)
     source = ctx.changed[0]
-    in_hw, out_hw = spatial_size(source), spatial_size(node)
-    if spec is None or in_hw is None or out_hw is None:
+    in_hw, out_hw = spatial_size(source, ctx.axes), spatial_size(node, ctx.axes)
+    if spec is None or in_hw is None or out_hw is None or len(spec.kernel) != ctx.axes:
         return None
-    axes = [_transposed_axis(source.meta[META_KEY].box[a], spec, a, in_hw[a], out_hw[a]) for a in (0, 1)]
+    box = source.meta[META_KEY].box
+    axes = [_transposed_axis(box[a], spec, a, in_hw[a], out_hw[a]) for a in range(ctx.axes)]
     if None in axes:
         return None
-    (box_h, read_h), (box_w, read_w) = axes
-    return NodePatch(State.PATCH, "transposed", box=(box_h, box_w), read=(read_h, read_w), transposed=spec)
+    boxes, reads = zip(*axes)
+    return NodePatch(State.PATCH, "transposed", box=tuple(boxes), read=tuple(reads), transposed=spec)
 
 
 def merge(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
@@ -453,14 +476,17 @@ def merge(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     op mixes scales, and the change is projected to full here."""
     if not is_merge(node):
         return None
-    size = spatial_size(node)
+    size = spatial_size(node, ctx.axes)
     tensors = [n for n in ctx.inputs if _shape(n) is not None]
-    if not all(spatial_size(n) == size or (n in ctx.others and _broadcasts_over_space(n)) for n in tensors):
+    if not all(
+        spatial_size(n, ctx.axes) == size or (n in ctx.others and _broadcasts_over_space(n, ctx.axes))
+        for n in tensors
+    ):
         return _dense(f"{_describe(node, ctx.modules)} mixes tensors of different spatial sizes")
     boxes = [n.meta[META_KEY].box for n in ctx.changed]
     if ctx.concat == "last" and node.target is torch.cat:
         boxes = boxes[-1:]
-    box = tuple(_merge_axis([b[a] for b in boxes], size[a]) for a in (0, 1))
+    box = tuple(_merge_axis([b[a] for b in boxes], size[a]) for a in range(ctx.axes))
     return NodePatch(State.PATCH, "merge", box=box)
 
 
@@ -483,14 +509,16 @@ def _classify(node: fx.Node, ctx: ClassifyContext) -> NodePatch:
 
 def propagate_patches(
     gm: fx.GraphModule,
-    image_hw: tuple[int, int],
-    patch_hw: tuple[int, int],
+    image_size: tuple[int, ...],
+    patch_size: tuple[int, ...],
     tau: float = 1.0,
     *,
     concat: str = "union",
     global_context: str = "exact",
 ) -> None:
     """Annotate every node of ``gm`` with its :class:`NodePatch` under ``node.meta["kfx_patch"]``.
+
+    ``image_size`` and ``patch_size`` have one entry per spatial axis of the model's input (1 to 3).
 
     ``tau`` in (0, 1] is the projective-field threshold (docs/design.md §4.1); 1 keeps every box exact.
     ``concat``: "union" ([TR] Eq. 20, exact) or "last" (the paper's published accounting, for the
@@ -503,15 +531,19 @@ def propagate_patches(
     if global_context not in GLOBAL_CONTEXT_MODES:
         raise ValueError(f"global_context must be one of {GLOBAL_CONTEXT_MODES}, got {global_context!r}")
     modules = dict(gm.named_modules())
+    axes = len(image_size)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            box = tuple(AxisBoxes(patch_hw[a], tuple(range(image_hw[a] - patch_hw[a] + 1))) for a in (0, 1))
+            box = tuple(
+                AxisBoxes(patch_size[a], tuple(range(image_size[a] - patch_size[a] + 1))) for a in range(axes)
+            )
             node.meta[META_KEY] = NodePatch(State.PATCH, "input", box=box)
         elif node.op in ("get_attr", "output"):
             node.meta[META_KEY] = NodePatch(State.CONST, "const")
         else:
             try:
-                node.meta[META_KEY] = _classify(node, _context(node, modules, tau, concat, global_context))
+                context = _context(node, modules, tau, concat, global_context, axes)
+                node.meta[META_KEY] = _classify(node, context)
             except Exception as exc:  # name the node, as torch.fx's own passes do
                 raise TraceError(
                     f"kfx cannot analyse node {node.format_node()} ({type(exc).__name__}: {exc}); please report "

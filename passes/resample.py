@@ -1,7 +1,8 @@
 """Resampling ops (``F.interpolate``, ``nn.Upsample``) as separable linear maps (docs/design.md §2.8).
 
-Nearest, bilinear and bicubic resampling of a [N, C, H, W] map is ``out = A_h @ x @ A_w^T`` per
-channel, for two fixed matrices A_h [H_out, H_in] and A_w [W_out, W_in]. kfx does not rederive
+Nearest, (bi/tri)linear and bicubic resampling of a [N, C, H, W] map is ``out = A_h @ x @ A_w^T`` per
+channel, for two fixed matrices A_h [H_out, H_in] and A_w [W_out, W_in]; a signal [N, C, L] has one
+matrix and a volume [N, C, D, H, W] three, one per spatial axis (:func:`apply_per_axis`). kfx does not rederive
 torch's coordinate rules (half-pixel centres, align_corners, recomputed scales, float rounding): it
 reads the matrices off the op itself, by running it once on one-hot rows and columns at compile
 time, and keeps them only if they reproduce the op on a random map. From the matrices' nonzero
@@ -10,6 +11,7 @@ pattern come the changed box and the read-in window (kfx.geometry.resample_outpu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,7 @@ from kfx.passes.ops import static_value
 __all__ = ["ResampleSpec", "resample_spec"]
 
 RESAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+__all__ += ["apply_per_axis"]
 RESAMPLE_FUNCTIONS = (F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear)
 # Reading the matrices costs one op call on an [1, H_in, H_in, W_in] one-hot stack per axis; maps
 # larger than this (in elements of that stack) are left to run densely.
@@ -32,9 +35,20 @@ class ResampleSpec:
     """The two matrices of a resampling op, and per axis the input range each output reads
     (``first[o]`` to ``stop[o]``, its nonzero weights)."""
 
-    matrices: tuple[torch.Tensor, torch.Tensor]  # A_h [H_out, H_in], A_w [W_out, W_in]
-    first: tuple[tuple[int, ...], tuple[int, ...]]
-    stop: tuple[tuple[int, ...], tuple[int, ...]]
+    matrices: tuple[torch.Tensor, ...]  # one [out, in] per spatial axis: A_h [H_out, H_in], A_w [W_out, W_in]
+    first: tuple[tuple[int, ...], ...]
+    stop: tuple[tuple[int, ...], ...]
+
+
+def apply_per_axis(x: torch.Tensor, matrices) -> torch.Tensor:
+    """``x`` [N, C, *S] with spatial axis a contracted with ``matrices[a]``: one matrix [out, in]
+    for every position, or one per position [N, out, in] (the incremental step's blocks)."""
+    for axis, matrix in enumerate(matrices):
+        dim = 2 + axis
+        moved = x.movedim(dim, -1)
+        moved = moved @ matrix.T if matrix.dim() == 2 else torch.einsum("n...r,nor->n...o", moved, matrix)
+        x = moved.movedim(-1, dim)
+    return x
 
 
 def _resampler(node: fx.Node, modules: dict[str, nn.Module]):
@@ -54,16 +68,15 @@ def _resampler(node: fx.Node, modules: dict[str, nn.Module]):
     return lambda x: node.target(x, *args, **kwargs)
 
 
-def _axis_matrix(op, in_hw: tuple[int, int], axis: int, dtype) -> torch.Tensor:
-    """A [out, in] along ``axis``: the op applied to a stack of one-hot rows (axis 0) or columns."""
+def _axis_matrix(op, in_hw: tuple[int, ...], axis: int, dtype) -> torch.Tensor:
+    """A [out, in] along ``axis``: the op applied to a stack (as channels) of one-hot slices along
+    that axis; the answer is read at index 0 of every other axis (the op is separable)."""
     size = in_hw[axis]
     one_hot = torch.zeros(1, size, *in_hw, dtype=dtype)
     index = torch.arange(size)
-    if axis == 0:
-        one_hot[0, index, index, :] = 1
-        return op(one_hot)[0, :, :, 0].T.contiguous()
-    one_hot[0, index, :, index] = 1
-    return op(one_hot)[0, :, 0, :].T.contiguous()
+    one_hot[(0, index, *(index if d == axis else slice(None) for d in range(len(in_hw))))] = 1
+    out = op(one_hot)[0]
+    return out[(slice(None), *(slice(None) if d == axis else 0 for d in range(len(in_hw))))].T.contiguous()
 
 
 def _reach(matrix: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -79,20 +92,18 @@ def resample_spec(node: fx.Node, modules: dict[str, nn.Module], in_hw, out_hw, d
     """The :class:`ResampleSpec` of a nearest/bilinear/bicubic resampling node, or None when the node
     is not one, is too large to tabulate, or its matrices do not reproduce it (then it runs densely)."""
     op = _resampler(node, modules)
-    if op is None or in_hw is None or out_hw is None or max(in_hw) ** 2 * min(in_hw) > MAX_TABLE_ELEMENTS:
+    if op is None or in_hw is None or out_hw is None or max(in_hw) * math.prod(in_hw) > MAX_TABLE_ELEMENTS:
         return None
     with torch.no_grad():
         try:
-            matrices = tuple(_axis_matrix(op, in_hw, axis, dtype) for axis in (0, 1))
+            matrices = tuple(_axis_matrix(op, in_hw, axis, dtype) for axis in range(len(in_hw)))
             probe = torch.randn(1, 2, *in_hw, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
             expected = op(probe.to(dtype))
         except (RuntimeError, ValueError, TypeError, NotImplementedError):
             return None
-        if tuple(expected.shape[-2:]) != tuple(out_hw) or tuple(m.shape[0] for m in matrices) != tuple(
-            out_hw
-        ):
+        if tuple(expected.shape[2:]) != tuple(out_hw) or tuple(m.shape[0] for m in matrices) != tuple(out_hw):
             return None
-        replayed = torch.einsum("oh,nchw,pw->ncop", matrices[0], probe.to(dtype), matrices[1])
+        replayed = apply_per_axis(probe.to(dtype), matrices)
         tolerance = 1e-9 if dtype == torch.float64 else 1e-4
         if not torch.allclose(
             replayed, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()
@@ -101,4 +112,4 @@ def resample_spec(node: fx.Node, modules: dict[str, nn.Module], in_hw, out_hw, d
     reach = [_reach(m) for m in matrices]
     if any(list(f) != sorted(f) or list(s) != sorted(s) for f, s in reach):
         return None
-    return ResampleSpec(matrices, (reach[0][0], reach[1][0]), (reach[0][1], reach[1][1]))
+    return ResampleSpec(matrices, tuple(r[0] for r in reach), tuple(r[1] for r in reach))

@@ -57,10 +57,11 @@ __all__ = [
 @dataclass(frozen=True)
 class BaseSlot:
     """One prepared base activation the program reads: ``source`` node's value, padded by
-    ``margins`` (top, bottom, left, right) with ``pad_value``, as [C, H', W']."""
+    ``margins`` (before, after) per spatial axis in axis order (for images: top, bottom, left,
+    right) with ``pad_value``, as [C, *padded size]."""
 
     source: str
-    margins: tuple[int, int, int, int]
+    margins: tuple[int, ...]
     pad_value: float
 
 
@@ -74,24 +75,24 @@ def _meta(node: fx.Node) -> NodePatch:
     return node.meta[META_KEY]
 
 
-def _local_margins(meta: NodePatch, in_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    (rh, rw) = meta.read
-    top = max(0, -min(rh.starts))
-    bottom = max(0, max(rh.starts) + rh.width - in_hw[0])
-    left = max(0, -min(rw.starts))
-    right = max(0, max(rw.starts) + rw.width - in_hw[1])
-    return (top, bottom, left, right)
+def _local_margins(meta: NodePatch, in_size: tuple[int, ...]) -> tuple[int, ...]:
+    """How far the read-in windows overhang the input, (before, after) per axis."""
+    margins = []
+    for read, size in zip(meta.read, in_size):
+        margins += [max(0, -min(read.starts)), max(0, max(read.starts) + read.width - size)]
+    return tuple(margins) if any(margins) else ()  # no overhang: the same slot as the base as it is
 
 
 def _windowed_inputs(node: fx.Node) -> list[fx.Node]:
     """Operands of a merge that vary over space and so are read through windows."""
-    size = spatial_size(node)
-    return [n for n in node.all_input_nodes if spatial_size(n) == size]
+    axes = len(_meta(node).box)
+    size = spatial_size(node, axes)
+    return [n for n in node.all_input_nodes if spatial_size(n, axes) == size]
 
 
 def _unpadded(node: fx.Node) -> BaseSlot:
     """``node``'s base activation as it is."""
-    return BaseSlot(node.name, (0, 0, 0, 0), 0.0)
+    return BaseSlot(node.name, (), 0.0)
 
 
 def _changed_inputs(node: fx.Node) -> tuple[BaseSlot, ...]:
@@ -195,7 +196,7 @@ def mean_delta_step(node: fx.Node) -> Step | None:
 
     def emit(ctx: RewriteContext, base_in: fx.Node, base_out: fx.Node) -> fx.Node:
         source = node.args[0]
-        step = MeanDeltaStep(spatial_size(source), tuple(node.meta["tensor_meta"].shape))
+        step = MeanDeltaStep(spatial_size(source, len(_meta(source).box)), tuple(node.meta["tensor_meta"].shape))
         return ctx.add_step(node.name, step, (base_in, base_out, ctx.env[source]))
 
     return Step((_unpadded(node.args[0]), _unpadded(node)), emit)
@@ -235,7 +236,7 @@ def channel_step(node: fx.Node) -> Step | None:
     def emit(ctx: RewriteContext) -> fx.Node:
         reshape = node.target in ("view", "reshape", torch.reshape)
         reshape_to = tuple(node.meta["tensor_meta"].shape) if reshape else None
-        step = ChannelStep(call_target(node, ctx.modules), reshape_to)
+        step = ChannelStep(call_target(node, ctx.modules), reshape_to, len(_meta(node).box))
         return ctx.add_step(node.name, step, *ctx.mapped(node))
 
     return Step((), emit)
@@ -260,11 +261,12 @@ def local_step(node: fx.Node) -> Step | None:
     if meta.role != "local":
         return None
     source = node.args[0]
-    slot = BaseSlot(source.name, _local_margins(meta, spatial_size(source)), meta.local.pad_value)
+    in_size = spatial_size(source, len(meta.box))
+    slot = BaseSlot(source.name, _local_margins(meta, in_size), meta.local.pad_value)
 
     def emit(ctx: RewriteContext, padded_base: fx.Node) -> fx.Node:
         module = ctx.modules[node.target] if node.op == "call_module" else None
-        offset = (slot.margins[0], slot.margins[2])
+        offset = slot.margins[0::2] or (0,) * len(meta.box)  # the margin before each axis
         step = LocalStep(meta, _meta(source), offset, module, ctx.device, ctx.dtype, ctx.backend)
         consts = tuple(ctx.env[n] for n in meta.local.const_nodes)
         return ctx.add_step(node.name, step, (padded_base, ctx.env[source], *consts))
@@ -334,7 +336,7 @@ def _step(node: fx.Node) -> Step:
 
 
 def build_program(gm: fx.GraphModule, fill: torch.Tensor, backend: str = "torch") -> Program:
-    """Rewrite annotated ``gm`` into the incremental :class:`Program` (fill: the patch, [C, h, w]).
+    """Rewrite annotated ``gm`` into the incremental :class:`Program` (fill: the patch, [C, *size]).
 
     ``backend`` ("torch" or "triton") selects the kernels the steps call (kfx.kernels). Each node
     becomes the :class:`Step` of the first rule of :data:`STEP_RULES` that takes it.

@@ -7,12 +7,15 @@ the prepared base activations, and calls kfx.kernels for gather, paste, windowed
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from kfx import kernels
 from kfx.passes.patch_prop import AxisBoxes, NodePatch
+from kfx.passes.resample import apply_per_axis
 
 __all__ = [
     "Patches",
@@ -30,8 +33,9 @@ __all__ = [
 
 
 class Patches:
-    """A batch of changed boxes: ``values`` [N, C, h, w] at ``origin`` [N, 2] (y, x) in the node's
-    tensor, for the patch positions ``positions`` [N, 2] in the image."""
+    """A batch of changed boxes: ``values`` [N, C, *box] at ``origin`` [N, axes] (one coordinate per
+    spatial axis: (y, x) for images) in the node's tensor, for the patch positions ``positions``
+    [N, axes] in the image."""
 
     __slots__ = ("values", "positions", "origin")
 
@@ -39,22 +43,29 @@ class Patches:
         self.values, self.positions, self.origin = values, positions, origin
 
 
-def _tables(box: tuple[AxisBoxes, AxisBoxes], device) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(torch.tensor(b.starts, dtype=torch.long, device=device) for b in box)
+def _table(box: tuple[AxisBoxes, ...], device) -> torch.Tensor:
+    """The boxes' starts as one long tensor [axes, longest]: row a, column x is the start along axis
+    a for a patch at coordinate x (rows are padded; positions never index the padding)."""
+    longest = max(len(b.starts) for b in box)
+    rows = [list(b.starts) + [0] * (longest - len(b.starts)) for b in box]
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _look_up(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Each position's starts [N, axes] from a :func:`_table`: one index, every axis at once."""
+    return table[torch.arange(table.shape[0], device=table.device), positions]
 
 
 class _BoxedStep(nn.Module):
     """A step that knows its output box for every patch position."""
 
-    def __init__(self, box: tuple[AxisBoxes, AxisBoxes], device):
+    def __init__(self, box: tuple[AxisBoxes, ...], device):
         super().__init__()
-        h, w = _tables(box, device)
-        self.register_buffer("starts_h", h, persistent=False)
-        self.register_buffer("starts_w", w, persistent=False)
-        self.size = (box[0].width, box[1].width)
+        self.register_buffer("starts", _table(box, device), persistent=False)
+        self.size = tuple(b.width for b in box)
 
     def origin(self, positions: torch.Tensor) -> torch.Tensor:
-        return torch.stack((self.starts_h[positions[:, 0]], self.starts_w[positions[:, 1]]), dim=1)
+        return _look_up(self.starts, positions)
 
 
 def call_target(node: fx.Node, modules: dict[str, nn.Module]):
@@ -91,7 +102,7 @@ class PointwiseStep(nn.Module):
         return Patches(self.target(*args, **kwargs), patches.positions, patches.origin)
 
 
-def always_inside(patch: tuple[AxisBoxes, AxisBoxes], window: tuple[AxisBoxes, AxisBoxes]) -> bool:
+def always_inside(patch: tuple[AxisBoxes, ...], window: tuple[AxisBoxes, ...]) -> bool:
     """True if, at every position, the changed box lies wholly inside the window (paste can scatter)."""
     return all(
         w <= p and p + pa.width <= w + wa.width
@@ -106,18 +117,16 @@ class _WindowedStep(_BoxedStep):
     def __init__(self, meta: NodePatch, in_meta: NodePatch, device, backend: str):
         super().__init__(meta.box, device)
         self.backend = backend
-        read_h, read_w = _tables(meta.read, device)
-        self.register_buffer("read_h", read_h, persistent=False)
-        self.register_buffer("read_w", read_w, persistent=False)
-        self.read_size = (meta.read[0].width, meta.read[1].width)
+        self.register_buffer("read_starts", _table(meta.read, device), persistent=False)
+        self.read_size = tuple(r.width for r in meta.read)
         self.inside = always_inside(in_meta.box, meta.read)
 
     def read_origin(self, positions: torch.Tensor) -> torch.Tensor:
-        """Each position's read-in window origin [N, 2] in the unpadded input."""
-        return torch.stack((self.read_h[positions[:, 0]], self.read_w[positions[:, 1]]), dim=1)
+        """Each position's read-in window origin [N, axes] in the unpadded input."""
+        return _look_up(self.read_starts, positions)
 
     def windows(self, base: torch.Tensor, patches: Patches) -> tuple[torch.Tensor, torch.Tensor]:
-        """The windows [N, C, h_rd, w_rd] and their origins [N, 2]."""
+        """The windows [N, C, *read size] and their origins [N, axes]."""
         read = self.read_origin(patches.positions)
         windows = kernels.read_windows(
             self.backend,
@@ -138,7 +147,7 @@ class LocalStep(_WindowedStep):
         self,
         meta: NodePatch,
         in_meta: NodePatch,
-        offset: tuple[int, int],
+        offset: tuple[int, ...],
         module,
         device,
         dtype,
@@ -187,26 +196,29 @@ class TransposedStep(_WindowedStep):
 
     def forward(self, base: torch.Tensor, patches: Patches, *consts) -> Patches:
         windows, read = self.windows(base, patches)
-        result = self.spec.apply(windows, *consts)  # [N, C_out, L_h, L_w]
+        result = self.spec.apply(windows, *consts)  # [N, C_out, *window result]
         origin = self.origin(patches.positions)
         offset = origin + self.padding - read * self.stride
-        rows = offset[:, 0, None] + torch.arange(self.size[0], device=offset.device)
-        columns = offset[:, 1, None] + torch.arange(self.size[1], device=offset.device)
-        batch = torch.arange(result.shape[0], device=offset.device)[:, None, None]
-        boxes = result.permute(0, 2, 3, 1)[batch, rows[:, :, None], columns[:, None, :]]
-        return Patches(boxes.permute(0, 3, 1, 2), patches.positions, origin)
+        n, axes = offset.shape
+        # One index tensor per axis, broadcast to [N, *box]: each position's box in its window's result.
+        index = [torch.arange(n, device=offset.device).view(n, *(1,) * axes)]
+        for axis, width in enumerate(self.size):
+            along = offset[:, axis, None] + torch.arange(width, device=offset.device)
+            index.append(along.view(n, *(width if d == axis else 1 for d in range(axes))))
+        boxes = result.movedim(1, -1)[tuple(index)]
+        return Patches(boxes.movedim(-1, 1), patches.positions, origin)
 
 
 class ResampleStep(_WindowedStep):
     """Interpolation on read-in windows: gather from the base, paste the change, and apply each
-    position's rows of the two resampling matrices, out = A_h[box, window] @ x @ A_w[box, window]^T
-    (docs/design.md §2.8)."""
+    position's block of every axis's resampling matrix, for images out = A_h[box, window] @ x @
+    A_w[box, window]^T (docs/design.md §2.8)."""
 
     def __init__(self, meta: NodePatch, in_meta: NodePatch, device, dtype, backend: str = "torch"):
         super().__init__(meta, in_meta, device, backend)
-        matrix_h, matrix_w = (m.to(device=device, dtype=dtype) for m in meta.resample.matrices)
-        self.register_buffer("matrix_h", matrix_h, persistent=False)
-        self.register_buffer("matrix_w", matrix_w, persistent=False)
+        self.axes = len(meta.resample.matrices)
+        for axis, matrix in enumerate(meta.resample.matrices):
+            self.register_buffer(f"matrix_{axis}", matrix.to(device=device, dtype=dtype), persistent=False)
 
     def _rows(self, matrix: torch.Tensor, out_start, out_width: int, in_start, in_width: int) -> torch.Tensor:
         """Each position's block of ``matrix``: [N, out_width, in_width]."""
@@ -217,9 +229,11 @@ class ResampleStep(_WindowedStep):
     def forward(self, base: torch.Tensor, patches: Patches) -> Patches:
         windows, read = self.windows(base, patches)
         origin = self.origin(patches.positions)
-        a_h = self._rows(self.matrix_h, origin[:, 0], self.size[0], read[:, 0], self.read_size[0])
-        a_w = self._rows(self.matrix_w, origin[:, 1], self.size[1], read[:, 1], self.read_size[1])
-        return Patches(torch.einsum("nor,ncrs,nps->ncop", a_h, windows, a_w), patches.positions, origin)
+        blocks = [
+            self._rows(matrix, origin[:, a], self.size[a], read[:, a], self.read_size[a])
+            for a, matrix in enumerate(getattr(self, f"matrix_{axis}") for axis in range(self.axes))
+        ]
+        return Patches(apply_per_axis(windows, blocks), patches.positions, origin)
 
 
 class MergeStep(_BoxedStep):
@@ -264,15 +278,17 @@ class ChannelStep(nn.Module):
     shape arguments traced from ``x.size()`` are not needed.
     """
 
-    def __init__(self, target, reshape_to: tuple[int, ...] | None):
+    def __init__(self, target, reshape_to: tuple[int, ...] | None, axes: int = 2):
         super().__init__()
         self.target = target
         self.reshape_to = reshape_to
+        self.axes = axes
 
     def forward(self, patches: Patches, *args, **kwargs):
         values = patches.values
         if self.reshape_to is not None:
-            out = values.reshape(values.shape[0], *self.reshape_to[1:-2], *values.shape[-2:])
+            box = values.shape[-self.axes :]
+            out = values.reshape(values.shape[0], *self.reshape_to[1 : -self.axes], *box)
         else:
             out = self.target(values, *args, **kwargs)
         if isinstance(out, torch.Tensor):
@@ -307,15 +323,15 @@ class ShapeStep(nn.Module):
 class MeanDeltaStep(nn.Module):
     """Global average pooling from the base mean and the box's change (exact, docs/design.md §2.6)."""
 
-    def __init__(self, in_hw: tuple[int, int], out_shape: tuple[int, ...]):
+    def __init__(self, in_size: tuple[int, ...], out_shape: tuple[int, ...]):
         super().__init__()
-        self.area = in_hw[0] * in_hw[1]
+        self.area = math.prod(in_size)
         self.out_shape = out_shape
 
     def forward(self, base_in: torch.Tensor, base_out: torch.Tensor, patches: Patches) -> torch.Tensor:
-        n, c, h, w = patches.values.shape
-        old = kernels.gather_windows(base_in, patches.origin, (h, w))
-        delta = (patches.values - old).sum(dim=(2, 3)) / self.area
+        n, c, *box = patches.values.shape
+        old = kernels.gather_windows(base_in, patches.origin, tuple(box))
+        delta = (patches.values - old).sum(dim=tuple(range(2, 2 + len(box)))) / self.area
         return (base_out.reshape(1, c) + delta).view(n, *self.out_shape[1:])
 
 
@@ -329,14 +345,15 @@ class ProjectStep(nn.Module):
         self.spatial = spatial
 
     def forward(self, base: torch.Tensor, patches: Patches) -> torch.Tensor:
-        values = patches.values  # [N, *channel dims, h, w]: channel dims flatten to one for the kernel
+        values = patches.values  # [N, *channel dims, *box]: channel dims flatten to one for the kernel
         if self.spatial is not None:  # the base has no batch dim: its (H, W) dims are one lower
             values = values.movedim(self.spatial, (-2, -1))
             base = base.movedim(tuple(d - 1 for d in self.spatial), (-2, -1))
+        axes = patches.origin.shape[1]
         full = kernels.project_to_full(
             self.backend,
-            base.reshape(-1, *base.shape[-2:]),
-            values.reshape(values.shape[0], -1, *values.shape[-2:]),
+            base.reshape(-1, *base.shape[-axes:]),
+            values.reshape(values.shape[0], -1, *values.shape[-axes:]),
             patches.origin,
         ).view(values.shape[0], *base.shape)
         return full if self.spatial is None else full.movedim((-2, -1), self.spatial)

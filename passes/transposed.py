@@ -10,6 +10,7 @@ outside the map.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,9 +18,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from kfx.geometry import effective_kernel
-from kfx.passes.ops import _pair, bind_args  # kfx.passes.ops' argument reading
+from kfx.passes.ops import _axes, bind_args  # kfx.passes.ops' argument reading
 
 __all__ = ["TransposedSpec", "transposed_spec"]
+
+TRANSPOSED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+TRANSPOSED_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 @dataclass(frozen=True)
@@ -29,26 +33,26 @@ class TransposedSpec:
     window's result covers every output its inputs reach; ``consts`` are the runtime values of
     ``const_nodes`` (weight and bias of the functional form)."""
 
-    kernel: tuple[int, int]  # effective (dilated) extent
-    stride: tuple[int, int]
-    padding: tuple[int, int]
+    kernel: tuple[int, ...]  # effective (dilated) extent, one per spatial axis
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
     apply: Callable
-    fmas_per_input: int  # C_in * C_out/groups * k_h * k_w: one input pixel's FMAs (the cost model's unit)
+    fmas_per_input: int  # C_in * C_out/groups * prod(kernel): one input pixel's FMAs (the cost model's unit)
     const_nodes: tuple[fx.Node, ...] = ()
 
 
 def _spec(weight_shape, stride, padding, dilation, groups, run, const_nodes=()) -> TransposedSpec | None:
-    stride, padding, dilation = (
-        _pair(stride, "stride"),
-        _pair(padding, "padding"),
-        _pair(dilation, "dilation"),
-    )
     if isinstance(padding, str):
         return None
-    kernel = tuple(effective_kernel(k, d) for k, d in zip(weight_shape[-2:], dilation))
+    axes = len(weight_shape) - 2
+    stride, padding, dilation = (
+        _axes(stride, "stride", axes),
+        _axes(padding, "padding", axes),
+        _axes(dilation, "dilation", axes),
+    )
+    kernel = tuple(effective_kernel(k, d) for k, d in zip(weight_shape[2:], dilation))
     extra = tuple(s - 1 if s > d else 0 for s, d in zip(stride, dilation))  # output_padding < max(s, d)
-    in_channels, out_per_group = weight_shape[0], weight_shape[1]
-    fmas = in_channels * out_per_group * weight_shape[2] * weight_shape[3]
+    fmas = math.prod(weight_shape)  # C_in * C_out/groups * prod(kernel)
 
     def apply(window, *consts):
         return run(window, *consts, stride=stride, output_padding=extra, groups=groups, dilation=dilation)
@@ -60,15 +64,16 @@ def transposed_spec(node: fx.Node, modules: dict[str, nn.Module]) -> TransposedS
     """The :class:`TransposedSpec` of a transposed-conv node, or None if it is not one kfx runs locally."""
     if node.op == "call_module":
         m = modules[node.target]
-        if not (isinstance(m, nn.ConvTranspose2d) and type(m).forward is nn.ConvTranspose2d.forward):
+        if not (isinstance(m, TRANSPOSED_MODULES) and any(type(m).forward is c.forward for c in TRANSPOSED_MODULES)):
             return None
         if m.padding_mode != "zeros" or len(node.args) != 1 or node.kwargs:  # output_size given: dense
             return None
-        run = lambda w, stride, output_padding, groups, dilation, m=m: F.conv_transpose2d(
+        function = TRANSPOSED_FUNCTIONS[m.weight.dim() - 2]
+        run = lambda w, stride, output_padding, groups, dilation, m=m: function(
             w, m.weight, m.bias, stride, 0, output_padding, groups, dilation
         )
         return _spec(m.weight.shape, m.stride, m.padding, m.dilation, m.groups, run)
-    if node.op != "call_function" or node.target is not F.conv_transpose2d:
+    if node.op != "call_function" or node.target not in TRANSPOSED_FUNCTIONS.values():
         return None
     a = bind_args(
         node,
@@ -79,12 +84,13 @@ def transposed_spec(node: fx.Node, modules: dict[str, nn.Module]) -> TransposedS
     if not isinstance(weight, fx.Node) or "tensor_meta" not in weight.meta:
         return None
     consts = (weight,) + ((bias,) if isinstance(bias, fx.Node) else ())
+    function = node.target
     if isinstance(bias, fx.Node):
-        run = lambda w, wt, b, **kw: F.conv_transpose2d(
+        run = lambda w, wt, b, **kw: function(
             w, wt, b, kw["stride"], 0, kw["output_padding"], kw["groups"], kw["dilation"]
         )
     else:
-        run = lambda w, wt, **kw: F.conv_transpose2d(
+        run = lambda w, wt, **kw: function(
             w, wt, bias, kw["stride"], 0, kw["output_padding"], kw["groups"], kw["dilation"]
         )
     return _spec(

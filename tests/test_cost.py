@@ -164,7 +164,9 @@ def test_layers_after_the_projection_count_fully_in_both():
         ({"patch": 16, "tau": 0.0}, kfx.InputError),
         ({"patch": "16"}, kfx.PatchError),
         ({"patch": 64}, kfx.PatchError),  # does not fit a 32x32 image
-        ({"patch": 4, "image_shape": (3, 32)}, kfx.InputError),
+        ({"patch": 4, "image_shape": (3,)}, kfx.InputError),  # no spatial axis
+        ({"patch": 4, "image_shape": (3, 32, 32, 32, 32)}, kfx.InputError),  # four spatial axes
+        ({"patch": 4, "image_shape": (3, 32)}, kfx.ModelError),  # a signal, for a 2-d model
     ],
 )
 def test_paper_cost_rejects_bad_input_like_compile(kwargs, error):

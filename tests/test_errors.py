@@ -66,7 +66,7 @@ def test_bad_target(engine):
         (dict(size=3, fill=(0.0, 1.0)), r"2 values but the image has 3 channels"),
         (dict(size=3, fill=torch.zeros(3, 2, 2)), r"shape \[C, 3, 3\]"),
         (dict(size=3, fill="gray"), r"fill must be"),
-        (dict(size=2.5), r"int or a pair"),
+        (dict(size=2.5), r"int or 2 ints"),
     ],
 )
 def test_bad_patches(kwargs, match):
@@ -104,6 +104,8 @@ def test_model_that_rejects_image_shape():
 
 def test_bad_compile_arguments():
     with pytest.raises(kfx.InputError, match=r"\(C, H, W\)"):
+        kfx.compile(small_model(), (8,), kfx.Patch(3))
+    with pytest.raises(kfx.ModelError, match=r"image_shape"):  # (C, L) is a signal: this model wants images
         kfx.compile(small_model(), (8, 8), kfx.Patch(3))
     with pytest.raises(kfx.InputError, match="batch_size"):
         kfx.compile(small_model(), (3, 8, 8), kfx.Patch(3), batch_size=0)
