@@ -6,6 +6,7 @@ rectangle around them) to evaluate only a selection, watch the heat map fill in,
 compare the modes' run times.
 
     kfx serve [--host 127.0.0.1] [--port 7860] [--model torchvision:resnet18] [--weights FILE]
+    kfx serve --results maps/     # also browse a kfx batch results folder, at /results
 
 Needs the ``ui`` extra: ``pip install 'kfx[ui]'``. From Python::
 
@@ -70,9 +71,14 @@ def _gradio():
 
 
 def build_app(
-    loaded_model: LoadedModel, *, batch_size: int = DEFAULT_BATCH_SIZE, explorer: core.Explorer | None = None
+    loaded_model: LoadedModel,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    explorer: core.Explorer | None = None,
+    results=None,
 ):
-    """The explorer page for ``loaded_model`` as a ``gradio.Blocks`` (not yet launched).
+    """The explorer page for ``loaded_model`` as a ``gradio.Blocks`` (not yet launched); with
+    ``results`` (a :class:`kfx._serve_results.ResultsBrowser`), a Results page at ``/results``.
 
     Element ids (``kfx-editor``, ``kfx-run``, ``kfx-heatmap``, ``kfx-runs``, ...) are stable so
     tests and scripts can drive the page.
@@ -283,6 +289,10 @@ def build_app(
             trigger_mode="always_last",  # Run pressed while a run ends: run next, not dropped
         )
         stop_button.click(handlers.stop, [status, run_control], [status], queue=False)
+    if results is not None:
+        from kfx._serve_results import add_results_page
+
+        add_results_page(app, gr, results)
     return app
 
 
@@ -295,19 +305,26 @@ def launch(
     block: bool = True,
     quiet: bool = False,
     explorer: core.Explorer | None = None,
+    results=None,
 ):
     """Serve the explorer for ``loaded_model`` (default: EfficientNet-Lite0) at http://host:port.
 
     ``block=False`` returns the running ``gradio.Blocks`` at once (call ``.close()`` to stop it);
     otherwise this returns when the server is stopped (Ctrl-C). ``explorer`` serves an
-    :class:`core.Explorer` made by the caller (e.g. to watch its ``active_runs``).
+    :class:`core.Explorer` made by the caller (e.g. to watch its ``active_runs``). ``results``: a
+    results folder of ``kfx batch`` (or a :class:`kfx._serve_results.ResultsBrowser`) to browse
+    on the page ``/results``.
     """
     gr = _gradio()
     if loaded_model is None:
         from kfx.models import load_model
 
         loaded_model = load_model()
-    app = build_app(loaded_model, batch_size=batch_size, explorer=explorer)
+    if results is not None and not hasattr(results, "show"):
+        from kfx._serve_results import ResultsBrowser
+
+        results = ResultsBrowser(results)
+    app = build_app(loaded_model, batch_size=batch_size, explorer=explorer, results=results)
     app.queue(default_concurrency_limit=1)
     theme = gr.themes.Default(font=_SYSTEM_FONTS, font_mono=_MONO_FONTS)
     app.launch(
@@ -367,6 +384,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=_batch_size,
         default=DEFAULT_BATCH_SIZE,
         help=f"positions per batch, 1 to {core.MAX_BATCH_SIZE} (default {DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--results", metavar="DIR", help="also browse this kfx batch results folder (page /results)"
     )
     parser.epilog = (
         "Exit status: 0 stopped with Ctrl-C; 2 a bad command line (bad option value, a --host that is "
@@ -430,6 +450,7 @@ def run(args: argparse.Namespace) -> int:
         _gradio()
     except KfxError as exc:
         raise UsageError(str(exc)) from None
+    results = _results_browser(getattr(args, "results", None))  # a bad folder fails first
     check_address(args.host, args.port)
     loaded = load_model(args.model, args.weights)
     import matplotlib
@@ -439,7 +460,15 @@ def run(args: argparse.Namespace) -> int:
         f"kfx explorer for {loaded.name}: http://{args.host}:{args.port}  (Ctrl-C stops it)", file=sys.stderr
     )
     try:
-        launch(loaded, host=args.host, port=args.port, batch_size=args.batch_size, block=True, quiet=True)
+        launch(
+            loaded,
+            host=args.host,
+            port=args.port,
+            batch_size=args.batch_size,
+            block=True,
+            quiet=True,
+            results=results,
+        )
     except KeyboardInterrupt:
         pass
     except KfxError:
@@ -450,6 +479,14 @@ def run(args: argparse.Namespace) -> int:
             f"the explorer's server did not start on {args.host}:{args.port} ({type(exc).__name__}: {exc})"
         ) from None
     return 0
+
+
+def _results_browser(folder):
+    if folder is None:
+        return None
+    from kfx._serve_results import ResultsBrowser
+
+    return ResultsBrowser(folder)
 
 
 def main(argv: list[str] | None = None) -> int:

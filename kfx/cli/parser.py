@@ -1,4 +1,4 @@
-"""The ``kfx`` argument parser: the subcommands (explain, demo, serve, batch) and their options."""
+"""The ``kfx`` argument parser: the subcommands (explain, demo, serve, batch, report) and their options."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from kfx.cli.common import (
 from kfx.cli.demo import _demo
 from kfx.cli.explain import _explain
 from kfx.cli.options import _fill, _finite_float, _int_pair, _positive_int, _tau
+from kfx.cli.report import add_report
 from kfx.neuromask import DEFAULT_STEPS
 
 _DRILL_DOWN_KEYS = {
@@ -259,7 +260,7 @@ def _fail_serve(reason: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``kfx`` parser with its subcommands (explain, demo, serve, batch)."""
+    """The ``kfx`` parser with its subcommands (explain, demo, serve, batch, report)."""
     parser = _Parser(
         prog="kfx",
         description="Exact, incremental occlusion heat maps for PyTorch CNNs.",
@@ -275,4 +276,5 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     _add_serve(subparsers)
     add_batch(subparsers)
+    add_report(subparsers)
     return parser
