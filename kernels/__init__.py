@@ -36,7 +36,7 @@ def _triton_kernels():
 
 
 def resolve_backend(backend: str, device: torch.device, axes: int = 2) -> str:
-    """"auto" -> "triton" for CUDA models of 2-d images when triton runs there, else "torch"; check
+    """ "auto" -> "triton" for CUDA models of 2-d images when triton runs there, else "torch"; check
     explicit choices. The Triton kernels are written for 2-d maps: 1-d signals and 3-d volumes run
     on the torch kernels, which are N-d."""
     if backend not in BACKENDS:
@@ -64,17 +64,40 @@ def resolve_backend(backend: str, device: torch.device, axes: int = 2) -> str:
 def read_windows(backend, padded, origin, size, patch, patch_offset, *, inside=False, pad_value=0.0):
     """Windows [N, C, h, w] of a padded base at ``origin`` with each patch pasted at ``patch_offset``."""
     if backend == "triton":
-        return _triton_kernels().gather_paste_triton(padded, origin, size, patch, patch_offset, pad_value=pad_value)
+        return _triton_kernels().gather_paste_triton(
+            padded, origin, size, patch, patch_offset, pad_value=pad_value
+        )
     return gather_paste(padded, origin, size, patch, patch_offset, inside=inside)
 
 
-def incremental_conv(backend, padded, origin, size, patch, patch_offset, weight, bias, stride, dilation, groups,
-                     *, inside=False):
+def incremental_conv(
+    backend,
+    padded,
+    origin,
+    size,
+    patch,
+    patch_offset,
+    weight,
+    bias,
+    stride,
+    dilation,
+    groups,
+    *,
+    inside=False,
+):
     """Conv (no padding) over the read-in windows; Triton fuses gather, paste and conv in one kernel."""
     if backend == "triton":
         return _triton_kernels().incremental_conv_triton(
-            padded, origin, size, patch.contiguous(), patch_offset, weight, bias,
-            stride=stride, dilation=dilation, groups=groups,
+            padded,
+            origin,
+            size,
+            patch.contiguous(),
+            patch_offset,
+            weight,
+            bias,
+            stride=stride,
+            dilation=dilation,
+            groups=groups,
         )
     windows = gather_paste(padded, origin, size, patch, patch_offset, inside=inside)
     return F.conv2d(windows, weight, bias, stride, 0, dilation, groups)

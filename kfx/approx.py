@@ -37,8 +37,10 @@ def _map_values(heatmap) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().to(torch.float64).numpy()
     values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 2:
-        raise InputError(f"heat maps must be 2-D [H_M, W_M], got shape {list(values.shape)}")
+    if values.ndim not in (1, 2, 3):
+        raise InputError(
+            f"heat maps have one axis per spatial axis of the input (1 to 3), got shape {list(values.shape)}"
+        )
     if not np.isfinite(values).all():
         raise InputError("heat map holds NaN (unevaluated cells): SSIM needs complete maps")
     return values
@@ -52,7 +54,8 @@ def heatmap_ssim(exact, approximate) -> float:
     independent of how confident the model is. A flat exact map falls back to data_range 1. The
     window is scikit-image's default 7 x 7, smaller (odd) for maps under 7 cells on a side.
 
-    Accepts :class:`Heatmap` objects or 2-D tensors/arrays of equal shape.
+    Accepts :class:`Heatmap` objects or tensors/arrays of equal shape with one to three axes
+    (signals, images, volumes; scikit-image computes SSIM in N dimensions).
     """
     from skimage.metrics import structural_similarity
 
@@ -62,6 +65,6 @@ def heatmap_ssim(exact, approximate) -> float:
     side = min(reference.shape)
     window = min(7, side if side % 2 else side - 1)
     if window < 3:
-        raise InputError(f"SSIM needs maps of at least 3 x 3 cells, got {list(reference.shape)}")
+        raise InputError(f"SSIM needs maps of at least 3 cells along every axis, got {list(reference.shape)}")
     data_range = float(reference.max() - reference.min()) or 1.0
     return float(structural_similarity(reference, other, data_range=data_range, win_size=window))

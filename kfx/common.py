@@ -15,7 +15,14 @@ import torch
 from kfx.errors import InputError
 from kfx.validation import as_int
 
-__all__ = ["DEFAULT_BATCH_SIZE", "model_dtype_device", "int_pair", "int_tuple", "progress_bar", "follow_progress"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "model_dtype_device",
+    "int_pair",
+    "int_tuple",
+    "progress_bar",
+    "follow_progress",
+]
 
 # Patch positions per batch when none is given: large enough to keep the incremental program's
 # batched kernels busy, small enough that a typical CNN's batch fits in a few GB.

@@ -370,7 +370,7 @@ def _build(
         leaf_modules=leaves,
         autowrap_functions=functions,
     )
-    program = build_program(gm, patch.fill_tensor(image_shape[0], dtype, device), backend)
+    program = build_program(gm, patch, image_shape[0], dtype, device, backend)
     sources = [slot.source for slot in program.slots]
     memory = estimate_memory(gm, sources, torch.empty((), dtype=dtype).element_size())
     if max_memory is not None:

@@ -15,6 +15,7 @@ import torch
 
 from kfx.common import int_sequence
 from kfx.errors import InputError, PatchError
+from kfx.fills import FILL_NAMES, PositionalFill, resolve_fill
 from kfx.geometry import heatmap_size
 
 __all__ = ["Patch", "occlude", "grid_positions"]
@@ -35,9 +36,14 @@ class Patch:
             inputs of any rank) or one int per spatial axis, e.g. (h, w) or (d, h, w).
         stride: step between grid positions, an int or one per axis. Defaults to a quarter of the
             patch size (at least 1), the paper's setting (patch 16, stride 4).
-        fill: the value painted over the input: a float for every channel, a sequence of one float
-            per channel, or a tensor [C, *size] (any pattern). Defaults to 0.0 (the mean colour of
-            inputs normalised to zero mean).
+        fill: what the patch puts over the input: a float for every channel, a sequence of one
+            float per channel, or a tensor [C, *size] (any pattern); or content that depends on the
+            position (kfx.fills): "mean_patch" (the covered region's mean, per channel),
+            "mean_image" (the input's mean, per channel), "blur" (a Gaussian-blurred copy of the
+            region), or any :class:`kfx.fills.PositionalFill` such as ``Blur(sigma=3)`` or
+            ``Multiply(mask)`` (the region times 1 - mask). Only the window changes whatever the
+            fill, so engines stay exact. Defaults to 0.0 (the mean colour of inputs normalised to
+            zero mean).
 
     >>> Patch(16).stride
     (4, 4)
@@ -47,7 +53,7 @@ class Patch:
 
     size: tuple[int, ...]
     stride: tuple[int, ...]
-    fill: float | tuple[float, ...] | torch.Tensor
+    fill: float | tuple[float, ...] | torch.Tensor | PositionalFill
     # Whether size and stride were given as one int each (then they fit any number of axes).
     same_on_every_axis: tuple[bool, bool] = field(default=(True, True), compare=False, repr=False)
 
@@ -58,7 +64,9 @@ class Patch:
         axes = fill_axes or max(len(size_given), len(stride_given), 2 if len(size_given) <= 1 else 1)
         for name, given, value in (("patch size", size_given, size), ("stride", stride_given, stride)):
             if (value is not None and not given) or len(given) not in (0, 1, axes):
-                raise PatchError(f"{name} must be an int or {axes} ints (one per spatial axis), got {value!r}")
+                raise PatchError(
+                    f"{name} must be an int or {axes} ints (one per spatial axis), got {value!r}"
+                )
         size_axes = size_given * axes if len(size_given) == 1 else size_given
         if min(size_axes) < 1:
             raise PatchError(f"patch size must be at least 1 pixel, got {size_axes}")
@@ -77,6 +85,9 @@ class Patch:
 
     @staticmethod
     def _check_fill(fill, size: tuple[int, ...]):
+        positional = resolve_fill(fill)
+        if positional is not None:
+            return positional
         if isinstance(fill, torch.Tensor):
             if tuple(fill.shape[1:]) != size or fill.dim() != len(size) + 1:
                 raise PatchError(
@@ -95,7 +106,23 @@ class Patch:
             if not all(math.isfinite(v) for v in fill):
                 raise PatchError(f"fill values must be finite, got {fill}")
             return fill
-        raise PatchError(f"fill must be a float, one float per channel, or a [C, *size] tensor; got {fill!r}")
+        raise PatchError(
+            "fill must be a float, one float per channel, a [C, *size] tensor, one of "
+            f"{', '.join(map(repr, FILL_NAMES))} or a kfx.fills.PositionalFill; got {fill!r}"
+        )
+
+    @property
+    def positional(self) -> bool:
+        """True if what the patch puts over the input depends on where it is (kfx.fills)."""
+        return isinstance(self.fill, PositionalFill)
+
+    def content(self, image: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """What the occluded input holds in the window at each position: [N, C, *size] for an
+        input [C, *S] and top-left corners [N, axes]."""
+        if self.positional:
+            return self.fill.content(image, positions, self.size)
+        fill = self.fill_tensor(image.shape[0], image.dtype, image.device)
+        return fill.expand(positions.shape[0], *fill.shape)
 
     @property
     def axes(self) -> int:
@@ -122,7 +149,12 @@ class Patch:
     def fill_tensor(
         self, channels: int, dtype: torch.dtype, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """The painted values as a [C, *size] tensor for an input with ``channels`` channels."""
+        """The painted values as a [C, *size] tensor for an input with ``channels`` channels (a
+        constant fill; a position-dependent one has :meth:`content`)."""
+        if self.positional:
+            raise PatchError(
+                f"the fill {self.fill.name()} depends on the position; use patch.content(image, positions)"
+            )
         if isinstance(self.fill, torch.Tensor):
             if self.fill.shape[0] != channels:
                 raise PatchError(
@@ -177,13 +209,17 @@ def check_positions(positions, image_size: tuple[int, ...], patch: Patch) -> tor
     if positions.dim() == 1 and positions.numel() == axes:
         positions = positions.view(1, axes)
     if positions.dim() != 2 or positions.shape[1] != axes:
-        raise InputError(f"positions must have shape [N, {axes}] of {names} corners, got {list(positions.shape)}")
+        raise InputError(
+            f"positions must have shape [N, {axes}] of {names} corners, got {list(positions.shape)}"
+        )
     positions = positions.to(device="cpu", dtype=torch.long)
     limits = torch.tensor([s - p for s, p in zip(image_size, patch.size)])
     bad = ((positions < 0) | (positions > limits)).any(dim=1)
     if bad.any():
         first = positions[bad.nonzero()[0, 0]].tolist()
-        bounds = ", ".join(f"0 <= {name} <= {limit}" for name, limit in zip(names.strip("()").split(", "), limits.tolist()))
+        bounds = ", ".join(
+            f"0 <= {name} <= {limit}" for name, limit in zip(names.strip("()").split(", "), limits.tolist())
+        )
         raise InputError(
             f"position {names} = {tuple(first)} puts the {_axes_text(patch.size)} patch outside the "
             f"{_axes_text(image_size)} image; valid corners are {bounds}"
@@ -239,8 +275,8 @@ def occlude(image: torch.Tensor, positions, patch: Patch) -> torch.Tensor:
     size = tuple(image.shape[1:])
     patch.check_fits(size)
     positions = check_positions(positions, size, patch)
-    fill = patch.fill_tensor(image.shape[0], image.dtype, image.device)
+    content = patch.content(image, positions.to(image.device))
     out = image.unsqueeze(0).repeat(positions.shape[0], *(1,) * image.dim())
     for i, corner in enumerate(positions.tolist()):
-        out[(i, slice(None), *(slice(c, c + p) for c, p in zip(corner, patch.size)))] = fill
+        out[(i, slice(None), *(slice(c, c + p) for c, p in zip(corner, patch.size)))] = content[i]
     return out

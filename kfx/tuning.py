@@ -54,11 +54,13 @@ class Tuning:
         return float(np.polyval(self.fit, tau))
 
 
-def _check_samples(samples) -> list[torch.Tensor]:
+def _check_samples(samples, rank: int) -> list[torch.Tensor]:
+    """``samples`` as a list of inputs of ``rank`` dims ([C, H, W] for images): a list, or a batch
+    tensor of rank + 1 dims."""
     if isinstance(samples, torch.Tensor):
-        samples = list(samples) if samples.dim() == 4 else [samples]
+        samples = list(samples) if samples.dim() == rank + 1 else [samples]
     if not isinstance(samples, Sequence) or not samples:
-        raise InputError("samples must be a non-empty list of images [C, H, W] (or a tensor [N, C, H, W])")
+        raise InputError("samples must be a non-empty list of inputs [C, H, W] (or a batch tensor [N, C, H, W])")
     return list(samples)
 
 
@@ -118,7 +120,7 @@ def tune(
         raise InputError(f"taus must be numbers in (0, 1], got {taus!r}")
     if len(grid) < 3:
         raise InputError(f"taus needs at least 3 values for the quadratic fit, got {grid}")
-    images = _check_samples(samples)
+    images = _check_samples(samples, len(tuple(image_shape)))
     modes = _check_modes(global_context)
     options = dict(batch_size=batch_size, dtype=dtype, backend=backend)
 

@@ -79,14 +79,21 @@ def _own_forward(m: nn.Module, classes: tuple[type[nn.Module], ...]) -> bool:
     return isinstance(m, classes) and any(type(m).forward is c.forward for c in classes)
 
 
-def avg_pool(window, kernel, stride, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+def avg_pool(
+    window, kernel, stride, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+):
     """``F.avg_pool{1,2,3}d`` by the number of axes of ``kernel``; the 1-d form runs as a 1 x k
     2-d pool because ``F.avg_pool1d`` has no ``divisor_override``."""
     axes = len(kernel)
     if axes == 1:
         out = F.avg_pool2d(
-            window.unsqueeze(-2), (1, *kernel), (1, *stride), (0, *_axes(padding, "padding", 1)),
-            ceil_mode, count_include_pad, divisor_override,
+            window.unsqueeze(-2),
+            (1, *kernel),
+            (1, *stride),
+            (0, *_axes(padding, "padding", 1)),
+            ceil_mode,
+            count_include_pad,
+            divisor_override,
         )
         return out.squeeze(-2)
     pool = F.avg_pool2d if axes == 2 else F.avg_pool3d
@@ -192,7 +199,9 @@ def _pad_spec(pads, value, axes: int) -> LocalSpec | None:
     return LocalSpec("pad", (1,) * axes, (1,) * axes, before, float(value or 0.0), lambda w: w)
 
 
-def local_spec(node: fx.Node, modules: dict[str, nn.Module], in_hw: tuple[int, ...] | None) -> LocalSpec | None:
+def local_spec(
+    node: fx.Node, modules: dict[str, nn.Module], in_hw: tuple[int, ...] | None
+) -> LocalSpec | None:
     """The :class:`LocalSpec` of a conv/pool/pad node over ``len(in_hw)`` spatial axes (1, 2 or 3),
     or None if it is not one kfx runs locally."""
     if in_hw is None:
@@ -267,7 +276,9 @@ def local_spec(node: fx.Node, modules: dict[str, nn.Module], in_hw: tuple[int, .
         a = bind_args(
             node, ("input", "kernel_size", "stride", "dilation", "value"), {"dilation": 1, "value": 0}
         )
-        kernel, stride, dilation = (_axes(a[name], name, axes) for name in ("kernel_size", "stride", "dilation"))
+        kernel, stride, dilation = (
+            _axes(a[name], name, axes) for name in ("kernel_size", "stride", "dilation")
+        )
         per_axis = [same_padding(in_hw[i], kernel[i], stride[i], dilation[i]) for i in range(axes)]
         return _pad_spec(tuple(m for pair in reversed(per_axis) for m in pair), a["value"], axes)
     return None
@@ -469,8 +480,14 @@ def is_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         m = modules[node.target]
         if isinstance(m, POINTWISE_MODULES):
-            return not (m.training and isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)))
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and type(m).forward is nn.BatchNorm2d.forward:
+            return not (
+                m.training
+                and isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout))
+            )
+        if (
+            isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+            and type(m).forward is nn.BatchNorm2d.forward
+        ):
             # Eval-mode BN with running statistics is an affine map per channel; otherwise it
             # normalises with batch statistics, which mixes every position.
             return not m.training and m.track_running_stats and m.running_mean is not None

@@ -104,11 +104,11 @@ class RewriteContext:
     """The program being built, shared by the step rules: the new graph, its base-activation
     placeholders, and the value each original node has in it so far (``env``)."""
 
-    def __init__(self, gm: fx.GraphModule, fill: torch.Tensor, backend: str):
+    def __init__(self, gm: fx.GraphModule, fill, size: tuple[int, ...], backend: str, dtype, device):
         self.gm = gm
         self.modules = dict(gm.named_modules())
-        self.fill, self.backend = fill, backend
-        self.device, self.dtype = fill.device, fill.dtype
+        self.fill, self.size, self.backend = fill, size, backend
+        self.device, self.dtype = device, dtype
         self.graph = fx.Graph()
         self.positions = self.graph.placeholder("positions")
         self.bases: dict[BaseSlot, fx.Node] = {}
@@ -155,10 +155,15 @@ class Step:
 
 
 def input_step(node: fx.Node) -> Step | None:
-    """The image: InputStep turns each position into the patch's fill placed there."""
+    """The image: InputStep turns each position into the patch's content placed there (it reads
+    the unoccluded image, from which a position-dependent fill computes the content)."""
     if node.op != "placeholder":
         return None
-    return Step((), lambda ctx: ctx.add_step(f"input_{node.name}", InputStep(ctx.fill), (ctx.positions,)))
+
+    def emit(ctx: RewriteContext, image: fx.Node) -> fx.Node:
+        return ctx.add_step(f"input_{node.name}", InputStep(ctx.fill, ctx.size), (ctx.positions, image))
+
+    return Step((_unpadded(node),), emit)
 
 
 def graph_output(node: fx.Node) -> Step | None:
@@ -196,7 +201,9 @@ def mean_delta_step(node: fx.Node) -> Step | None:
 
     def emit(ctx: RewriteContext, base_in: fx.Node, base_out: fx.Node) -> fx.Node:
         source = node.args[0]
-        step = MeanDeltaStep(spatial_size(source, len(_meta(source).box)), tuple(node.meta["tensor_meta"].shape))
+        step = MeanDeltaStep(
+            spatial_size(source, len(_meta(source).box)), tuple(node.meta["tensor_meta"].shape)
+        )
         return ctx.add_step(node.name, step, (base_in, base_out, ctx.env[source]))
 
     return Step((_unpadded(node.args[0]), _unpadded(node)), emit)
@@ -335,13 +342,15 @@ def _step(node: fx.Node) -> Step:
     raise AssertionError(f"unexpected role {_meta(node).role!r} at {node.format_node()}")  # pragma: no cover
 
 
-def build_program(gm: fx.GraphModule, fill: torch.Tensor, backend: str = "torch") -> Program:
-    """Rewrite annotated ``gm`` into the incremental :class:`Program` (fill: the patch, [C, *size]).
+def build_program(gm: fx.GraphModule, patch, channels: int, dtype, device, backend: str = "torch") -> Program:
+    """Rewrite annotated ``gm`` into the incremental :class:`Program` for ``patch`` (a kfx.Patch whose
+    fill is a constant, made a [C, *size] tensor here, or position-dependent) on ``channels``.
 
     ``backend`` ("torch" or "triton") selects the kernels the steps call (kfx.kernels). Each node
     becomes the :class:`Step` of the first rule of :data:`STEP_RULES` that takes it.
     """
-    ctx = RewriteContext(gm, fill, backend)
+    fill = patch.fill if patch.positional else patch.fill_tensor(channels, dtype, device)
+    ctx = RewriteContext(gm, fill, patch.size, backend, dtype, device)
     steps = [(node, _step(node)) for node in gm.graph.nodes]
     for _, step in steps:
         for slot in step.reads:

@@ -78,13 +78,19 @@ def call_target(node: fx.Node, modules: dict[str, nn.Module]):
 
 
 class InputStep(nn.Module):
-    """The occluded image as a change: the patch's fill at each position."""
+    """The occluded image as a change: the patch's content at each position. A constant fill
+    [C, *size] is the same everywhere; a :class:`kfx.fills.PositionalFill` (the covered region's
+    mean, a blurred copy, a mask) computes each window's content from the unoccluded image."""
 
-    def __init__(self, fill: torch.Tensor):
+    def __init__(self, fill, size: tuple[int, ...]):
         super().__init__()
-        self.register_buffer("fill", fill, persistent=False)
+        self.positional = None if isinstance(fill, torch.Tensor) else fill
+        self.register_buffer("fill", fill if self.positional is None else None, persistent=False)
+        self.size = size
 
-    def forward(self, positions: torch.Tensor) -> Patches:
+    def forward(self, positions: torch.Tensor, image: torch.Tensor) -> Patches:
+        if self.positional is not None:
+            return Patches(self.positional.content(image, positions, self.size), positions, positions)
         return Patches(self.fill.expand(positions.shape[0], *self.fill.shape), positions, positions)
 
 
@@ -107,7 +113,7 @@ def always_inside(patch: tuple[AxisBoxes, ...], window: tuple[AxisBoxes, ...]) -
     return all(
         w <= p and p + pa.width <= w + wa.width
         for pa, wa in zip(patch, window)
-        for p, w in zip(pa.starts, wa.starts)
+        for p, w in set(zip(pa.starts, wa.starts))  # distinct pairs: most coordinates repeat one
     )
 
 

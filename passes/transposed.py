@@ -64,7 +64,10 @@ def transposed_spec(node: fx.Node, modules: dict[str, nn.Module]) -> TransposedS
     """The :class:`TransposedSpec` of a transposed-conv node, or None if it is not one kfx runs locally."""
     if node.op == "call_module":
         m = modules[node.target]
-        if not (isinstance(m, TRANSPOSED_MODULES) and any(type(m).forward is c.forward for c in TRANSPOSED_MODULES)):
+        if not (
+            isinstance(m, TRANSPOSED_MODULES)
+            and any(type(m).forward is c.forward for c in TRANSPOSED_MODULES)
+        ):
             return None
         if m.padding_mode != "zeros" or len(node.args) != 1 or node.kwargs:  # output_size given: dense
             return None

@@ -42,3 +42,33 @@ class _Gate(nn.Module):
 
     def forward(self, x):
         return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+def tiny_signal() -> nn.Module:
+    """A 1-D CNN on 2-channel signals [2, L] with 3 classes (fixed random weights)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(2, 4, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(4, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
+
+
+def tiny_volume() -> nn.Module:
+    """A 3-D CNN on one-channel volumes [1, D, H, W] with 2 classes (fixed random weights)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool3d(2),
+        nn.Conv3d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    ).eval()

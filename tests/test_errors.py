@@ -65,7 +65,8 @@ def test_bad_target(engine):
         (dict(size=3, fill=float("inf")), r"finite"),
         (dict(size=3, fill=(0.0, 1.0)), r"2 values but the image has 3 channels"),
         (dict(size=3, fill=torch.zeros(3, 2, 2)), r"shape \[C, 3, 3\]"),
-        (dict(size=3, fill="gray"), r"fill must be"),
+        (dict(size=3, fill="gray"), r"unknown fill 'gray'"),
+        (dict(size=3, fill=object()), r"fill must be"),
         (dict(size=2.5), r"int or 2 ints"),
     ],
 )

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kfx
+import kfx.fills
 from kfx.geometry import conv_output_size
 from kfx.passes import META_KEY
 
@@ -28,7 +29,7 @@ CONV = {1: nn.Conv1d, 3: nn.Conv3d}
 BATCH_NORM = {1: nn.BatchNorm1d, 3: nn.BatchNorm3d}
 MAX_POOL = {1: nn.MaxPool1d, 3: nn.MaxPool3d}
 AVG_POOL = {1: nn.AvgPool1d, 3: nn.AvgPool3d}
-GLOBAL_POOL = {1: nn.AdaptiveAvgPool1d, 3: nn.AdaptiveAvgPool3d}
+GLOBAL_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 
 
 def painted(
@@ -354,3 +355,43 @@ def test_cost_model_boxes_hold_every_changed_output_and_count_full_fmas(axes):
                 assert start <= first and last < start + box[axis].width, (node.name, corner, axis)
     for hook in hooks:
         hook.remove()
+
+
+@pytest.mark.parametrize("axes", [1, 2, 3])
+@pytest.mark.parametrize("fill", ["mean_patch", "mean_image", "blur", "gaussian"])
+def test_position_dependent_fills_stay_exact_and_incremental(axes, fill):
+    """The window's content depends on the position; only the window changes, so the engine stays
+    exact and incremental. mean_patch has a hand-written oracle; the others go through kfx.occlude,
+    whose content tests/test_fills.py checks against independent oracles."""
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[axes]
+    model = seeded(
+        nn.Sequential(
+            conv(2, 3, 3, padding=1),
+            nn.ReLU(),
+            conv(3, 3, 3, stride=2),
+            GLOBAL_POOL[axes](1),
+            nn.Flatten(),
+            nn.Linear(3, 2),
+        ),
+        9,
+    )
+    shape = (2, *{1: (24,), 2: (12, 12), 3: (9, 9, 9)}[axes])
+    spec = kfx.fills.Multiply.gaussian((4,) * axes) if fill == "gaussian" else fill
+    engine = kfx.compile(model, shape, kfx.Patch(4, stride=2, fill=spec))
+    assert engine.patch.positional and "local" in engine.roles().values()
+    signal = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    corners = torch.randint(0, shape[1] - 4 + 1, (7, axes), generator=torch.Generator().manual_seed(5))
+    if fill == "mean_patch":
+        occluded = signal.expand(len(corners), *shape).clone()
+        for i, corner in enumerate(corners.tolist()):
+            window = (i, slice(None), *(slice(c, c + 4) for c in corner))
+            occluded[window] = signal[window[1:]].mean(dim=tuple(range(1, axes + 1)), keepdim=True)
+    else:
+        occluded = kfx.occlude(signal, corners, engine.patch)
+    assert relative_error(engine.outputs(signal, corners), model(occluded)) < 1e-10
+    assert torch.allclose(
+        engine(signal).values,
+        kfx.NaiveEngine(model, shape, engine.patch)(signal).values,
+        rtol=1e-10,
+        atol=1e-12,
+    )

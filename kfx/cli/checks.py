@@ -48,7 +48,7 @@ def _patch(args, size: int) -> kfx.Patch:
 
 
 def _pair_text(value) -> str:
-    return f"{value[0]}x{value[1]}" if isinstance(value, tuple) else str(value)
+    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _load_model(args):

@@ -17,6 +17,18 @@ import kfx
 # read_image and run_occlusion are looked up on the package when called, so that replacing
 # kfx.cli.read_image or kfx.cli.run_occlusion (as the tests do) takes effect here too.
 from kfx import cli
+from kfx.cli.arrays import (
+    KINDS,
+    ArrayInput,
+    array_advice,
+    array_model_input,
+    array_patch,
+    check_readers,
+    is_array_file,
+    is_nifti_file,
+    nifti_bytes,
+    read_array,
+)
 from kfx.cli.checks import (
     _approximate_options,
     _check_backend,
@@ -25,7 +37,7 @@ from kfx.cli.checks import (
     _load_model,
     _patch,
 )
-from kfx.cli.common import EXIT_OK, PROGRESS_DELAY_S
+from kfx.cli.common import EXIT_OK, PROGRESS_DELAY_S, UsageError
 from kfx.cli.images import _model_input, _named_target, _probabilities, _stem, _target
 from kfx.cli.outputs import Outputs, _json_values, _numpy_values, _writing, plan_outputs
 from kfx.common import follow_progress, progress_bar
@@ -68,7 +80,7 @@ def run_occlusion(
     engine, image, target, *, batch_size, run_options, desc: str, show_bar: bool
 ) -> kfx.Progress:
     """Compute the map, driving a tqdm bar (positions/s) from the engine's stream; the last step."""
-    total = math.prod(engine.patch.grid_shape(tuple(image.shape[-2:])))
+    total = math.prod(engine.patch.grid_shape(tuple(image.shape[1:])))
     bar = progress_bar(desc, total=total, show=show_bar, file=sys.stderr, delay=PROGRESS_DELAY_S, leave=False)
     step = follow_progress(engine.stream(image, target, batch_size=batch_size, **run_options), bar)
     values = step.heatmap.values
@@ -112,6 +124,7 @@ def _explain_occlusion(session: Session, name: str, image: torch.Tensor, target:
     details = {
         "model": session.loaded.name,
         "size": int(image.shape[-1]),
+        "input_shape": list(image.shape),
         "grid": list(heatmap.values.shape),
         "patch": list(patch.size),
         "stride": list(patch.stride),
@@ -171,15 +184,42 @@ def _explain_neuromask(
     return Explanation(name, "neuromask", target, label, base, mask.cpu(), run_s, details=details)
 
 
-def _write_outputs(result: Explanation, image: torch.Tensor, outputs: Outputs) -> list[str]:
-    """Write the picture, the .npy and the JSON; the paths written (JSON to stdout not included)."""
+def _save_picture(result: Explanation, image: torch.Tensor, path, source: ArrayInput | None) -> None:
+    """The occlusion map's picture for its rank: a line plot (signals), the map over the image
+    (images), three slices through the most important voxel (volumes)."""
+    from kfx import plot, plot_nd
+
+    axes = result.heatmap.values.dim()
+    if axes == 1:
+        plot_nd.save_signal(result.heatmap, path, image, label=result.label)
+    elif axes == 3:
+        geometry = {"axis_names": source.axis_names, "spacing": source.spacing} if source else {}
+        plot_nd.save_volume(result.heatmap, path, image, label=result.label, **geometry)
+    else:
+        plot.save(result.heatmap, path, image, label=result.label)
+
+
+def _nifti_map(result: Explanation, source: ArrayInput, path: Path) -> bytes:
+    """The per-voxel map (occlusion: the drop in probability; NeuroMask: the mask) as NIfTI."""
+    if result.heatmap is not None:
+        pixels, what = result.heatmap.to_pixels(), "occlusion drop in P"
+    else:
+        pixels, what = result.values, "NeuroMask mask for"
+    return nifti_bytes(pixels, source, path, f"kfx {what}({result.label})")
+
+
+def _write_outputs(
+    result: Explanation, image: torch.Tensor, outputs: Outputs, source: ArrayInput | None = None
+) -> list[str]:
+    """Write the picture, the .npy, the NIfTI map and the JSON; the paths written (JSON to stdout
+    not included). ``source``: the array the input came from (None for pictures)."""
     import numpy as np
 
     from kfx import plot
 
     written = []
     if result.heatmap is not None:
-        _writing(outputs.picture, lambda p: plot.save(result.heatmap, p, image, label=result.label))
+        _writing(outputs.picture, lambda p: _save_picture(result, image, p, source))
     else:
         steps = result.details.get("steps")
         _writing(
@@ -192,6 +232,10 @@ def _write_outputs(result: Explanation, image: torch.Tensor, outputs: Outputs) -
     if outputs.npy is not None:
         _writing(outputs.npy, lambda p: np.save(p, _numpy_values(result.values)))
         written.append(str(outputs.npy))
+    if outputs.nifti is not None:
+        data = _nifti_map(result, source, outputs.nifti)
+        _writing(outputs.nifti, lambda p: Path(p).write_bytes(data))
+        written.append(str(outputs.nifti))
     if isinstance(outputs.json, Path):
         written.append(str(outputs.json))
     if outputs.json is not None:
@@ -230,44 +274,96 @@ def _show_progress(args) -> bool:
 
 
 def _explain(args) -> int:
-    """``kfx explain``: every check that needs no model first, then load, compile once, run each image."""
+    """``kfx explain``: every check that needs no model first, then load, compile once per input
+    shape, run each input."""
     _check_method_options(args)
+    _check_size_option(args)
+    check_readers(args.images)
     occlusion = args.method == "occlusion"
     compile_options, run_options = _approximate_options(args) if occlusion else ({}, {})
     device = _device(args.device)
     backend = _check_backend(args.backend, device) if occlusion else None
     stems = [_stem(name) for name in args.images]
-    plans = plan_outputs(args, stems)
+    plans = plan_outputs(args, stems, [is_nifti_file(name) for name in args.images])
     loaded = _load_model(args)
     model = loaded.model.to(device)
     size = args.size or loaded.size
-    patch = _patch(args, size) if occlusion else None
+    pictures = not all(is_array_file(name) for name in args.images)
+    picture_patch = _patch(args, size) if occlusion and pictures else None
     named_target = _named_target(loaded, args.target)
-    pixels = [cli.read_image(name) for name in args.images]  # all first: a bad file fails before long work
-    images = [_model_input(loaded, p, name, size, device) for p, name in zip(pixels, args.images)]
-    # The unoccluded predictions first: a model that fails on this --size, or a --target it does
-    # not have, is reported before compiling and before any long run.
-    probabilities = [_probabilities(model, image, size) for image in images]
+    sources = [_read_input(name) for name in args.images]  # all first: a bad file fails before long work
+    if not occlusion:
+        _check_neuromask_inputs(sources)
+    images = [_input_tensor(loaded, source, name, size, device) for source, name in zip(sources, args.images)]
+    patches = [_input_patch(args, source, picture_patch) if occlusion else None for source in sources]
+    # The unoccluded predictions first: a model that fails on this --size or this array, or a
+    # --target it does not have, is reported before compiling and before any long run.
+    probabilities = [
+        _probabilities(model, image, size, array_advice(model, source) if _is_array(source) else None)
+        for image, source in zip(images, sources)
+    ]
     targets = [_target(named_target, p.shape[0], int(p.argmax())) for p in probabilities]
     session = Session(args, loaded, model, run_options=run_options)
-    if occlusion:
-        started = time.perf_counter()
-        engine = kfx.compile(
-            model,
-            tuple(images[0].shape),
-            patch,
-            batch_size=args.batch_size,
-            backend=backend,
-            **compile_options,
-        )
-        session = replace(session, engine=engine, compile_s=time.perf_counter() - started)
+    sessions = {}  # one compiled engine per input shape: pictures share one, arrays may differ
     summaries = sys.stderr if args.json == "-" else sys.stdout  # keep stdout pure JSON with --json -
-    for name, image, outputs, probability, target in zip(args.images, images, plans, probabilities, targets):
+    inputs = zip(args.images, sources, images, patches, plans, probabilities, targets)
+    for name, source, image, patch, outputs, probability, target in inputs:
         if occlusion:
-            result = _explain_occlusion(session, name, image, target)
+            shape = tuple(image.shape)
+            if shape not in sessions:
+                sessions[shape] = _compiled(session, shape, patch, backend, compile_options)
+            result = _explain_occlusion(sessions[shape], name, image, target)
         else:
             result = _explain_neuromask(session, name, image, target, float(probability[target]))
-        written = _write_outputs(result, image, outputs)
+        written = _write_outputs(result, image, outputs, source if _is_array(source) else None)
         if not args.quiet:
             print(_summary(result, written), file=summaries, flush=True)
     return EXIT_OK
+
+
+def _compiled(session: Session, shape: tuple[int, ...], patch, backend, compile_options) -> Session:
+    """``session`` with the engine for inputs of ``shape`` and the time it took to compile."""
+    args = session.args
+    started = time.perf_counter()
+    engine = kfx.compile(
+        session.model, shape, patch, batch_size=args.batch_size, backend=backend, **compile_options
+    )
+    return replace(session, engine=engine, compile_s=time.perf_counter() - started)
+
+
+def _is_array(source) -> bool:
+    return isinstance(source, ArrayInput)
+
+
+def _read_input(name: str):
+    """A .npy or NIfTI file as an ArrayInput, anything else as a picture's pixels."""
+    return read_array(name) if is_array_file(name) else cli.read_image(name)
+
+
+def _input_tensor(loaded, source, name: str, size: int, device: torch.device) -> torch.Tensor:
+    """The model's input: an array as it is (in the model's dtype), a picture resized and normalised."""
+    if _is_array(source):
+        return array_model_input(loaded.model, source, device)
+    return _model_input(loaded, source, name, size, device)
+
+
+def _input_patch(args, source, picture_patch: kfx.Patch) -> kfx.Patch:
+    return array_patch(args, source) if _is_array(source) else picture_patch
+
+
+def _check_size_option(args) -> None:
+    """--size resizes pictures: with only arrays to explain it would be ignored, so it is a mistake."""
+    if args.size is not None and all(is_array_file(name) for name in args.images):
+        raise UsageError(
+            "--size resizes pictures, and .npy and NIfTI inputs are taken as they are (the model's "
+            "input); resize them beforehand, or leave --size out"
+        )
+
+
+def _check_neuromask_inputs(sources) -> None:
+    for source in sources:
+        if _is_array(source) and source.axes != 2:
+            raise UsageError(
+                f"--method neuromask explains images [C, H, W], and {source.name} is a {KINDS[source.axes]} "
+                f"of shape {list(source.values.shape)}; use --method occlusion"
+            )

@@ -15,7 +15,11 @@ from kfx.errors import InputError, KfxError, ModelError
 
 
 def _stem(name: str) -> str:
-    """What an image's outputs are named after: the file name without extension, or the sample name."""
+    """What an image's outputs are named after: the file name without extension (both of .nii.gz),
+    or the sample name."""
+    file_name = Path(name).name
+    if file_name.lower().endswith(".nii.gz") and len(file_name) > len(".nii.gz"):
+        return file_name[: -len(".nii.gz")]
     return Path(name).stem or name
 
 
@@ -61,8 +65,11 @@ def _model_input(loaded, pixels, name: str, size: int, device: torch.device) -> 
     return image.to(device=device, dtype=dtype)
 
 
-def _probabilities(model: torch.nn.Module, image: torch.Tensor, size: int) -> torch.Tensor:
-    """Softmax [num_classes] of the model on the unoccluded image; ModelError when it cannot say."""
+def _probabilities(
+    model: torch.nn.Module, image: torch.Tensor, size: int, advice: str | None = None
+) -> torch.Tensor:
+    """Softmax [num_classes] of the model on the unoccluded image; ModelError when it cannot say
+    (``advice``: what to check when the model fails on it; default: --size)."""
     try:
         with torch.no_grad():
             scores = model(image[None])
@@ -70,7 +77,7 @@ def _probabilities(model: torch.nn.Module, image: torch.Tensor, size: int) -> to
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelError(
             f"the model failed on a {list(image.shape)} input ({type(exc).__name__}: {first}); "
-            f"check --size (now {size}) against what it expects"
+            f"{advice or f'check --size (now {size}) against what it expects'}"
         ) from None
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[0] != 1:
         raise ModelError(

@@ -33,6 +33,20 @@ def _int_pair(text: str) -> int | tuple[int, int]:
     return values[0] if len(values) == 1 else (values[0], values[1])
 
 
+def _int_axes(text: str) -> int | tuple[int, ...]:
+    """``16`` (every axis), ``16x8`` (height x width) or ``8x16x16`` (depth x height x width)."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) > 3:
+            raise argparse.ArgumentTypeError(text)
+        values = [_positive_int(part) for part in parts]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected N, HxW or DxHxW with positive integers (e.g. 16, 16x8 or 8x16x16), got {text!r}"
+        ) from None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)

@@ -15,17 +15,20 @@ import torch
 
 from kfx.cli.common import DEFAULT_PICTURE, STEM, OutputError, UsageError
 
+DEFAULT_NIFTI = "{stem}_kfx.nii.gz"
+
 # -- outputs --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Outputs:
     """Where one image's results go: the picture always; JSON and .npy when asked (``json == "-"``:
-    stdout)."""
+    stdout); for a NIfTI input, the per-voxel map as NIfTI."""
 
     picture: Path
     json: str | Path | None
     npy: Path | None
+    nifti: Path | None = None
 
 
 def _output_path(option: str, stem: str, suffix: str, count: int, flag: str) -> Path:
@@ -55,21 +58,28 @@ def _check_picture_format(path: Path) -> None:
         )
 
 
-def plan_outputs(args, stems: Sequence[str]) -> list[Outputs]:
-    """Every image's output paths, checked before any work: distinct, and in a writable place."""
+def plan_outputs(args, stems: Sequence[str], nifti_inputs: Sequence[bool] | None = None) -> list[Outputs]:
+    """Every image's output paths, checked before any work: distinct, and in a writable place.
+    ``nifti_inputs`` says which inputs are NIfTI files (they also get --nifti, by default
+    <stem>_kfx.nii.gz)."""
     count = len(stems)
     if args.npy == "-":
         raise UsageError("--npy needs a file path (a .npy file is binary; use --json - for stdout)")
+    nifti_inputs = nifti_inputs or [False] * count
+    nifti_option = _nifti_option(getattr(args, "nifti", None), nifti_inputs)
     plans = []
-    for stem in stems:
+    for stem, nifti_input in zip(stems, nifti_inputs):
         picture = _output_path(args.out or DEFAULT_PICTURE, stem, ".png", count, "--out")
         _check_picture_format(picture)
         json_path = args.json
         if json_path is not None and json_path != "-":
             json_path = _output_path(json_path, stem, ".json", count, "--json")
         npy = _output_path(args.npy, stem, ".npy", count, "--npy") if args.npy else None
-        plans.append(Outputs(picture, json_path, npy))
-    files = [p for plan in plans for p in (plan.picture, plan.json, plan.npy) if isinstance(p, Path)]
+        nifti = _nifti_path(nifti_option, stem, sum(nifti_inputs)) if nifti_input else None
+        plans.append(Outputs(picture, json_path, npy, nifti))
+    files = [
+        p for plan in plans for p in (plan.picture, plan.json, plan.npy, plan.nifti) if isinstance(p, Path)
+    ]
     clashes = sorted({str(p) for p in files if files.count(p) > 1})
     if clashes:
         raise UsageError(
@@ -78,6 +88,27 @@ def plan_outputs(args, stems: Sequence[str]) -> list[Outputs]:
     for path in files:
         _check_writable_place(path)
     return plans
+
+
+def _nifti_option(option: str | None, nifti_inputs: Sequence[bool]) -> str:
+    """--nifti, checked: it needs a NIfTI input (the map takes its affine) and a NIfTI name."""
+    if option is None:
+        return DEFAULT_NIFTI
+    if not any(nifti_inputs):
+        raise UsageError(
+            f"--nifti {option}: the NIfTI map takes a NIfTI input's affine, and no input is a .nii or "
+            ".nii.gz file; use --npy for the map's values"
+        )
+    if option == "-":
+        raise UsageError("--nifti needs a file path (a NIfTI file is binary; use --json - for stdout)")
+    return option
+
+
+def _nifti_path(option: str, stem: str, count: int) -> Path:
+    path = _output_path(option, stem, ".nii.gz", count, "--nifti")
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        raise UsageError(f"--nifti {option}: gives {path}, and NIfTI files end in .nii or .nii.gz")
+    return path
 
 
 def _check_writable_place(path: Path) -> None:
@@ -137,5 +168,11 @@ def _numpy_values(values: torch.Tensor):
 
 
 def _json_values(values: torch.Tensor) -> list:
-    """Nested lists of floats for JSON; cells without a value (NaN) become null."""
-    return [[v if math.isfinite(v) else None for v in row] for row in values.detach().cpu().double().tolist()]
+    """Nested lists of floats for JSON, one level per axis; cells without a value (NaN) become null."""
+    return _finite_or_null(values.detach().cpu().double().tolist())
+
+
+def _finite_or_null(values):
+    if isinstance(values, list):
+        return [_finite_or_null(v) for v in values]
+    return values if math.isfinite(values) else None

@@ -18,7 +18,7 @@ from kfx.cli.common import (
 )
 from kfx.cli.demo import _demo
 from kfx.cli.explain import _explain
-from kfx.cli.options import _fill, _finite_float, _int_pair, _positive_int, _tau
+from kfx.cli.options import _fill, _finite_float, _int_axes, _positive_int, _tau
 from kfx.cli.report import add_report
 from kfx.neuromask import DEFAULT_STEPS
 
@@ -104,8 +104,10 @@ def _add_explain(subparsers) -> None:
         "explain",
         help="heat maps of images (occlusion, or a NeuroMask mask)",
         description="Explain a model's prediction on each IMAGE: an occlusion heat map (exact, "
-        "incremental) or a NeuroMask mask, written as a picture (and optionally JSON / .npy).",
-        epilog="Outputs (--out, --json, --npy) take a file path, a directory (existing, or ending "
+        "incremental) or a NeuroMask mask, written as a picture (and optionally JSON / .npy). "
+        "Signals and volumes (.npy, NIfTI) get a line plot over the map, or three slices through "
+        "the most important voxel; NIfTI inputs also get the per-voxel map as NIfTI.",
+        epilog="Outputs (--out, --json, --npy, --nifti) take a file path, a directory (existing, or ending "
         "in '/'; gets <stem>_kfx.<ext>), or a pattern with {stem} (the image's file name without "
         "extension, or the sample name). With several images a single file path is an error. "
         "--json - writes JSON to stdout, one line per image, and the summary lines go to stderr. "
@@ -115,7 +117,9 @@ def _add_explain(subparsers) -> None:
         "images",
         nargs="+",
         metavar="IMAGE",
-        help="an image file, or a scikit-image sample photo name (chelsea, coffee, astronaut, rocket, ...)",
+        help="an image file, a scikit-image sample photo name (chelsea, coffee, astronaut, rocket, ...), "
+        "a .npy array [C, L], [C, H, W] or [C, D, H, W] (channels first, the model's input as it is), "
+        "or a NIfTI volume (.nii, .nii.gz; needs kfx[medical])",
     )
     _add_model_options(parser)
     parser.add_argument(
@@ -128,16 +132,22 @@ def _add_explain(subparsers) -> None:
         "--size",
         type=_positive_int,
         metavar="N",
-        help="input side: images are resized and centre-cropped to it (default: the model's, 224)",
+        help="input side: pictures are resized and centre-cropped to it (default: the model's, 224); "
+        ".npy and NIfTI inputs are taken as they are",
     )
     parser.add_argument(
         "--target", metavar="CLASS", help="class index or label name (default: the predicted class)"
     )
     occlusion = parser.add_argument_group("occlusion options")
     occlusion.add_argument(
-        "--patch", type=_int_pair, metavar="N|HxW", help=f"patch side in pixels (default {DEFAULT_PATCH})"
+        "--patch",
+        type=_int_axes,
+        metavar="N|HxW|DxHxW",
+        help=f"patch side in pixels (samples, voxels), one for every axis or one per axis (default {DEFAULT_PATCH})",
     )
-    occlusion.add_argument("--stride", type=_int_pair, metavar="N|HxW", help="grid step (default patch // 4)")
+    occlusion.add_argument(
+        "--stride", type=_int_axes, metavar="N|HxW|DxHxW", help="grid step (default patch // 4)"
+    )
     occlusion.add_argument(
         "--fill",
         type=_fill,
@@ -195,6 +205,12 @@ def _add_explain(subparsers) -> None:
         help="JSON with the map, target, label, probability, grid and timings ('-' = stdout)",
     )
     outputs.add_argument("--npy", metavar="PATH", help="the map's values as a NumPy .npy file")
+    outputs.add_argument(
+        "--nifti",
+        metavar="PATH",
+        help="NIfTI inputs: the per-voxel map (the drop in probability, Heatmap.to_pixels) with the "
+        "input's affine, to lay over the scan in a viewer (default <stem>_kfx.nii.gz here)",
+    )
     outputs.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary lines")
     parser.set_defaults(handler=_explain)
 
