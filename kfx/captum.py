@@ -61,7 +61,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device, progress_bar
-from kfx.engine import Engine, compile, model_state
+from kfx.dropin import NotAccelerated, NotAcceleratedWarning, weights_version
+from kfx.engine import Engine, compile
 from kfx.errors import InputError, KfxError, ModelError, PatchError
 from kfx.geometry import captum_heatmap_size
 from kfx.passes.trace import require_eval_module
@@ -70,20 +71,6 @@ from kfx.patch import Patch
 __all__ = ["Occlusion", "NotAcceleratedWarning"]
 
 Fill = float | tuple[float, ...]
-
-
-class NotAcceleratedWarning(UserWarning):
-    """A call ran on ``captum.attr.Occlusion`` itself because kfx cannot accelerate it."""
-
-
-class _NotAccelerated(Exception):
-    """Internal signal: this call cannot take the fast path; ``error`` is the kfx error to raise
-    when captum is not installed to run it instead."""
-
-    def __init__(self, reason: str, error: type[KfxError] = InputError):
-        super().__init__(reason)
-        self.reason = reason
-        self.error = error
 
 
 # -- geometry ------------------------------------------------------------------------------------
@@ -188,7 +175,7 @@ def _fills_per_example(baselines, inputs: torch.Tensor) -> list[Fill]:
     """
     if isinstance(baselines, tuple):
         if len(baselines) != 1:
-            raise _NotAccelerated(f"{len(baselines)} baselines were given for one input")
+            raise NotAccelerated(f"{len(baselines)} baselines were given for one input")
         baselines = baselines[0]
     n = inputs.shape[0]
     if baselines is None:
@@ -196,24 +183,24 @@ def _fills_per_example(baselines, inputs: torch.Tensor) -> list[Fill]:
     if isinstance(baselines, (int, float)):
         return [float(baselines)] * n
     if not isinstance(baselines, torch.Tensor):
-        raise _NotAccelerated(f"baselines of type {type(baselines).__name__} is not a number or tensor")
+        raise NotAccelerated(f"baselines of type {type(baselines).__name__} is not a number or tensor")
     if torch.promote_types(baselines.dtype, inputs.dtype) != inputs.dtype:
-        raise _NotAccelerated(
+        raise NotAccelerated(
             f"the baseline's dtype {baselines.dtype} would promote the {inputs.dtype} inputs"
         )
     if baselines.numel() > 1 and baselines.device != inputs.device:
-        raise _NotAccelerated(f"the baseline is on {baselines.device} but the inputs are on {inputs.device}")
+        raise NotAccelerated(f"the baseline is on {baselines.device} but the inputs are on {inputs.device}")
     try:
         if baselines.dim() > inputs.dim():
             raise RuntimeError("more dimensions than the inputs")
         full = baselines.detach().cpu().broadcast_to(inputs.shape)
     except RuntimeError:
-        raise _NotAccelerated(
+        raise NotAccelerated(
             f"baseline shape {list(baselines.shape)} does not broadcast to the inputs {list(inputs.shape)}"
         ) from None
     corner = full[:, :, :1, :1]
     if not torch.equal(full, corner.expand_as(full)):
-        raise _NotAccelerated(
+        raise NotAccelerated(
             "the baseline varies over space (e.g. a blurred image); a kfx patch needs one fill value "
             "per channel"
         )
@@ -221,7 +208,7 @@ def _fills_per_example(baselines, inputs: torch.Tensor) -> list[Fill]:
     for values in corner.reshape(n, -1).tolist():
         fills.append(values[0] if len(set(values)) == 1 else tuple(values))
     if not all(torch.isfinite(torch.tensor(f, dtype=torch.float64)).all() for f in fills):
-        raise _NotAccelerated("the baseline holds NaN or infinite values")
+        raise NotAccelerated("the baseline holds NaN or infinite values")
     return fills
 
 
@@ -252,17 +239,17 @@ def _target_indices(target, n: int) -> list[tuple]:
             return [(t,) for t in target]
         if all(isinstance(t, tuple) and all(_is_index(i) for i in t) for t in target):
             return list(target)
-    raise _NotAccelerated(f"target {target!r} is not an int, a tuple, or one per example")
+    raise NotAccelerated(f"target {target!r} is not an int, a tuple, or one per example")
 
 
 def _select(outputs: torch.Tensor, index: tuple) -> torch.Tensor:
-    """The target's value in each output row [P, ...] -> [P]; one value per row or _NotAccelerated."""
+    """The target's value in each output row [P, ...] -> [P]; one value per row or NotAccelerated."""
     try:
         selected = outputs[(slice(None), *index)]
     except IndexError as err:
-        raise _NotAccelerated(f"target index {index} does not fit the model output: {err}") from None
+        raise NotAccelerated(f"target index {index} does not fit the model output: {err}") from None
     if selected.numel() != outputs.shape[0]:
-        raise _NotAccelerated(
+        raise NotAccelerated(
             f"target {index or None} picks {selected.numel() // max(outputs.shape[0], 1)} values per example "
             f"from outputs of shape {list(outputs.shape[1:])}; Occlusion needs one (pass target=)"
         )
@@ -270,12 +257,6 @@ def _select(outputs: torch.Tensor, index: tuple) -> torch.Tensor:
 
 
 # -- the model -----------------------------------------------------------------------------------
-
-
-def _weights_version(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is modified in place (optimizer steps, load_state_dict)
-    or replaced (``model.fc = ...``), so cached engines are recompiled for the model as it is now."""
-    return (id(model), *model_state(model))
 
 
 def _captum_occlusion():
@@ -292,9 +273,9 @@ def _single_image_batch(inputs) -> tuple[torch.Tensor, bool]:
     if as_tuple and len(inputs) == 1:
         inputs = inputs[0]
     if not isinstance(inputs, torch.Tensor):
-        raise _NotAccelerated("inputs is not a single tensor (kfx explains one image input)")
+        raise NotAccelerated("inputs is not a single tensor (kfx explains one image input)")
     if inputs.dim() != 4:
-        raise _NotAccelerated(f"inputs has shape {list(inputs.shape)}, not an image batch [N, C, H, W]")
+        raise NotAccelerated(f"inputs has shape {list(inputs.shape)}, not an image batch [N, C, H, W]")
     return inputs, as_tuple
 
 
@@ -376,7 +357,7 @@ class Occlusion:
                 perturbations_per_eval,
             )
             attributions = self._accelerated(plan, show_progress)
-        except _NotAccelerated as why:
+        except NotAccelerated as why:
             return self._fallback(why, arguments)
         self.last_fallback_reason = None
         return (attributions,) if as_tuple else attributions
@@ -392,28 +373,28 @@ class Occlusion:
         additional_forward_args,
         perturbations_per_eval: int,
     ) -> tuple[_Plan, bool]:
-        """Check that kfx can compute this call; raise _NotAccelerated (or PatchError) otherwise."""
+        """Check that kfx can compute this call; raise NotAccelerated (or PatchError) otherwise."""
         images, as_tuple = _single_image_batch(inputs)
         # Geometry first: bad windows are errors on every path, not reasons to fall back.
         window, stride = _window_and_strides(sliding_window_shapes, strides, tuple(images.shape))
         if additional_forward_args is not None:
-            raise _NotAccelerated("additional_forward_args is given (kfx models take the image only)")
+            raise NotAccelerated("additional_forward_args is given (kfx models take the image only)")
         model = self.forward_func
         try:
             require_eval_module(model, "kfx.captum.Occlusion")
         except ModelError as err:
-            raise _NotAccelerated(str(err), ModelError) from None
+            raise NotAccelerated(str(err), ModelError) from None
         n, channels = images.shape[:2]
         if window[0] != channels:
-            raise _NotAccelerated(
+            raise NotAccelerated(
                 f"the window {window} does not span all {channels} channels (Captum slides it across them)",
                 PatchError,
             )
         if n == 0 or not images.dtype.is_floating_point or not torch.isfinite(images).all():
-            raise _NotAccelerated("inputs is empty, not floating point, or holds NaN or infinite values")
+            raise NotAccelerated("inputs is empty, not floating point, or holds NaN or infinite values")
         model_dtype, model_device = model_dtype_device(model)
         if model_dtype is not None and (model_dtype, model_device) != (images.dtype, images.device):
-            raise _NotAccelerated(
+            raise NotAccelerated(
                 f"inputs are {images.dtype} on {images.device} but the model is {model_dtype} on {model_device}"
             )
         fills = _fills_per_example(baselines, images)
@@ -421,7 +402,7 @@ class Occlusion:
         with torch.no_grad():
             outputs = model(images)
         if not isinstance(outputs, torch.Tensor) or outputs.dim() == 0 or outputs.shape[0] != n:
-            raise _NotAccelerated("the model does not return one output row per example")
+            raise NotAccelerated("the model does not return one output row per example")
         initial = torch.stack([_select(outputs[i : i + 1], indices[i])[0] for i in range(n)])
         return (
             _Plan(
@@ -439,7 +420,7 @@ class Occlusion:
 
     def _engine(self, plan: _Plan, size: tuple[int, int], fill: Fill) -> Engine:
         """The cached engine for this patch shape and fill (compiled on first use)."""
-        version = _weights_version(plan.model)
+        version = weights_version(plan.model)
         if version != self._engines_version:
             self._engines.clear()
             self._engines_version = version
@@ -452,7 +433,7 @@ class Occlusion:
                     plan.model, image_shape, Patch(size, stride=1, fill=fill), dtype=plan.dtype
                 )
             except KfxError as err:
-                raise _NotAccelerated(f"kfx.compile failed: {err}", type(err)) from None
+                raise NotAccelerated(f"kfx.compile failed: {err}", type(err)) from None
         return self._engines[key]
 
     # -- computing --------------------------------------------------------------------------------
@@ -485,7 +466,7 @@ class Occlusion:
         attributions = torch.stack(per_example).float() / counts.to(torch.get_default_dtype())
         return attributions[:, None].expand(n, channels, height, width).contiguous().to(images.device)
 
-    def _fallback(self, why: _NotAccelerated, arguments: dict):
+    def _fallback(self, why: NotAccelerated, arguments: dict):
         """Run captum.attr.Occlusion itself, or raise why.error when captum is not installed."""
         self.last_fallback_reason = why.reason
         captum_occlusion = _captum_occlusion()

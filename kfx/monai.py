@@ -73,8 +73,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kfx.captum import NotAcceleratedWarning, _NotAccelerated, _weights_version
 from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device, progress_bar
+from kfx.dropin import NotAccelerated, NotAcceleratedWarning, weights_version
 from kfx.engine import Engine, compile
 from kfx.errors import InputError, KfxError, ModelError, PatchError
 from kfx.fills import MeanImage, Multiply, PositionalFill, windows
@@ -150,7 +150,7 @@ def _crop(b_box, spatial: tuple[int, ...], mask: tuple[int, ...]) -> _Crop:
         return _Crop(tuple((0, s) for s in spatial), mask, tuple(slice(None) for _ in spatial))
     values = [as_int(b) for b in b_box] if isinstance(b_box, Sequence) else None
     if values is None or len(values) != 2 * len(spatial) or None in values:
-        raise _NotAccelerated(
+        raise NotAccelerated(
             f"b_box {b_box!r} is not 2 ints per spatial axis ([min1, max1, min2, max2, ...])"
         )
     lows, highs = values[::2], values[1::2]
@@ -161,7 +161,7 @@ def _crop(b_box, spatial: tuple[int, ...], mask: tuple[int, ...]) -> _Crop:
     ]
     region = tuple(g.indices(size)[:2] for g, size in zip(grid, spatial))
     if any(stop <= start for start, stop in region):
-        raise _NotAccelerated(f"b_box {b_box!r} crops the image {list(spatial)} to nothing")
+        raise NotAccelerated(f"b_box {b_box!r} crops the image {list(spatial)} to nothing")
     clipped = tuple(min(stop - start, m) for (start, stop), m in zip(region, mask))
     final = tuple(
         slice(max(low, 0), max(high if high > 0 else size, max(low, 0)))
@@ -271,7 +271,7 @@ class OcclusionSensitivity:
         overlaps = self._overlaps(len(spatial))
         try:
             crop = _crop(b_box, spatial, mask)
-        except _NotAccelerated as why:
+        except NotAccelerated as why:
             return self._fallback(why, x, b_box, kwargs)
         grid = tuple(stop - start for start, stop in crop.region)
         if any(m > g for m, g in zip(crop.mask, grid)):
@@ -287,7 +287,7 @@ class OcclusionSensitivity:
                 # A plain tensor: MONAI's loaders give MetaTensors, whose bookkeeping the engine needs not.
                 plan = self._plan(x.detach().as_subclass(torch.Tensor), crop, overlaps, kwargs)
                 occ_map = self._accelerated(plan)
-        except _NotAccelerated as why:
+        except NotAccelerated as why:
             return self._fallback(why, x, b_box, kwargs)
         self.last_fallback_reason = None
         return occ_map, occ_map.argmax(dim=1, keepdim=True)
@@ -315,31 +315,31 @@ class OcclusionSensitivity:
 
     # -- planning --------------------------------------------------------------------------------------
     def _plan(self, x: torch.Tensor, crop: _Crop, overlaps: tuple[float, ...], kwargs: dict) -> _Plan:
-        """Check that kfx can compute this call; raise _NotAccelerated otherwise."""
+        """Check that kfx can compute this call; raise NotAccelerated otherwise."""
         model = self.nn_module
         if callable(self.mode):
-            raise _NotAccelerated("mode is a callable (kfx cannot see what it paints)", PatchError)
+            raise NotAccelerated("mode is a callable (kfx cannot see what it paints)", PatchError)
         if not isinstance(model, nn.Module):
-            raise _NotAccelerated(f"nn_module is a {type(model).__name__}, not a torch.nn.Module", ModelError)
+            raise NotAccelerated(f"nn_module is a {type(model).__name__}, not a torch.nn.Module", ModelError)
         if kwargs:
-            raise _NotAccelerated(
+            raise NotAccelerated(
                 f"module keyword arguments {sorted(kwargs)} are given (kfx models take the image only)"
             )
         if x.dtype not in (torch.float32, torch.float64):
-            raise _NotAccelerated(
+            raise NotAccelerated(
                 f"x is {x.dtype}; kfx follows MONAI's placement exactly for float32 and float64 inputs only"
             )
         if not torch.isfinite(x).all():
-            raise _NotAccelerated("x holds NaN or infinite values")
+            raise NotAccelerated("x holds NaN or infinite values")
         model_dtype, model_device = model_dtype_device(model)
         if model_dtype is not None and (model_dtype, model_device) != (x.dtype, x.device):
-            raise _NotAccelerated(
+            raise NotAccelerated(
                 f"x is {x.dtype} on {x.device} but the model is {model_dtype} on {model_device}"
             )
         output = model(x)
         if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != 1:
             shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise _NotAccelerated(
+            raise NotAccelerated(
                 f"the model's output for x is {shape}, not one row of class scores [1, K]", ModelError
             )
         starts = tuple(
@@ -362,7 +362,7 @@ class OcclusionSensitivity:
 
     def _engine(self, plan: _Plan) -> Engine:
         """The cached engine for this image shape, mask and fill (compiled on first use)."""
-        version = _weights_version(self.nn_module)
+        version = weights_version(self.nn_module)
         if version != self._engines_version:
             self._engines.clear()
             self._engines_version = version
@@ -376,7 +376,7 @@ class OcclusionSensitivity:
             patch = Patch(plan.crop.mask, stride=1, fill=plan.fill)
             engine = compile(self.nn_module, tuple(image.shape), patch, dtype=dtype)
         except KfxError as err:
-            raise _NotAccelerated(f"kfx cannot compile this call: {err}", type(err)) from None
+            raise NotAccelerated(f"kfx cannot compile this call: {err}", type(err)) from None
         self._engines[key] = engine
         while len(self._engines) > MAX_CACHED_ENGINES:
             self._engines.popitem(last=False)
@@ -410,7 +410,7 @@ class OcclusionSensitivity:
             if not all(isinstance(r, torch.Tensor) and r.dim() == 2 for r in rows) or (
                 sum(len(r) for r in rows) != len(outputs) or len({r.shape[1] for r in rows}) != 1
             ):
-                raise _NotAccelerated("activate does not return one row of scores per window")
+                raise NotAccelerated("activate does not return one row of scores per window")
             return torch.cat(rows)
         if self.activate:
             return outputs.sigmoid() if channels == 1 else outputs.softmax(1)
@@ -438,7 +438,7 @@ class OcclusionSensitivity:
         # MONAI's sliding_window_inference returns its map in the dtype of an empty MetaTensor: float32.
         return full[(slice(None), *crop.final)][None].to(torch.float32)
 
-    def _fallback(self, why: _NotAccelerated, x, b_box, kwargs):
+    def _fallback(self, why: NotAccelerated, x, b_box, kwargs):
         """Run MONAI's OcclusionSensitivity itself, or raise why.error when MONAI is not installed."""
         self.last_fallback_reason = why.reason
         monai_class = _monai_occlusion_sensitivity()
