@@ -49,7 +49,14 @@ def occluded(x: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("name", list(NETWORKS))
+# The three largest 3-D networks take about a minute each on a loaded 2-core machine: marked slow
+# (run them with `python -m pytest -m slow tests/test_monai_nets.py`); CI runs the rest.
+SLOW = {"densenet121-3d", "seresnet50-3d", "efficientnet-b0-3d"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in NETWORKS]
+)
 def test_monai_network_is_exact_and_incremental(name):
     factory, shape = NETWORKS[name]
     torch.manual_seed(0)
