@@ -263,7 +263,13 @@ def _setup(model, patch, stride, fill, tau, size, weights, target, preprocess, l
     default_target = io._target_text(target)
     if default_target is not None:
         loaded.class_index(default_target)  # an unknown label name fails now, not on every row
-    fill_values = [patch.fill] if isinstance(patch.fill, float) else list(patch.fill)
+    fill_values = (
+        patch.fill.name()
+        if patch.positional
+        else [patch.fill]
+        if isinstance(patch.fill, float)
+        else list(patch.fill)
+    )
     normalize = loaded.normalize
     config = {
         "model": loaded.name,

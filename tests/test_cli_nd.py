@@ -376,3 +376,36 @@ def test_a_bad_patch_text_names_every_form(capsys):
     code, _, err = run(capsys, "explain", "volume.npy", "--model", VOLUME, "--patch", "4x4x4x4")
     assert code == 2
     assert_one_line_error(err, "N, HxW or DxHxW")
+
+
+@pytest.mark.parametrize("fill", ["mean_patch", "mean_image", "blur"])
+def test_a_position_dependent_fill_by_name(capsys, fill):
+    """--fill mean_patch|mean_image|blur is kfx.Patch(fill=name): the same map as the engine's, and
+    for mean_patch the same as brute force with the window's mean painted in by hand."""
+    x = _signal()
+    np.save("ecg.npy", x)
+    code, out, err = run(
+        capsys, "explain", "ecg.npy", "--model", SIGNAL, "--patch", "8", "--stride", "4", "--fill", fill,
+        "--npy", "map.npy", "--json", "map.json",
+    )  # fmt: skip
+    assert code == 0, err
+    model = cli_models.tiny_signal()
+    expected = _engine_map(model, x, kfx.Patch(8, stride=4, fill=fill)).values
+    assert torch.equal(torch.from_numpy(np.load("map.npy")), expected)
+    assert json.loads(Path("map.json").read_text())["fill"] == kfx.Patch(8, fill=fill).fill.name()
+    if fill == "mean_patch":
+        signal = torch.from_numpy(x)
+        probabilities = []
+        for start in range(0, 40 - 8 + 1, 4):
+            occluded = signal.clone()
+            occluded[:, start : start + 8] = signal[:, start : start + 8].mean(dim=1, keepdim=True)
+            probabilities.append(torch.softmax(model(occluded[None]), 1)[0])
+        target = int(model(signal[None]).argmax())
+        assert torch.allclose(expected, torch.stack(probabilities)[:, target], atol=1e-6)
+
+
+def test_an_unknown_fill_name_is_a_usage_error(capsys):
+    np.save("ecg.npy", _signal())
+    code, out, err = run(capsys, "explain", "ecg.npy", "--model", SIGNAL, "--fill", "gray")
+    assert code == 2
+    assert "mean_patch" in err and "gray" in err

@@ -76,6 +76,13 @@ class Explanation:
         }
 
 
+def _fill_record(fill):
+    """The patch's fill for the JSON record: a number, one per channel, or a positional fill's name."""
+    if isinstance(fill, tuple):
+        return list(fill)
+    return fill if isinstance(fill, float) else fill.name()
+
+
 def run_occlusion(
     engine, image, target, *, batch_size, run_options, desc: str, show_bar: bool
 ) -> kfx.Progress:
@@ -128,7 +135,7 @@ def _explain_occlusion(session: Session, name: str, image: torch.Tensor, target:
         "grid": list(heatmap.values.shape),
         "patch": list(patch.size),
         "stride": list(patch.stride),
-        "fill": list(patch.fill) if isinstance(patch.fill, tuple) else patch.fill,
+        "fill": _fill_record(patch.fill),
         "tau": args.tau,
         "global_context": engine.global_context,
         "drill_down": _drill_down_details(session.run_options.get("drill_down")),

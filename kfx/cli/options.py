@@ -57,13 +57,21 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _fill(text: str) -> float | tuple[float, ...]:
-    """One float for every channel, or comma-separated floats, one per channel (R,G,B)."""
-    values = tuple(_finite_float(part.strip()) for part in text.split(","))
-    if len(values) not in (1, 3):
+# Fills whose content depends on where the patch is (kfx.fills), by the names kfx.Patch takes.
+FILL_NAMES = ("mean_patch", "mean_image", "blur")
+
+
+def _fill(text: str) -> float | tuple[float, ...] | str:
+    """One float for every channel, comma-separated floats (one per channel: R,G,B, or one per lead
+    of a signal), or a position-dependent fill by name (mean_patch, mean_image, blur)."""
+    if text.strip() in FILL_NAMES:
+        return text.strip()
+    try:
+        values = tuple(_finite_float(part.strip()) for part in text.split(","))
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
-            f"expected one value or three (R,G,B), got {len(values)} in {text!r}"
-        )
+            f"expected a number, one number per channel (R,G,B) or one of {', '.join(FILL_NAMES)}; got {text!r}"
+        ) from None
     return values[0] if len(values) == 1 else values
 
 

@@ -151,10 +151,11 @@ def _add_explain(subparsers) -> None:
     occlusion.add_argument(
         "--fill",
         type=_fill,
-        metavar="V|R,G,B",
-        help="value painted in the patch, in model-input space (after normalisation), one float or "
-        "one per channel (default 0.0: the mean colour for ImageNet-normalised models, mid-gray for "
-        "the default model's [-1, 1] inputs)",
+        metavar="V|R,G,B|mean_patch|mean_image|blur",
+        help="what the patch holds, in model-input space (after normalisation): one float or one per "
+        "channel (default 0.0: the mean colour for ImageNet-normalised models, mid-gray for the "
+        "default model's [-1, 1] inputs), or content from the input itself: mean_patch (the covered "
+        "region's mean), mean_image, blur (a Gaussian-blurred copy of the region)",
     )
     occlusion.add_argument(
         "--batch-size",
