@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from kfx.passes.ops import local_spec
 from kfx.passes.layout import spatial_dims
+from kfx.passes.local import local_spec
 from kfx.passes.patch_prop import META_KEY, State, input_axes, spatial_size
 from kfx.passes.transposed import transposed_spec
 

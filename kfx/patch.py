@@ -198,7 +198,10 @@ def check_positions(positions, image_size: tuple[int, ...], patch: Patch) -> tor
     """Validate top-left corners (one coordinate per spatial axis) and return them as a CPU long
     tensor [N, axes]."""
     axes = len(image_size)
-    names = {1: "(x,)", 2: "(y, x)", 3: "(z, y, x)"}.get(axes, f"{axes} coordinates")
+    coordinates = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}.get(
+        axes, tuple(f"x{a}" for a in range(axes))
+    )
+    names = f"({coordinates[0]},)" if axes == 1 else f"({', '.join(coordinates)})"
     if not isinstance(positions, torch.Tensor):
         try:
             positions = torch.as_tensor(positions)
@@ -217,9 +220,7 @@ def check_positions(positions, image_size: tuple[int, ...], patch: Patch) -> tor
     bad = ((positions < 0) | (positions > limits)).any(dim=1)
     if bad.any():
         first = positions[bad.nonzero()[0, 0]].tolist()
-        bounds = ", ".join(
-            f"0 <= {name} <= {limit}" for name, limit in zip(names.strip("()").split(", "), limits.tolist())
-        )
+        bounds = ", ".join(f"0 <= {name} <= {limit}" for name, limit in zip(coordinates, limits.tolist()))
         raise InputError(
             f"position {names} = {tuple(first)} puts the {_axes_text(patch.size)} patch outside the "
             f"{_axes_text(image_size)} image; valid corners are {bounds}"

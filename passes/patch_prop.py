@@ -57,14 +57,13 @@ from kfx.passes.layout import (
 from kfx.passes.ops import (
     SHAPE_ATTRIBUTES,
     SHAPE_METHODS,
-    LocalSpec,
     is_gate_product,
     is_global_mean,
     is_merge,
     is_pointwise,
-    local_spec,
     per_channel_operands,
 )
+from kfx.passes.local import LocalSpec, local_spec
 from kfx.passes.resample import ResampleSpec, resample_spec
 from kfx.passes.transposed import TransposedSpec, transposed_spec
 
