@@ -68,9 +68,12 @@ def network(name: str, axes: int) -> torch.nn.Module:
     return nets.resnet18(spatial_dims=axes, n_input_channels=1, num_classes=2).eval()
 
 
-def window_corners(side: int, stride: int, count: int, axes: int) -> tuple[torch.Tensor, int]:
-    """``count`` random corners of the grid (all of them if count is 0) and the grid's size."""
-    per_axis = (side - MASK) // stride + 1
+def window_corners(
+    side: int, stride: int, count: int, axes: int, size: int = MASK
+) -> tuple[torch.Tensor, int]:
+    """``count`` random corners of the grid of windows of ``size`` (all of them if count is 0) and
+    the grid's size."""
+    per_axis = (side - size) // stride + 1
     total = per_axis**axes
     generator = torch.Generator().manual_seed(1)
     cells = torch.randperm(total, generator=generator)[: count or total]
@@ -177,7 +180,7 @@ def run_signal(args) -> dict:
     x = torch.cumsum(torch.randn(12, 5000, generator=generator), dim=1) / 50
     patch = kfx.Patch(250, stride=50)
     engine = kfx.compile(model, (12, 5000), patch)
-    positions, windows = window_corners(5000, 50, 0, 1)
+    positions, windows = window_corners(5000, 50, 0, 1, size=250)
     target = int(model(x[None]).argmax())
     rows = []
     for batch in args.batch_sizes:

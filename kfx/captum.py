@@ -52,7 +52,6 @@ anyway, pass ``Occlusion(model, batch_size=...)``.
 from __future__ import annotations
 
 import importlib
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device, progress_bar
-from kfx.dropin import NotAccelerated, NotAcceleratedWarning, weights_version
+from kfx.dropin import NotAccelerated, NotAcceleratedWarning, fall_back, weights_version
 from kfx.engine import Engine, compile
 from kfx.errors import InputError, KfxError, ModelError, PatchError
 from kfx.geometry import captum_heatmap_size
@@ -468,18 +467,8 @@ class Occlusion:
 
     def _fallback(self, why: NotAccelerated, arguments: dict):
         """Run captum.attr.Occlusion itself, or raise why.error when captum is not installed."""
-        self.last_fallback_reason = why.reason
-        captum_occlusion = _captum_occlusion()
-        if captum_occlusion is None:
-            raise why.error(
-                f"kfx cannot accelerate this Occlusion call ({why.reason}), and captum, which would "
-                "compute it instead, is not installed: pip install captum, or change the call"
-            )
-        if why.reason not in self._warned:
-            self._warned.add(why.reason)
-            warnings.warn(
-                f"kfx.captum.Occlusion ran captum.attr.Occlusion instead: {why.reason}",
-                NotAcceleratedWarning,
-                stacklevel=3,
-            )
+        captum_occlusion = fall_back(
+            self, why, _captum_occlusion(), call="Occlusion", ours="kfx.captum.Occlusion",
+            theirs="captum.attr.Occlusion", package="captum",
+        )  # fmt: skip
         return captum_occlusion(self.forward_func).attribute(**arguments)

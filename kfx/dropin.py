@@ -5,12 +5,14 @@ compiled engines are cached for a model."""
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from kfx.engine import model_state
 from kfx.errors import InputError, KfxError
 
-__all__ = ["NotAcceleratedWarning", "NotAccelerated", "weights_version"]
+__all__ = ["NotAcceleratedWarning", "NotAccelerated", "weights_version", "fall_back"]
 
 
 class NotAcceleratedWarning(UserWarning):
@@ -32,3 +34,19 @@ def weights_version(model: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer is modified in place (optimizer steps, load_state_dict)
     or replaced (``model.fc = ...``), so cached engines are recompiled for the model as it is now."""
     return (id(model), *model_state(model))
+
+
+def fall_back(owner, why: NotAccelerated, original, *, call: str, ours: str, theirs: str, package: str):
+    """The original library's class to run a call kfx cannot accelerate: records ``why`` on
+    ``owner.last_fallback_reason`` and warns once per reason and drop-in object; raises
+    ``why.error`` when the library (``original`` is None) is not installed to run it instead."""
+    owner.last_fallback_reason = why.reason
+    if original is None:
+        raise why.error(
+            f"kfx cannot accelerate this {call} call ({why.reason}), and {package}, which would compute it "
+            f"instead, is not installed: pip install {package.lower()}, or change the call"
+        )
+    if why.reason not in owner._warned:
+        owner._warned.add(why.reason)
+        warnings.warn(f"{ours} ran {theirs} instead: {why.reason}", NotAcceleratedWarning, stacklevel=4)
+    return original

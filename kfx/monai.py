@@ -65,7 +65,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,7 +73,7 @@ import torch
 from torch import nn
 
 from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device, progress_bar
-from kfx.dropin import NotAccelerated, NotAcceleratedWarning, weights_version
+from kfx.dropin import NotAccelerated, NotAcceleratedWarning, fall_back, weights_version
 from kfx.engine import Engine, compile
 from kfx.errors import InputError, KfxError, ModelError, PatchError
 from kfx.fills import MeanImage, Multiply, PositionalFill, windows
@@ -440,20 +439,10 @@ class OcclusionSensitivity:
 
     def _fallback(self, why: NotAccelerated, x, b_box, kwargs):
         """Run MONAI's OcclusionSensitivity itself, or raise why.error when MONAI is not installed."""
-        self.last_fallback_reason = why.reason
-        monai_class = _monai_occlusion_sensitivity()
-        if monai_class is None:
-            raise why.error(
-                f"kfx cannot accelerate this OcclusionSensitivity call ({why.reason}), and MONAI, which "
-                "would compute it instead, is not installed: pip install monai, or change the call"
-            )
-        if why.reason not in self._warned:
-            self._warned.add(why.reason)
-            warnings.warn(
-                f"kfx.monai.OcclusionSensitivity ran monai.visualize.OcclusionSensitivity instead: {why.reason}",
-                NotAcceleratedWarning,
-                stacklevel=3,
-            )
+        monai_class = fall_back(
+            self, why, _monai_occlusion_sensitivity(), call="OcclusionSensitivity",
+            ours="kfx.monai.OcclusionSensitivity", theirs="monai.visualize.OcclusionSensitivity", package="MONAI",
+        )  # fmt: skip
         occlusion = monai_class(
             nn_module=self.nn_module,
             mask_size=self.mask_size,

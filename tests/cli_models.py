@@ -44,31 +44,27 @@ class _Gate(nn.Module):
         return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
 
 
-def tiny_signal() -> nn.Module:
-    """A 1-D CNN on 2-channel signals [2, L] with 3 classes (fixed random weights)."""
+def _tiny_cnn(axes: int, channels: int, width: int, classes: int) -> nn.Module:
+    """conv-relu-pool-conv-relu-global pool-linear over ``axes`` spatial axes (fixed random weights)."""
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[axes - 1]
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv1d(2, 4, 5, padding=2),
+        conv(channels, 4, 5 if axes == 1 else 3, padding=2 if axes == 1 else 1),
         nn.ReLU(),
-        nn.MaxPool1d(2),
-        nn.Conv1d(4, 8, 3, padding=1),
+        (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[axes - 1](2),
+        conv(4, width, 3, padding=1),
         nn.ReLU(),
-        nn.AdaptiveAvgPool1d(1),
+        (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)[axes - 1](1),
         nn.Flatten(),
-        nn.Linear(8, 3),
+        nn.Linear(width, classes),
     ).eval()
+
+
+def tiny_signal() -> nn.Module:
+    """A 1-D CNN on 2-channel signals [2, L] with 3 classes (fixed random weights)."""
+    return _tiny_cnn(1, channels=2, width=8, classes=3)
 
 
 def tiny_volume() -> nn.Module:
     """A 3-D CNN on one-channel volumes [1, D, H, W] with 2 classes (fixed random weights)."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv3d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool3d(2),
-        nn.Conv3d(4, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool3d(1),
-        nn.Flatten(),
-        nn.Linear(4, 2),
-    ).eval()
+    return _tiny_cnn(3, channels=1, width=4, classes=2)
