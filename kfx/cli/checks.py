@@ -38,6 +38,11 @@ def _approximate_options(args) -> tuple[dict, dict]:
 
 def _patch(args, size: int) -> kfx.Patch:
     """The patch from --patch/--stride/--fill, checked against the input side."""
+    if isinstance(args.fill, tuple) and len(args.fill) != 3:
+        raise UsageError(
+            f"argument --fill: {len(args.fill)} values given, but images have 3 channels: give one value "
+            "or three (R,G,B)"
+        )
     size_hw = args.patch if args.patch is not None else DEFAULT_PATCH
     try:
         patch = kfx.Patch(size_hw, stride=args.stride, fill=0.0 if args.fill is None else args.fill)
