@@ -249,7 +249,9 @@ def run_model(name: str, args) -> dict:
         "speedup_vs_captum": round(best["kfx_pos_per_s"] / best["captum_pos_per_s"], 2),
         "theoretical_speedup": round(ceiling, 2),
         # the paper's count (a concat takes its last input's box; not exact): differs for Inception v3
-        "paper_accounting_speedup": round(kfx.paper_cost(model, (3, side, side), patch).theoretical_speedup, 2),
+        "paper_accounting_speedup": round(
+            kfx.paper_cost(model, (3, side, side), patch).theoretical_speedup, 2
+        ),
         "realized_over_ceiling": round(best["kfx_pos_per_s"] / best["naive_pos_per_s"] / ceiling, 2),
         "drop_in_vs_captum_same_call": round(captum_windows / t_drop_in / best["captum_pos_per_s"], 2),
         "drop_in_max_rel_diff": agreement,

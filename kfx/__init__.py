@@ -9,6 +9,7 @@ from kfx.approx import DrillDown, heatmap_ssim
 from kfx.cost import CostReport, LayerCost
 from kfx.engine import Engine, compile, paper_cost
 from kfx.errors import InputError, KfxError, ModelError, PatchError, TraceError
+from kfx.loading import load
 from kfx.naive import NaiveEngine, naive_heatmap
 from kfx.neuromask import neuromask
 from kfx.patch import Patch, grid_positions, occlude
@@ -17,6 +18,7 @@ from kfx.tuning import Tuning, tune
 
 __all__ = [
     "compile",
+    "load",
     "paper_cost",
     "tune",
     "DrillDown",

@@ -16,8 +16,9 @@ from kfx.errors import InputError, ModelError, PatchError
 from kfx.memory import MemoryEstimate, estimate_memory, parse_bytes
 from kfx.passes import META_KEY, BaseSlot, annotate, build_base_program, build_program
 from kfx.passes.patch_prop import GLOBAL_CONTEXT_MODES
+from kfx.passes.plan import PLAN_MODES, Plan, Rates, apply_plan, choose_plan, machine_rates
 from kfx.passes.trace import training_mode_error
-from kfx.patch import Patch
+from kfx.patch import Patch, occlude
 from kfx.results import DenseNode, Heatmap, Progress
 from kfx.runner import OcclusionRunner
 from kfx.validation import check_batch_size
@@ -87,6 +88,7 @@ class Compiled:
     cost: CostReport
     memory: MemoryEstimate  # static estimate of a run: .per_image + batch size x .per_position bytes
     tuning: object | None = None  # a kfx.Tuning (kfx.tuning imports this module, not the reverse)
+    plan: Plan | None = None  # where the program runs incrementally and where fully (docs/design.md §3.8)
 
 
 class Engine(OcclusionRunner):
@@ -119,6 +121,7 @@ class Engine(OcclusionRunner):
     program = property(lambda self: self.compiled.program)
     memory = property(lambda self: self.compiled.memory)
     tuning = property(lambda self: self.compiled.tuning)
+    plan = property(lambda self: self.compiled.plan)
 
     # -- reporting ------------------------------------------------------------------------------
     @property
@@ -146,7 +149,9 @@ class Engine(OcclusionRunner):
             f"kfx.Engine(image_shape={self.image_shape}, patch={self.patch.size}, stride={self.patch.stride}, "
             f"backend={self.backend!r}, tau={self.tau:g}, global_context={self.global_context!r}, "
             f"incremental nodes={incremental}, dense from: {dense}, "
-            f"theoretical speedup={self.compiled.cost.theoretical_speedup:.2f}x)"
+            f"theoretical speedup={self.compiled.cost.theoretical_speedup:.2f}x"
+            + ("" if self.plan is None else f", {self.plan.summary()}")
+            + ")"
         )
 
     # -- running --------------------------------------------------------------------------------
@@ -192,8 +197,21 @@ class Engine(OcclusionRunner):
             # no_grad per batch, never held across the yield: grad mode is per thread, and a web
             # server may resume this generator on another thread.
             with torch.no_grad():
-                out = self.program(positions[start : start + step], *base.activations)
+                out = self._evaluate(base, positions[start : start + step])
             yield out
+
+    def _evaluate(self, base: _Base, positions: torch.Tensor) -> torch.Tensor:
+        if self.plan is not None and self.plan.full_inference:
+            # The plan chose full inference: the caller's model on occluded copies, as kfx.NaiveEngine
+            # runs it. Eager, its in-place ops stay in place, which the functional trace cannot do.
+            return self._model(occlude(base.image, positions, self.patch))
+        return self.program(positions, *base.activations)
+
+    def save(self, path) -> None:
+        """Save this engine for :func:`kfx.load`: compile arguments and the model's fingerprint, no weights."""
+        from kfx.persist import save
+
+        save(self, path)
 
 
 def check_compile_arguments(model, image_shape, patch, tau, caller: str) -> tuple[tuple[int, ...], Patch]:
@@ -208,7 +226,9 @@ def check_compile_arguments(model, image_shape, patch, tau, caller: str) -> tupl
     try:
         shape = tuple(int(v) for v in image_shape)
     except (TypeError, ValueError):
-        raise InputError(f"image_shape must be (C, H, W), (C, L) or (C, D, H, W), got {image_shape!r}") from None
+        raise InputError(
+            f"image_shape must be (C, H, W), (C, L) or (C, D, H, W), got {image_shape!r}"
+        ) from None
     if len(shape) not in (2, 3, 4) or min(shape) < 1:
         raise InputError(
             "image_shape must be positive ints: (C, H, W) for images, (C, L) for signals or (C, D, H, W) for "
@@ -255,6 +275,8 @@ def compile(
     global_context: str = "exact",
     leaf_modules: tuple = (),
     autowrap_functions: tuple = (),
+    plan: str = "incremental",
+    plan_rates: Rates | None = None,
 ) -> Engine:
     """Compile ``model`` into an exact (or, with ``tau < 1``, approximate) incremental occlusion engine.
 
@@ -285,6 +307,14 @@ def compile(
             on shapes, as in timm's ``ConvMlp``): module classes and plain functions kept as single
             calls. kfx runs them densely (exact). timm's same-padding helper needs neither: kfx
             knows it and runs it incrementally.
+        plan: "incremental" (the default: incremental up to the first node kfx cannot run
+            incrementally), "full" (batched full inference on the occluded images, through the same
+            engine) or "auto": the cheapest of those and of plans that run densely from the nodes
+            whose changed box covers most of their map, by a cost model calibrated once on this
+            machine and cached (docs/design.md §3.8). Every plan is exact; ``engine.plan`` and
+            ``print(engine)`` say what was chosen and why.
+        plan_rates: the :class:`kfx.passes.plan.Rates` "auto" estimates with, instead of this
+            machine's measured ones (``KFX_PLAN_CALIBRATE=0`` uses static CPU rates).
 
     Returns:
         An :class:`Engine`; ``engine(image)`` gives the heat map, ``engine.outputs(image, positions)``
@@ -315,10 +345,25 @@ def compile(
             ) from None
         if max_memory < 1:
             raise InputError(f"max_memory must be positive, got {max_memory}")
-    options = dict(global_context=global_context, trace_hooks=trace_hooks)
+    _check_plan(plan, plan_rates, float(tau), global_context)
+    options = dict(global_context=global_context, trace_hooks=trace_hooks, plan=plan, plan_rates=plan_rates)
     return Engine(
         model, _build(model, shape, patch, batch_size, dtype, backend, max_memory, float(tau), **options)
     )
+
+
+def _check_plan(plan, plan_rates, tau: float, global_context: str) -> None:
+    if plan not in PLAN_MODES:
+        raise InputError(
+            f"plan must be one of {', '.join(map(repr, PLAN_MODES))} (how much runs incrementally), got {plan!r}"
+        )
+    if plan_rates is not None and not (isinstance(plan_rates, Rates) and plan_rates.valid()):
+        raise InputError("plan_rates must be a kfx.passes.plan.Rates with positive, finite rates")
+    if plan == "full" and (tau < 1 or global_context != "exact"):
+        raise InputError(
+            "plan='full' runs exact full inference, which tau < 1 and global_context='local' (approximate "
+            "incremental modes) contradict; drop one of them"
+        )
 
 
 def _check_trace_hooks(leaf_modules, autowrap_functions) -> tuple[tuple, tuple]:
@@ -352,6 +397,8 @@ def _build(
     *,
     global_context,
     trace_hooks,
+    plan: str = "incremental",
+    plan_rates: Rates | None = None,
 ) -> Compiled:
     """Run the pipeline: annotate, rewrite, cost and memory models, batch size (docs/design.md §3)."""
     model_dtype, device = model_dtype_device(model, _NO_WEIGHTS)
@@ -370,6 +417,10 @@ def _build(
         leaf_modules=leaves,
         autowrap_functions=functions,
     )
+    approximate = tau < 1 or global_context != "exact"
+    rates = plan_rates or (machine_rates(device, dtype) if plan == "auto" and not approximate else None)
+    chosen = choose_plan(gm, plan, rates, batch_size or DEFAULT_BATCH_SIZE, approximate=approximate)
+    apply_plan(gm, chosen, tuple(image_shape[1:]), patch.size, tau, global_context=global_context)
     program = build_program(gm, patch, image_shape[0], dtype, device, backend)
     sources = [slot.source for slot in program.slots]
     memory = estimate_memory(gm, sources, torch.empty((), dtype=dtype).element_size())
@@ -390,6 +441,7 @@ def _build(
         base_program=build_base_program(gm, sources),
         cost=static_cost(gm, tau),
         memory=memory,
+        plan=chosen,
     )
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kfx.patch import Patch
 
-__all__ = ["Heatmap", "Progress", "DenseNode"]
+__all__ = ["Heatmap", "Progress", "DenseNode", "Tuning"]
 
 
 @dataclass
@@ -92,3 +93,32 @@ class DenseNode:
 
     node: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What :func:`tune` measured and chose (``engine.tuning``).
+
+    ``ssim[i][j]``: SSIM of sample i's map at ``taus[j]`` against its exact map. ``lower[j]``: the
+    ``quantile`` of column j (an observed value, numpy's "lower" method); ``tau`` is the lowest
+    grid tau at which this and every larger grid tau meet ``target_ssim``. ``fit`` holds the
+    paper's second-degree polynomial through the mean SSIM (highest power first); ``paper_tau``
+    is what the paper's rule, the lowest tau (0.01 steps) whose fitted mean meets the target,
+    would have picked: usually lower, and wrong for more images (docs/design.md §4.3).
+    """
+
+    taus: tuple[float, ...]
+    ssim: tuple[tuple[float, ...], ...]
+    mean: tuple[float, ...]
+    lower: tuple[float, ...]
+    fit: tuple[float, float, float]
+    target_ssim: float
+    quantile: float
+    tau: float
+    paper_tau: float
+    global_context: str = "exact"  # the mode these measurements are for, and the engine's
+    candidates: tuple[tuple[str, float, float], ...] = ()  # (mode, its chosen tau, ceiling) per eligible mode
+
+    def predicted_ssim(self, tau: float) -> float:
+        """The fitted mean SSIM at ``tau`` (the paper's curve)."""
+        return float(np.polyval(self.fit, tau))

@@ -9,7 +9,7 @@ the choice with the highest static ceiling.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -19,39 +19,11 @@ from kfx.approx import _positive_number, heatmap_ssim
 from kfx.engine import Engine, compile
 from kfx.errors import InputError
 from kfx.patch import Patch
+from kfx.results import Tuning  # the record tune returns (kept with the other result records)
 
 __all__ = ["tune", "Tuning", "DEFAULT_TAUS"]
 
 DEFAULT_TAUS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # the paper's grid (docs/design.md §4.3)
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """What :func:`tune` measured and chose (``engine.tuning``).
-
-    ``ssim[i][j]``: SSIM of sample i's map at ``taus[j]`` against its exact map. ``lower[j]``: the
-    ``quantile`` of column j (an observed value, numpy's "lower" method); ``tau`` is the lowest
-    grid tau at which this and every larger grid tau meet ``target_ssim``. ``fit`` holds the
-    paper's second-degree polynomial through the mean SSIM (highest power first); ``paper_tau``
-    is what the paper's rule, the lowest tau (0.01 steps) whose fitted mean meets the target,
-    would have picked: usually lower, and wrong for more images (docs/design.md §4.3).
-    """
-
-    taus: tuple[float, ...]
-    ssim: tuple[tuple[float, ...], ...]
-    mean: tuple[float, ...]
-    lower: tuple[float, ...]
-    fit: tuple[float, float, float]
-    target_ssim: float
-    quantile: float
-    tau: float
-    paper_tau: float
-    global_context: str = "exact"  # the mode these measurements are for, and the engine's
-    candidates: tuple[tuple[str, float, float], ...] = ()  # (mode, its chosen tau, ceiling) per eligible mode
-
-    def predicted_ssim(self, tau: float) -> float:
-        """The fitted mean SSIM at ``tau`` (the paper's curve)."""
-        return float(np.polyval(self.fit, tau))
 
 
 def _check_samples(samples, rank: int) -> list[torch.Tensor]:
@@ -60,7 +32,9 @@ def _check_samples(samples, rank: int) -> list[torch.Tensor]:
     if isinstance(samples, torch.Tensor):
         samples = list(samples) if samples.dim() == rank + 1 else [samples]
     if not isinstance(samples, Sequence) or not samples:
-        raise InputError("samples must be a non-empty list of inputs [C, H, W] (or a batch tensor [N, C, H, W])")
+        raise InputError(
+            "samples must be a non-empty list of inputs [C, H, W] (or a batch tensor [N, C, H, W])"
+        )
     return list(samples)
 
 

@@ -9,7 +9,7 @@ from torch import fx, nn
 
 from kfx.passes.patch_prop import META_KEY, AxisBoxes, NodePatch, State, propagate_patches
 from kfx.passes.rewrite import BaseSlot, Patches, Program, build_base_program, build_program
-from kfx.passes.trace import check_traced, functionalize, propagate_shapes, trace
+from kfx.passes.trace import check_traced, functionalize, propagate_shapes, trace, trusted_check
 
 __all__ = [
     "annotate",
@@ -45,12 +45,21 @@ def annotate(
 ) -> fx.GraphModule:
     """The traced graph of ``model``, checked against it, with shapes and changed boxes on every node.
 
-    Runs trace (functional, in-place ops rebound), shape propagation (on a zero image), the check
-    against the eager model (a fixed random batch of two) and patch propagation.
+    Runs trace (functional, in-place ops rebound), shape propagation, the check against the eager
+    model (a fixed random batch of two; shape propagation's run on its first image is the check's
+    batch of one) and patch propagation. Under ``checked_elsewhere`` (kfx.load) the given verifier
+    replaces the check, right after tracing.
     """
     gm = trace(model, leaf_modules, autowrap_functions)
-    propagate_shapes(gm, torch.zeros(1, *image_shape, dtype=dtype, device=device))
+    verify = trusted_check()
+    if verify is not None:
+        verify(gm)
     example = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    check_traced(model, gm, example.to(dtype=dtype, device=device))
-    propagate_patches(gm, tuple(image_shape[1:]), patch_size, tau, concat=concat, global_context=global_context)
+    example = example.to(dtype=dtype, device=device)
+    alone = propagate_shapes(gm, example[:1].clone())
+    if verify is None:
+        check_traced(model, gm, example, alone)
+    propagate_patches(
+        gm, tuple(image_shape[1:]), patch_size, tau, concat=concat, global_context=global_context
+    )
     return gm

@@ -28,24 +28,14 @@ Inception3 speedups ([TR] Fig. 3 and 7a; see kfx.paper_cost and tests/test_cost.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
 from kfx.errors import TraceError
-from kfx.geometry import (
-    Span,
-    read_in_span,
-    resample_output_span,
-    resample_read_span,
-    shift_inside,
-    thresholded_output_span,
-    transposed_conv_output_span,
-    transposed_conv_read_span,
-    union_span,
-)
+from kfx.passes.boxes import AxisBoxes, local_axis, merge_axis, resample_axis, transposed_axis
 from kfx.passes.layout import (
     acting_dims,
     channel_op_kind,
@@ -54,6 +44,7 @@ from kfx.passes.layout import (
     permuted_spatial,
     spatial_dims,
 )
+from kfx.passes.local import LocalSpec, local_spec
 from kfx.passes.ops import (
     SHAPE_ATTRIBUTES,
     SHAPE_METHODS,
@@ -63,7 +54,6 @@ from kfx.passes.ops import (
     is_pointwise,
     per_channel_operands,
 )
-from kfx.passes.local import LocalSpec, local_spec
 from kfx.passes.resample import ResampleSpec, resample_spec
 from kfx.passes.transposed import TransposedSpec, transposed_spec
 
@@ -89,22 +79,9 @@ class State(enum.Enum):
     DENSE = "dense"  # recomputed in full for every position
 
 
-@dataclass(frozen=True)
-class AxisBoxes:
-    """Boxes along one axis for every patch position: [starts[x], starts[x] + width).
-
-    ``starts`` is indexed by the patch's coordinate x in the *image* (0 .. W_image - patch),
-    ``width`` is shared by all positions (the upper bound that makes batching possible).
-    """
-
-    width: int
-    starts: tuple[int, ...]
-
-    def span(self, x: int) -> Span:
-        return Span(self.starts[x], self.width)
-
-
-Box = tuple[AxisBoxes, ...]  # one per spatial axis: (height, width) for images, (depth, height, width) for volumes
+Box = tuple[
+    AxisBoxes, ...
+]  # one per spatial axis: (height, width) for images, (depth, height, width) for volumes
 
 
 @dataclass(frozen=True)
@@ -152,64 +129,8 @@ def _broadcasts_over_space(node: fx.Node, axes: int) -> bool:
     return shape is not None and constant_over(shape, tuple(range(2, axes + 2)), axes + 2)
 
 
-def _local_axis(
-    inp: AxisBoxes, spec: LocalSpec, axis: int, out_size: int, tau: float
-) -> tuple[AxisBoxes, AxisBoxes]:
-    kw = dict(kernel=spec.kernel[axis], stride=spec.stride[axis], padding=spec.padding[axis])
-    # The paper caps convs and pools; a constant pad only shifts coordinates, it never grows a box.
-    cap = 1.0 if spec.kind == "pad" else tau
-    # The table has a start per patch coordinate, but after a few strided layers only a handful of
-    # distinct ones: each distinct start is mapped once (compile time, not a different answer).
-    out_of = {
-        s: thresholded_output_span(s, inp.width, out_size=out_size, tau=cap, **kw) for s in set(inp.starts)
-    }
-    read_of = {o: read_in_span(o.start, o.width, **kw) for o in set(out_of.values())}
-    outs = [out_of[s] for s in inp.starts]
-    return (
-        AxisBoxes(outs[0].width, tuple(o.start for o in outs)),
-        AxisBoxes(read_of[outs[0]].width, tuple(read_of[o].start for o in outs)),
-    )
-
-
-def _uniform(spans: list[Span], size: int) -> AxisBoxes:
-    """Spans of one axis made one width (the widest), shifted back inside [0, size) ([TR] Eq. 31)."""
-    width = max(s.width for s in spans)
-    shifted = {start: shift_inside(start, width, size) for start in {s.start for s in spans}}
-    return AxisBoxes(width, tuple(shifted[s.start] for s in spans))
-
-
-def _resample_axis(
-    inp: AxisBoxes, spec: ResampleSpec, axis: int, in_size: int
-) -> tuple[AxisBoxes, AxisBoxes]:
-    first, stop = spec.first[axis], spec.stop[axis]
-    box = _uniform([resample_output_span(s, inp.width, first, stop) for s in inp.starts], len(first))
-    read = _uniform([resample_read_span(s, box.width, first, stop) for s in box.starts], in_size)
-    return box, read
-
-
 def _channels_first(node: fx.Node) -> bool:
     return node.meta[META_KEY].spatial is None
-
-
-def _transposed_axis(inp: AxisBoxes, spec: TransposedSpec, axis: int, in_size: int, out_size: int):
-    """Box and read-in window along one axis, or None if a window's result would not hold its box."""
-    kw = dict(kernel=spec.kernel[axis], stride=spec.stride[axis], padding=spec.padding[axis])
-    box = _uniform(
-        [transposed_conv_output_span(s, inp.width, out_size=out_size, **kw) for s in inp.starts], out_size
-    )
-    reads = [transposed_conv_read_span(s, box.width, **kw) for s in box.starts]
-    read = _uniform([Span(max(r.start, 0), min(r.stop, in_size) - max(r.start, 0)) for r in reads], in_size)
-    stride, pad = spec.stride[axis], spec.padding[axis]
-    result = (read.width - 1) * stride + spec.kernel[axis] + stride - 1  # one window's output length
-    offsets = [o + pad - r * stride for o, r in zip(box.starts, read.starts)]
-    return (box, read) if all(0 <= off and off + box.width <= result for off in offsets) else None
-
-
-def _merge_axis(inputs: list[AxisBoxes], size: int) -> AxisBoxes:
-    """Union box of several changed boxes ([TR] Eq. 20), made uniform in width across positions."""
-    starts = list(zip(*(b.starts for b in inputs)))  # the inputs' starts at each patch coordinate
-    union_of = {key: union_span([Span(s, b.width) for s, b in zip(key, inputs)]) for key in set(starts)}
-    return _uniform([union_of[key] for key in starts], size)
 
 
 def _dense(reason: str = "") -> NodePatch:
@@ -418,7 +339,9 @@ def global_context(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     needs its whole input: the change is projected to full here. Later rules may assume a map."""
     if spatial_size(node, ctx.axes) is not None:
         return None
-    return _dense(f"{_describe(node, ctx.modules)} is global context (its output is not a [1, C, *spatial] map)")
+    return _dense(
+        f"{_describe(node, ctx.modules)} is global context (its output is not a [1, C, *spatial] map)"
+    )
 
 
 def local(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
@@ -432,7 +355,7 @@ def local(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
         return None
     size = spatial_size(node, ctx.axes)
     box, read = zip(
-        *(_local_axis(source.meta[META_KEY].box[a], spec, a, size[a], ctx.tau) for a in range(ctx.axes))
+        *(local_axis(source.meta[META_KEY].box[a], spec, a, size[a], ctx.tau) for a in range(ctx.axes))
     )
     return NodePatch(State.PATCH, "local", box=tuple(box), read=tuple(read), local=spec)
 
@@ -447,7 +370,9 @@ def resample(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     spec = resample_spec(node, ctx.modules, in_hw, out_hw, source.meta["tensor_meta"].dtype)
     if spec is None:
         return None
-    box, read = zip(*(_resample_axis(source.meta[META_KEY].box[a], spec, a, in_hw[a]) for a in range(ctx.axes)))
+    box, read = zip(
+        *(resample_axis(source.meta[META_KEY].box[a], spec, a, in_hw[a]) for a in range(ctx.axes))
+    )
     return NodePatch(State.PATCH, "resample", box=tuple(box), read=tuple(read), resample=spec)
 
 
@@ -462,7 +387,7 @@ def transposed(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     if spec is None or in_hw is None or out_hw is None or len(spec.kernel) != ctx.axes:
         return None
     box = source.meta[META_KEY].box
-    axes = [_transposed_axis(box[a], spec, a, in_hw[a], out_hw[a]) for a in range(ctx.axes)]
+    axes = [transposed_axis(box[a], spec, a, in_hw[a], out_hw[a]) for a in range(ctx.axes)]
     if None in axes:
         return None
     boxes, reads = zip(*axes)
@@ -485,7 +410,7 @@ def merge(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     boxes = [n.meta[META_KEY].box for n in ctx.changed]
     if ctx.concat == "last" and node.target is torch.cat:
         boxes = boxes[-1:]
-    box = tuple(_merge_axis([b[a] for b in boxes], size[a]) for a in range(ctx.axes))
+    box = tuple(merge_axis([b[a] for b in boxes], size[a]) for a in range(ctx.axes))
     return NodePatch(State.PATCH, "merge", box=box)
 
 
@@ -514,6 +439,7 @@ def propagate_patches(
     *,
     concat: str = "union",
     global_context: str = "exact",
+    force_dense: Mapping[str, str] | None = None,
 ) -> None:
     """Annotate every node of ``gm`` with its :class:`NodePatch` under ``node.meta["kfx_patch"]``.
 
@@ -523,7 +449,8 @@ def propagate_patches(
     ``concat``: "union" ([TR] Eq. 20, exact) or "last" (the paper's published accounting, for the
     cost model only: see the module docstring). ``global_context``: "exact" or "local" (squeeze-
     excitation gates applied inside the changed box only; approximate). Each call node gets the first answer of
-    :data:`CLASSIFY_RULES`.
+    :data:`CLASSIFY_RULES`. ``force_dense`` (kfx.passes.plan) maps node names to a reason: such a node
+    that would run incrementally runs densely instead (exact; its changed operands are projected).
     """
     if concat not in CONCAT_RULES:
         raise ValueError(f"concat must be one of {CONCAT_RULES}, got {concat!r}")
@@ -543,6 +470,8 @@ def propagate_patches(
             try:
                 context = _context(node, modules, tau, concat, global_context, axes)
                 node.meta[META_KEY] = _classify(node, context)
+                if force_dense and node.name in force_dense and node.meta[META_KEY].state is State.PATCH:
+                    node.meta[META_KEY] = _dense(force_dense[node.name])
             except Exception as exc:  # name the node, as torch.fx's own passes do
                 raise TraceError(
                     f"kfx cannot analyse node {node.format_node()} ({type(exc).__name__}: {exc}); please report "

@@ -11,9 +11,12 @@ for a fixed image shape, so later passes may read them as constants).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 import sys
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import fx, nn
@@ -30,6 +33,8 @@ __all__ = [
     "functionalize",
     "check_traced",
     "propagate_shapes",
+    "checked_elsewhere",
+    "trusted_check",
     "VALUE_KEY",
 ]
 
@@ -163,12 +168,46 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: tuple[type, ...], autowrap_functions: tuple):
         super().__init__(autowrap_functions=(*_known_shape_functions(), *autowrap_functions))
         self.leaf_modules = leaf_modules
+        self._names_of: tuple | None = None  # (root, {id: parameter name}, {id: buffer name})
         self.inside: list[
             tuple[str, str]
         ] = []  # (path, class) of the submodules being traced, innermost last
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_modules) or super().is_leaf_module(m, qualname)
+
+    # torch.fx names a parameter or buffer that forward reads (functional batch norms, layer
+    # scales) by scanning all of the model's tensors at every read: quadratic in the model's size,
+    # most of the trace time of timm models. These two overrides find the same first-found names in
+    # one table per trace.
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        name = self._tensor_name(attr_val, buffers=self.proxy_buffer_attributes)
+        if name is None or self.param_shapes_constant:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+    def create_arg(self, a):
+        name = self._tensor_name(a, buffers=True)
+        return super().create_arg(a) if name is None else self.create_node("get_attr", name, (), {})
+
+    def _tensor_name(self, value, buffers: bool) -> str | None:
+        """The name torch.fx's scan finds for ``value``: the first parameter that is it, else (if
+        ``buffers``) the first buffer; None if none is (then torch.fx's own code decides)."""
+        if not isinstance(value, torch.Tensor):
+            return None
+        if self._names_of is None or self._names_of[0] is not self.root:
+            parameter_names, buffer_names = {}, {}
+            for name, p in self.root.named_parameters():
+                parameter_names.setdefault(id(p), name)
+            for name, b in self.root.named_buffers():
+                buffer_names.setdefault(id(b), name)
+            self._names_of = (self.root, parameter_names, buffer_names)
+        _, parameter_names, buffer_names = self._names_of
+        if isinstance(value, nn.Parameter):
+            return parameter_names.get(id(value))
+        return buffer_names.get(id(value)) if buffers else None
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         self.inside.append((self.path_of_module(m), type(m).__name__))
@@ -298,9 +337,11 @@ def functionalize(gm: fx.GraphModule) -> None:
     (state kept across calls) is refused too.
     """
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    changed = False
     for node in list(gm.graph.nodes):
         if not _make_functional(node, gm):
             continue
+        changed = True
         mutated = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if mutated is None:
             continue
@@ -325,8 +366,9 @@ def functionalize(gm: fx.GraphModule) -> None:
         for user in list(mutated.users):
             if user is not node and order[user] > position:
                 user.replace_input_with(mutated, node)
-    gm.graph.lint()
-    gm.recompile()
+    if changed:  # else the code GraphModule generated when it was built is current
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -364,13 +406,16 @@ def _check_output(output, model: nn.Module, batch: int) -> None:
         )
 
 
-def check_traced(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor) -> None:
+def check_traced(
+    model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, alone: torch.Tensor | None = None
+) -> None:
     """Check on ``example`` (a batch of at least two images) that ``gm`` computes what ``model`` does.
 
     The safety net under every graph rewrite: a traced graph that computes another function (an
     in-place op or alias the functionalisation missed, a torch.fx tracing gap) raises TraceError,
     and a model whose outputs depend on the other examples of the batch raises ModelError, since
     kfx evaluates many patch positions per batch. Inputs are cloned: an eager forward may change them.
+    ``alone``: ``gm``'s output for ``example[:1]`` if already computed (shape propagation runs it).
     """
     try:
         with torch.no_grad():
@@ -385,7 +430,8 @@ def check_traced(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor) ->
     try:
         with torch.no_grad():
             traced = gm(example.clone())
-            alone = gm(example[:1].clone())
+            if alone is None:
+                alone = gm(example[:1].clone())
     except Exception as exc:
         raise TraceError(
             f"the traced graph of {type(model).__name__} fails where the model runs: {type(exc).__name__}: {exc}"
@@ -423,13 +469,40 @@ def _is_static(value) -> bool:
     return isinstance(value, (int, float, bool, str, torch.dtype, torch.device, torch.Size, type(None)))
 
 
-def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Run ``gm`` once on ``example``; record each node's TensorMetadata and non-tensor values."""
+def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor):
+    """Run ``gm`` once on ``example``; record each node's TensorMetadata and non-tensor values.
+
+    Returns ``gm``'s output, which :func:`check_traced` reuses as the batch-of-one run it needs.
+    """
     try:
         with torch.no_grad():
-            _ValueProp(gm).propagate(example)
+            return _ValueProp(gm).propagate(example)
     except Exception as exc:
         raise ModelError(
             f"the model failed on an input of shape {list(example.shape)} and dtype {example.dtype}: "
             f"{type(exc).__name__}: {exc}. Check image_shape against what the model expects"
         ) from exc
+
+
+# While kfx.load rebuilds a saved engine: a function of the traced GraphModule that raises unless
+# it is the graph that passed check_traced when the engine was saved (kfx/persist.py). It stands
+# for that check (the eager model and the graph on a batch of two); a ContextVar, so each thread
+# loads its own.
+_TRUSTED_CHECK: ContextVar[Callable[[fx.GraphModule], None] | None] = ContextVar(
+    "kfx_trusted_check", default=None
+)
+
+
+@contextlib.contextmanager
+def checked_elsewhere(verify: Callable[[fx.GraphModule], None]) -> Iterator[None]:
+    """Within this block, compiling runs ``verify(traced_graph)`` instead of :func:`check_traced`."""
+    token = _TRUSTED_CHECK.set(verify)
+    try:
+        yield
+    finally:
+        _TRUSTED_CHECK.reset(token)
+
+
+def trusted_check() -> Callable[[fx.GraphModule], None] | None:
+    """The verifier :func:`checked_elsewhere` set, or None: then compiling runs :func:`check_traced`."""
+    return _TRUSTED_CHECK.get()
