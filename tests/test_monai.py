@@ -36,49 +36,35 @@ SHAPE_2D = (2, 12, 14)
 SHAPE_3D = (1, 12, 12, 12)
 
 
-def cnn_1d(dtype=torch.float64):
-    """The 1-D counterpart over a 2-lead signal of length 40."""
+def _cnn(axes: int, in_channels: int, width: int, flat: int, classes: int, dtype) -> nn.Module:
+    """conv-relu-pool-conv-relu-flatten-linear over ``axes`` spatial axes: position-sensitive."""
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[axes - 1]
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv1d(2, 4, 5, padding=2),
+        conv(in_channels, width, 5 if axes == 1 else 3, padding=2 if axes == 1 else 1),
         nn.ReLU(),
-        nn.MaxPool1d(2),
-        nn.Conv1d(4, 4, 3),
+        (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[axes - 1](2),
+        conv(width, width, 3),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(4 * 18, 3),
+        nn.Linear(flat, classes),
     )
     return model.to(dtype).eval()
+
+
+def cnn_1d(dtype=torch.float64):
+    """The 1-D counterpart over a 2-lead signal of length 40."""
+    return _cnn(1, 2, 4, 4 * 18, 3, dtype)
 
 
 def cnn_2d(dtype=torch.float64, in_channels=2, classes=3):
     """Two convs, a max pool and a linear head over a 12x14 image: position-sensitive."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(in_channels, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 4 * 5, classes),
-    )
-    return model.to(dtype).eval()
+    return _cnn(2, in_channels, 4, 4 * 4 * 5, classes, dtype)
 
 
 def cnn_3d(dtype=torch.float64):
     """The 3-D counterpart over a 12x12x12 volume."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv3d(1, 2, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool3d(2),
-        nn.Conv3d(2, 2, 3),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(2 * 4 * 4 * 4, 3),
-    )
-    return model.to(dtype).eval()
+    return _cnn(3, 1, 2, 2 * 4 * 4 * 4, 3, dtype)
 
 
 def image(shape=SHAPE_2D, dtype=torch.float64, seed=1):
