@@ -187,7 +187,7 @@ def test_any_geometry_matches_monai(brute_force, geometry):
         theirs = monai_visualize.OcclusionSensitivity(cnn_2d(), **options)(image(), b_box)
     except (ValueError, RuntimeError) as error:  # a mask larger than the crop, a crop to nothing
         with pytest.raises(type(error)), warnings.catch_warnings():
-            warnings.simplefilter("ignore", kfx.captum.NotAcceleratedWarning)
+            warnings.simplefilter("ignore", kfx.monai.NotAcceleratedWarning)
             kfx.monai.OcclusionSensitivity(cnn_2d(), **options)(image(), b_box)
         return
     occlusion = kfx.monai.OcclusionSensitivity(cnn_2d(), **options)
@@ -408,7 +408,7 @@ def test_fallbacks_give_monais_result_and_a_reason(make_model, options, kwargs, 
     model = make_model()
     arguments = {"mask_size": 4, "verbose": False, "mode": 0.5, "overlap": 0.0, **options}
     occlusion = kfx.monai.OcclusionSensitivity(model, **arguments)
-    with pytest.warns(kfx.captum.NotAcceleratedWarning, match=reason):
+    with pytest.warns(kfx.monai.NotAcceleratedWarning, match=reason):
         ours = occlusion(image(), **kwargs)
     theirs = monai_visualize.OcclusionSensitivity(model, **arguments)(image(), **kwargs)
     assert reason in occlusion.last_fallback_reason
@@ -444,17 +444,17 @@ def test_calls_monai_cannot_run_fail_as_in_monai(make_model, options, reason):
     with pytest.raises(Exception) as theirs:
         monai_visualize.OcclusionSensitivity(model, **arguments)(image())
     occlusion = kfx.monai.OcclusionSensitivity(model, **arguments)
-    with pytest.warns(kfx.captum.NotAcceleratedWarning, match=reason), pytest.raises(type(theirs.value)):
+    with pytest.warns(kfx.monai.NotAcceleratedWarning, match=reason), pytest.raises(type(theirs.value)):
         occlusion(image())
     assert reason in occlusion.last_fallback_reason
 
 
 def test_a_fallback_warns_once_per_reason_and_the_fast_path_clears_it():
     occlusion = kfx.monai.OcclusionSensitivity(cnn_2d(), mask_size=4, mode=0.5, overlap=0.0, verbose=False)
-    with pytest.warns(kfx.captum.NotAcceleratedWarning):
+    with pytest.warns(kfx.monai.NotAcceleratedWarning):
         occlusion(image(), b_box=[2, 8])
     with warnings.catch_warnings():
-        warnings.simplefilter("error", kfx.captum.NotAcceleratedWarning)
+        warnings.simplefilter("error", kfx.monai.NotAcceleratedWarning)
         occlusion(image(), b_box=[2, 8])
         assert "b_box" in occlusion.last_fallback_reason
         occlusion(image())
@@ -465,7 +465,7 @@ def test_float16_inputs_fall_back_since_monai_rounds_their_coordinates():
     model = cnn_2d(torch.float32)
     occlusion = kfx.monai.OcclusionSensitivity(model, mask_size=4, mode=0.5, verbose=False)
     x = image(dtype=torch.float32).half()
-    with pytest.warns(kfx.captum.NotAcceleratedWarning, match="float16"):
+    with pytest.warns(kfx.monai.NotAcceleratedWarning, match="float16"):
         with pytest.raises(RuntimeError):  # MONAI's own error: a float16 input to a float32 model
             occlusion(x)
 
