@@ -397,3 +397,35 @@ def test_position_dependent_fills_stay_exact_and_incremental(axes, fill):
         rtol=1e-10,
         atol=1e-12,
     )
+
+
+@pytest.mark.parametrize("axes", [1, 3])
+def test_tune_and_max_memory_in_other_ranks(axes):
+    """kfx.tune picks a tau whose maps meet the target on the samples (SSIM in N dimensions,
+    scikit-image), and max_memory picks a batch size, for signals and volumes alike."""
+    conv = CONV[axes]
+    model = seeded(
+        nn.Sequential(
+            conv(2, 4, 3, padding=1),
+            nn.ReLU(),
+            conv(4, 4, 3, stride=2),
+            nn.ReLU(),
+            conv(4, 4, 3, stride=2),
+            GLOBAL_POOL[axes](1),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        ),
+        10,
+    )
+    shape = (2, *{1: (120,), 3: (12, 12, 12)}[axes])
+    patch = kfx.Patch(4 if axes == 1 else 3, stride=4 if axes == 1 else 3)
+    samples = [
+        torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (6, 7)
+    ]
+    engine = kfx.tune(model, shape, patch, samples, target_ssim=0.9, taus=(1.0, 0.7, 0.5, 0.3))
+    exact = kfx.compile(model, shape, patch)
+    for sample in samples:
+        assert kfx.heatmap_ssim(exact(sample), engine(sample)) >= 0.9 - 1e-9
+    budgeted = kfx.compile(model, shape, patch, max_memory="64MB")
+    assert 1 <= budgeted.batch_size <= 256
+    assert torch.allclose(budgeted(samples[0]).values, exact(samples[0]).values, rtol=1e-12, atol=1e-14)
