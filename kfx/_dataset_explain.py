@@ -31,6 +31,12 @@ class Setup:
     default_target: str | None
     config: dict
     fingerprint: str
+    drill_down: object = None  # a kfx.DrillDown: every map approximate, from fewer queries
+
+    @property
+    def run_options(self) -> dict:
+        """Keyword arguments of each engine run, as ``kfx explain`` passes them."""
+        return {} if self.drill_down is None else {"drill_down": self.drill_down}
 
     def requested(self, item: io.Item) -> str | None:
         return item.target if item.target is not None else self.default_target
@@ -64,7 +70,13 @@ class Explainer:
             image = _model_input(self.setup.loaded, pixels, item.path, self.setup.size, self.device)
             target = _class_index(self.setup.loaded, requested)
             step = run_occlusion(
-                self.engine, image, target, batch_size=None, run_options={}, desc=item.path, show_bar=False
+                self.engine,
+                image,
+                target,
+                batch_size=None,
+                run_options=self.setup.run_options,
+                desc=item.path,
+                show_bar=False,
             )
         except Exception as exc:  # a bad input becomes an error row; the run goes on
             return self._row(item, content, requested, started, error=_message(exc))
@@ -73,6 +85,7 @@ class Explainer:
     def _row(self, item, content, requested, started, *, result: Heatmap | None = None, error=None) -> dict:
         setup, config = self.setup, self.setup.config
         values = None if result is None else result.values.detach().cpu().float().numpy()
+        measured = None if result is None or result.measured is None else result.measured.cpu().numpy()
         return {
             "path": item.path,
             "content_hash": content,
@@ -88,6 +101,9 @@ class Explainer:
             "stride": list(setup.patch.stride),
             "fill": config["fill"],
             "tau": setup.tau,
+            "drill_down": io.drill_down_text(config.get("drill_down")),
+            "approximate": None if result is None else bool(result.approximate),
+            "measured": None if measured is None else measured.ravel().tolist(),
             "model": config["model"],
             "weights_hash": config["weights_sha256"],
             "kfx_version": config["kfx_version"],

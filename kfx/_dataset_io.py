@@ -7,6 +7,7 @@ Layout of an output folder::
         config.json          the configuration (model, weights hash, patch, stride, fill, tau, ...)
         part-<ns>-<id>.parquet   whole parts only: each is written beside and renamed into place
         failures.txt         the error rows of that configuration, rewritten at the end of each run
+        images/<stem>-<hash8>.png|.npy   per-image files when asked (kfx/_dataset_files.py)
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def schema():
             ("stride", ints),
             ("fill", floats),  # one value for every channel, or one per channel
             ("tau", pa.float64()),
+            ("drill_down", pa.string()),  # the kfx.DrillDown settings as JSON; null: every cell queried
+            ("approximate", pa.bool_()),  # True: a value may differ from full inference (drill-down, tau < 1)
+            ("measured", pa.list_(pa.bool_())),  # drill-down: True where the cell was queried, row-major
             ("model", pa.string()),
             ("weights_hash", pa.string()),
             ("kfx_version", pa.string()),
@@ -233,6 +237,22 @@ def content_hash(path: str) -> str:
 def fingerprint(config: dict) -> str:
     """sha256 of the configuration, independent of key order."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def drill_down_settings(drill_down) -> dict | None:
+    """A kfx.DrillDown's settings for the configuration (None: exact maps). Every field that is set
+    is kept, so two drill-downs that may give different maps never share a fingerprint."""
+    import dataclasses
+
+    if drill_down is None:
+        return None
+    settings = {f.name: getattr(drill_down, f.name) for f in dataclasses.fields(drill_down)}
+    return {name: list(v) if isinstance(v, tuple) else v for name, v in settings.items() if v is not None}
+
+
+def drill_down_text(settings: dict | None) -> str | None:
+    """The drill-down column of a row: the configuration's settings as JSON (null: exact)."""
+    return None if settings is None else json.dumps(settings, sort_keys=True)
 
 
 def weights_hash(model) -> str:

@@ -4,7 +4,9 @@ The driver lists the inputs (the same listing as the local run), Ray Data spread
 of :class:`_RayExplainer` actors with ``map_batches`` (each actor compiles its engine once, with
 ``threads`` torch threads), and the driver writes the rows that come back with the local run's
 :class:`kfx.dataset.Recorder`: the same Parquet parts, the same resume rule. Files must be readable
-at the same paths on every node (a shared file system).
+at the same paths on every node (a shared file system). A drill-down travels in the pickled
+:class:`~kfx._dataset_explain.Setup`; per-image files (``png``/``npy``) are written by the driver
+as rows come back.
 """
 
 from __future__ import annotations

@@ -3,12 +3,15 @@
 >>> summary = kfx.explain_dataset("photos/", "efficientnet-lite0", 16, "maps/")  # doctest: +SKIP
 >>> table = kfx.read_results("maps/")              # a pandas DataFrame, one row per input  # doctest: +SKIP
 >>> kfx.dataset.heatmap(table.iloc[0]).save("first.png")  # doctest: +SKIP
+>>> kfx.explain_dataset("photos/", "efficientnet-lite0", 16, "maps/", drill_down=kfx.DrillDown(3), png=True)  # doctest: +SKIP
 
 Images are read and resized as ``kfx explain`` reads them (kfx.cli.images); one engine is compiled
 per run, before any image, so a model or patch that cannot work fails before any work. Results go
 to Parquet parts under ``OUT/config-<fingerprint>/`` (kfx/_dataset_io.py), each renamed into place
 when whole. A rerun with the same configuration skips inputs that have an ``ok`` row (same path,
-same content hash, same requested target) and retries error rows.
+same content hash, same requested target) and retries error rows. ``drill_down`` computes every
+map approximately (kfx.DrillDown, part of the fingerprint); ``png`` and ``npy`` add per-image files
+as ``kfx explain`` writes them (kfx/_dataset_files.py).
 """
 
 from __future__ import annotations
@@ -24,11 +27,19 @@ from torch import nn
 
 from kfx import _dataset_io as io
 from kfx._dataset_explain import Explainer, Setup
+from kfx._dataset_files import IMAGES_FOLDER, SUFFIXES, ImageFiles, file_stem, row_heatmap
 from kfx.errors import InputError, PatchError
 from kfx.patch import Patch
 from kfx.results import Heatmap
 
-__all__ = ["explain_dataset", "read_results", "heatmap", "DatasetSummary", "DatasetInterrupted"]
+__all__ = [
+    "explain_dataset",
+    "read_results",
+    "heatmap",
+    "image_files",
+    "DatasetSummary",
+    "DatasetInterrupted",
+]
 
 RUNNERS = ("local", "ray")
 PART_ROWS = 16  # a part is written after this many results ...
@@ -51,6 +62,8 @@ class DatasetSummary:
     duplicates: int  # repeated (path, target) pairs in the source, explained once
     failures: Path | None
     seconds: float
+    images: Path | None = None  # the per-image files' folder (png=True or npy=True)
+    files_written: int = 0  # inputs whose per-image files this run wrote
 
     def __str__(self) -> str:
         text = (
@@ -59,6 +72,8 @@ class DatasetSummary:
         )
         if self.duplicates:
             text += f"; {self.duplicates} repeated entries of the source were explained once"
+        if self.images is not None:
+            text += f"; files of {self.files_written} inputs written to {self.images}"
         if self.failures is not None:
             text += f"; failures are listed in {self.failures} (rows with status 'error')"
         return text
@@ -79,9 +94,11 @@ class Recorder:
     folder: Path
     part_rows: int
     part_seconds: float
+    files: ImageFiles | None = None  # per-image files, written as each ok row arrives
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    files_written: int = 0
     rows: list = field(default_factory=list)
     last_write: float = field(default_factory=time.monotonic)
 
@@ -89,6 +106,11 @@ class Recorder:
         self.skipped += 1
 
     def record(self, row: dict) -> None:
+        if self.files is not None:
+            if row["status"] == "ok":
+                self.write_files(row)
+            else:  # the files show each input's latest row: an earlier content's map is gone
+                self.files.remove(row["path"], row["requested_target"])
         self.rows.append(row)
         if row["status"] == "ok":
             self.done += 1
@@ -96,6 +118,10 @@ class Recorder:
             self.failed += 1
         if len(self.rows) >= self.part_rows or time.monotonic() - self.last_write >= self.part_seconds:
             self.flush()
+
+    def write_files(self, row) -> None:
+        self.files.write(row)
+        self.files_written += 1
 
     def flush(self) -> None:
         if self.rows:
@@ -150,6 +176,9 @@ def explain_dataset(
     stride=None,
     fill=None,
     tau: float = 1.0,
+    drill_down=None,
+    png: bool = False,
+    npy: bool = False,
     size: int | None = None,
     weights: str | None = None,
     target: int | str | None = None,
@@ -178,6 +207,13 @@ def explain_dataset(
         out: the output folder; created if missing, and refused (before any work) when not writable.
         runner: ``"local"`` (this process) or ``"ray"`` (an actor pool, :mod:`kfx._dataset_ray`).
         tau: projective-field threshold (1 = exact), as in :func:`kfx.compile`.
+        drill_down: a :class:`kfx.DrillDown`: every map computed approximately from fewer
+            queries, as ``engine(image, drill_down=...)`` computes it. Its settings are part of the
+            configuration (its own folder, never mixed with exact rows); rows say ``approximate``
+            and hold the ``measured`` mask (:func:`heatmap` gives it back).
+        png, npy: also write, for each ok row, the picture ``kfx explain`` draws (the map over
+            the image) and/or the raw map, under ``OUT/config-<fp>/images/<stem>-<hash8>.png|.npy``
+            (:func:`image_files` finds them). Inputs already done get them from their stored row.
         size: the model input's side (default: the spec's, else 224); images are resized and
             centre-cropped to it as ``kfx explain`` does.
         weights: a state_dict file for a torchvision or factory spec.
@@ -198,23 +234,29 @@ def explain_dataset(
     started = time.perf_counter()
     if runner not in RUNNERS:
         raise InputError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    for name, value in (("png", png), ("npy", npy)):
+        if not isinstance(value, bool):
+            raise InputError(f"{name} must be True or False, got {value!r}")
     for name, value in (("part_rows", part_rows), ("threads", threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive int, got {value!r}")
     items, duplicates = io.unique(io.list_inputs(source))
     io.check_writable(Path(out))  # before the model loads: a bad folder is reported at once
     setup = _setup(
-        model, patch, stride, fill, tau, size, weights, target, preprocess, labels, batch_size, device
-    )
+        model, patch, stride, fill, tau, drill_down, size, weights, target, preprocess, labels,
+        batch_size, device,
+    )  # fmt: skip
     folder = io.prepare_output(out, setup.config, setup.fingerprint)
+    files = _image_files(folder, setup, png, npy)
     done_keys = io.finished_keys(folder)
-    recorder = Recorder(folder, part_rows, part_seconds)
+    recorder = Recorder(folder, part_rows, part_seconds, files)
 
     def summary() -> DatasetSummary:
         failures = _write_failures(folder)
         return DatasetSummary(
             folder, setup.fingerprint, len(items), recorder.done, recorder.skipped, recorder.failed,
             duplicates, failures, time.perf_counter() - started,
+            None if files is None else files.folder, recorder.files_written,
         )  # fmt: skip
 
     try:
@@ -224,6 +266,8 @@ def explain_dataset(
             run_ray(setup, items, done_keys, recorder, ray_address, actors, threads, progress)
         else:
             _run_local(setup, items, done_keys, recorder, progress)
+        recorder.flush()
+        _write_missing_files(recorder, setup, items)
     except KeyboardInterrupt:
         recorder.flush()
         raise DatasetInterrupted(summary()) from None
@@ -236,7 +280,43 @@ def explain_dataset(
     return summary()
 
 
-def _setup(model, patch, stride, fill, tau, size, weights, target, preprocess, labels, batch_size, device):
+def _image_files(folder: Path, setup: Setup, png: bool, npy: bool) -> ImageFiles | None:
+    kinds = tuple(kind for kind, wanted in (("png", png), ("npy", npy)) if wanted)
+    if not kinds:
+        return None
+    images = folder / IMAGES_FOLDER
+    io.check_writable(images)
+    return ImageFiles(images, kinds, setup.loaded, setup.size)
+
+
+def _write_missing_files(recorder: Recorder, setup: Setup, items: list[io.Item]) -> None:
+    """Per-image files for inputs whose latest row is ok but whose files are missing (done in an
+    earlier run without them, or killed between the row and its files), from the stored rows."""
+    files = recorder.files
+    if files is None:
+        return
+    wanted = {
+        (item.path, setup.requested(item) or "")
+        for item in items
+        if files.missing(item.path, setup.requested(item))
+    }
+    if not wanted:
+        return
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = io.read_parts(recorder.folder)
+    paths = pa.array(sorted({path for path, _ in wanted}), type=pa.string())
+    latest = _latest(table.filter(pc.is_in(table["path"], value_set=paths)).to_pandas())
+    for _, row in latest.iterrows():
+        requested = io._target_text(row["requested_target"])  # pandas: NaN for none
+        if row["status"] == "ok" and (row["path"], requested or "") in wanted:
+            recorder.write_files(row)
+
+
+def _setup(
+    model, patch, stride, fill, tau, drill_down, size, weights, target, preprocess, labels, batch_size, device
+):
     """Load the model, build the patch, and fingerprint the configuration (before any image)."""
     import kfx
     from kfx.models import LoadedModel, _imagenet_normalize, load_model
@@ -260,6 +340,7 @@ def _setup(model, patch, stride, fill, tau, size, weights, target, preprocess, l
     size = size or loaded.size
     patch = _patch(patch, stride, fill)
     patch.check_fits((size, size))
+    _check_drill_down(drill_down, patch)
     default_target = io._target_text(target)
     if default_target is not None:
         loaded.class_index(default_target)  # an unknown label name fails now, not on every row
@@ -282,9 +363,27 @@ def _setup(model, patch, stride, fill, tau, size, weights, target, preprocess, l
         "tau": float(tau),
         "kfx_version": kfx.__version__,
     }
+    if drill_down is not None:  # exact runs keep the fingerprint they had before drill-down existed
+        config["drill_down"] = io.drill_down_settings(drill_down)
     return Setup(
-        loaded, patch, size, float(tau), batch_size, device, default_target, config, io.fingerprint(config)
-    )
+        loaded, patch, size, float(tau), batch_size, device, default_target, config,
+        io.fingerprint(config), drill_down,
+    )  # fmt: skip
+
+
+def _check_drill_down(drill_down, patch: Patch) -> None:
+    """A kfx.DrillDown that suits this patch, before any image (else every row would fail alike)."""
+    from kfx.drilldown import DrillDown
+
+    if drill_down is None:
+        return
+    if not isinstance(drill_down, DrillDown):
+        raise InputError(
+            f"drill_down must be a kfx.DrillDown (e.g. kfx.DrillDown(target_speedup=3)), got "
+            f"{type(drill_down).__name__}"
+        )
+    if drill_down.rule != "adaptive":
+        drill_down.stage1_strides(patch.stride)  # a stage 1 finer than the grid is refused here
 
 
 def _module_device(model: nn.Module) -> str:
@@ -349,28 +448,35 @@ def read_results(out, fingerprint: str | None = None, *, history: bool = False):
         None if m is None else np.array(m, dtype=np.float32).reshape(tuple(s))
         for m, s in zip(frame["map"], frame["map_shape"])
     ]
+    frame["measured"] = [
+        None if m is None else np.array(m, dtype=bool).reshape(tuple(s))
+        for m, s in zip(frame["measured"], frame["map_shape"])
+    ]
     return frame
 
 
 def _describe(config: dict) -> str:
     return (
         f"{config.get('fingerprint', '?')[:16]} (model {config.get('model')}, patch {config.get('patch')}, "
-        f"stride {config.get('stride')}, fill {config.get('fill')}, tau {config.get('tau')})"
+        f"stride {config.get('stride')}, fill {config.get('fill')}, tau {config.get('tau')}, "
+        f"drill-down {config.get('drill_down') or 'none'})"
     )
 
 
 def heatmap(row) -> Heatmap:
-    """A :class:`kfx.Heatmap` from a row of :func:`read_results` (a pandas Series or a dict)."""
+    """A :class:`kfx.Heatmap` from a row of :func:`read_results` (a pandas Series or a dict). A
+    drill-down row's has ``measured`` set (so ``approximate`` is True), as the engine's has."""
     if row["status"] != "ok":
         raise InputError(f"{row['path']}: this row is an error ({row['error']}), it has no map")
-    fill = [float(v) for v in row["fill"]]
-    patch = Patch(
-        tuple(int(v) for v in row["patch"]),
-        stride=tuple(int(v) for v in row["stride"]),
-        fill=fill[0] if len(fill) == 1 else tuple(fill),
-    )
-    size = tuple(int(v) for v in row["image_size"])
-    values = torch.as_tensor(row["map"], dtype=torch.float32).reshape(tuple(int(v) for v in row["map_shape"]))
-    return Heatmap(
-        values, int(row["target"]), float(row["base_probability"]), patch, size, tau=float(row["tau"])
-    )
+    return row_heatmap(row)
+
+
+def image_files(out, row) -> dict[str, Path]:
+    """The per-image files (``png=True`` / ``npy=True``) of a row of :func:`read_results` that
+    exist, by kind: ``{"png": Path, "npy": Path}``. They hold the input's latest ok map (an input
+    whose latest row is an error has none), so for an older row of ``history=True`` they may not
+    be that row's."""
+    folder = io.config_folder(Path(out), row["fingerprint"]) / IMAGES_FOLDER
+    stem = file_stem(row["path"], row["requested_target"])
+    found = {kind: folder / f"{stem}{suffix}" for kind, suffix in SUFFIXES.items()}
+    return {kind: path for kind, path in found.items() if path.is_file()}

@@ -7,12 +7,15 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
 from test_dataset import PATCH, SIZE, TINY, bad_inputs, oracle, rows_in_parts, write_photos
+from test_dataset_outputs import drill_down_oracle, pixels
 
 import kfx
+import kfx.dataset
 from kfx import cli
 from kfx.models import load_model, read_pixels
 
@@ -45,6 +48,31 @@ def test_ray_rows_equal_the_oracle_and_resume_the_local_run(tmp_path):
         assert table.loc[str(path), "status"] == "error" and str(path) in table.loc[str(path), "error"]
     again = kfx.explain_dataset(tmp_path / "photos", TINY, PATCH, out, size=SIZE, runner="ray", actors=2)
     assert (again.done, again.skipped, again.failed) == (0, 4, 3)
+
+
+def test_ray_drill_down_rows_and_files_equal_the_local_run(tmp_path):
+    write_photos(tmp_path / "photos", 3)
+    drill_down, out = kfx.DrillDown(target_speedup=2), tmp_path / "out"
+    options = {"size": SIZE, "drill_down": drill_down, "png": True, "npy": True}
+    summary = kfx.explain_dataset(tmp_path / "photos", TINY, PATCH, out, runner="ray", actors=2, **options)
+    assert (summary.done, summary.failed, summary.files_written) == (3, 0, 3)
+    local = kfx.explain_dataset(tmp_path / "photos", TINY, PATCH, tmp_path / "local", **options)
+    assert local.fingerprint == summary.fingerprint
+    table = kfx.read_results(out)
+    for _, row in table.iterrows():
+        expected = drill_down_oracle(row["path"], drill_down)
+        assert row["approximate"] and torch.equal(torch.from_numpy(row["map"]), expected.values)
+        assert torch.equal(kfx.dataset.heatmap(row).measured, expected.measured)
+        files, local_files = (
+            kfx.dataset.image_files(out, row),
+            kfx.dataset.image_files(tmp_path / "local", row),
+        )
+        assert np.array_equal(np.load(files["npy"]), row["map"])
+        assert np.array_equal(np.load(files["npy"]), np.load(local_files["npy"]))
+        assert np.array_equal(pixels(files["png"]), pixels(local_files["png"]))
+    # the same settings resume across runners
+    again = kfx.explain_dataset(tmp_path / "photos", TINY, PATCH, out, **options)
+    assert (again.folder, again.done, again.skipped, again.files_written) == (summary.folder, 0, 3, 0)
 
 
 def test_cli_batch_ray_joins_the_running_ray(tmp_path, capsys):

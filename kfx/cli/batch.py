@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from kfx.cli.common import DEFAULT_PATCH, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, UsageError
@@ -12,6 +13,7 @@ LOCAL_RAY = "local"  # --ray without an address: start a Ray on this machine
 
 
 def add_batch(subparsers) -> None:
+    from kfx.cli.parser import _drill_down  # here: kfx.cli.parser imports this module
     from kfx.dataset import PART_ROWS
 
     parser = subparsers.add_parser(
@@ -52,6 +54,24 @@ def add_batch(subparsers) -> None:
         "--fill", type=_fill, metavar="V|R,G,B", help="patch value in model-input space (0.0)"
     )
     parser.add_argument("--tau", type=_tau, default=1.0, help="projective-field threshold, 1 = exact (1)")
+    parser.add_argument(
+        "--drill-down",
+        type=_drill_down,
+        metavar="SPEEDUP|FRACTION:SPEEDUP|KEY=VALUE,...",
+        help="approximate maps from fewer queries, as for kfx explain (3 = kfx.DrillDown(target_speedup=3)); "
+        "the settings are part of the configuration, and rows say approximate",
+    )
+    parser.add_argument(
+        "--png",
+        action="store_true",
+        help="also write each image's picture (the map over the image, as kfx explain draws it) to "
+        "DIR/config-*/images/<stem>-<hash>.png",
+    )
+    parser.add_argument(
+        "--npy",
+        action="store_true",
+        help="also write each image's map as DIR/config-*/images/<stem>-<hash>.npy",
+    )
     parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="positions per batch (64)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(auto)")
     parser.add_argument(
@@ -88,6 +108,9 @@ def _batch(args) -> int:
             stride=args.stride,
             fill=args.fill,
             tau=args.tau,
+            drill_down=_drill_down_option(args.drill_down),
+            png=args.png,
+            npy=args.npy,
             size=args.size,
             weights=args.weights,
             target=args.target,
@@ -120,3 +143,13 @@ def _batch(args) -> int:
         )
         return EXIT_RUNTIME
     return EXIT_OK
+
+
+def _drill_down_option(settings: dict | None):
+    """The kfx.DrillDown of --drill-down, refused as kfx explain refuses it (a usage error)."""
+    from kfx.cli.checks import _approximate_options
+
+    if settings is None:
+        return None
+    only_drill_down = argparse.Namespace(tau=None, global_context=None, drill_down=settings)
+    return _approximate_options(only_drill_down)[1]["drill_down"]
