@@ -10,9 +10,13 @@ Three rules, all on cells of the engine's own grid (every query is an exact cell
   values and a hierarchical piecewise-linear interpolation through them elsewhere
   (kfx/_drilldown_adaptive.py).
 - ``"lowest"`` (kfx's earlier rule): a coarse stage 1, the fraction r of cells with the lowest
-  interpolated values at the target stride, a bilinear fill from stage 1 elsewhere.
+  interpolated values at the target stride, a multilinear (for images bilinear) fill from stage 1
+  elsewhere.
 - ``"paper"`` (KRYPTON's block rule, [TR] §4.2): stage 1 as above, its values painted as blocks,
   the fraction r of cells with the lowest block values queried.
+
+Every rule works on maps of any rank (signals, images, volumes): grids, hierarchies and
+interpolations are built per axis and combined as products over the axes.
 
 >>> heatmap = engine(image, drill_down=kfx.DrillDown(target_speedup=3))  # doctest: +SKIP
 >>> heatmap.measured.float().mean()  # share of cells that were queried, not interpolated  # doctest: +SKIP
@@ -27,7 +31,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from kfx._drilldown_adaptive import _adaptive_stream, _all_measured, _linear_interpolation, _with_measured
+from kfx._drilldown_adaptive import (
+    _adaptive_stream,
+    _all_measured,
+    _linear_interpolation,
+    _with_measured,
+    along_axes,
+)
 from kfx._drilldown_adaptive import _Hierarchy as _Hierarchy  # tests' own
 from kfx._drilldown_adaptive import stage1_cells as stage1_cells
 from kfx.errors import InputError
@@ -57,9 +67,11 @@ class DrillDown:
 
     The ``"lowest"`` and ``"paper"`` rules (chosen by default when ``fraction`` or
     ``stage1_stride`` is given) take the two-stage parameters: stage 1 a sub-grid about
-    ``stage1_stride`` S1 pixels apart, stage 2 the ``fraction`` r of the cells with the lowest
-    estimate. S1 is given or solved from ``target_speedup`` t, S1 = S2 * sqrt(t / (1 - r t))
-    ([TR] Eq. 29; needs r * t < 1). ``fraction=1.0`` drills everywhere: the exact map.
+    ``stage1_stride`` S1 pixels apart (one number for every axis, or a pair (h, w) for images),
+    stage 2 the ``fraction`` r of the cells with the lowest estimate. S1 is given or solved from
+    ``target_speedup`` t, S1 = S2 * sqrt(t / (1 - r t)) for images ([TR] Eq. 29; needs r * t < 1),
+    the d-th root instead of the square root for a map of d axes. ``fraction=1.0`` drills
+    everywhere: the exact map.
 
     >>> DrillDown(target_speedup=3).rule, DrillDown(0.25, target_speedup=3).rule
     ('adaptive', 'lowest')
@@ -111,28 +123,44 @@ class DrillDown:
             return min(cells, math.ceil(cells / self.target_speedup))
         return cells
 
-    def stage1_strides(self, stage2_stride: tuple[int, int]) -> tuple[float, float]:
-        """S1 per axis (h, w) for an engine whose heat-map stride is ``stage2_stride`` (two-stage rules)."""
+    def stage1_strides(self, stage2_stride: tuple[int, ...]) -> tuple[float, ...]:
+        """S1 per axis ((h, w) for images) for an engine whose heat-map stride is ``stage2_stride``
+        (two-stage rules)."""
         if self.rule == "adaptive":
             raise InputError("the adaptive rule has no single stage-1 stride: it refines over several levels")
         if self.stage1_stride is not None:
-            strides = self.stage1_stride
+            strides = self._given_stage1_strides(len(stage2_stride))
         else:
-            strides = tuple(
-                drill_down_stage1_stride(s, self.fraction, self.target_speedup) for s in stage2_stride
-            )
+            # [TR] Eq. 29 solves (S1 / S2)^2 = t / (1 - r t) for two axes; d axes take the d-th root.
+            image_ratio = drill_down_stage1_stride(1.0, self.fraction, self.target_speedup)
+            ratio = image_ratio ** (2 / len(stage2_stride))
+            strides = tuple(s * ratio for s in stage2_stride)
         if any(s1 < s2 for s1, s2 in zip(strides, stage2_stride)):
             raise InputError(
                 f"stage1_stride {strides} is finer than the engine's stride {stage2_stride}: stage 1 must be coarser"
             )
         return strides
 
-    def query_speedup(self, stage2_stride: tuple[int, int]) -> float:
-        """Theoretical query-count speedup over the full grid ([TR] Eq. 28), both axes together
+    def _given_stage1_strides(self, axes: int) -> tuple[float, ...]:
+        """The given S1 on a map of ``axes`` axes: a pair (h, w) is an image's; one number (stored
+        as an equal pair) holds for every axis."""
+        given = self.stage1_stride
+        if len(given) == axes:
+            return given
+        if len(set(given)) == 1:
+            return (given[0],) * axes
+        raise InputError(
+            f"stage1_stride {given} is a pair (h, w) for images, but this map has {axes} axes; "
+            "give one number for every axis"
+        )
+
+    def query_speedup(self, stage2_stride: tuple[int, ...]) -> float:
+        """Theoretical query-count speedup over the full grid ([TR] Eq. 28), all axes together
         (two-stage rules; the adaptive rule's is its ``target_speedup`` or cells / ``queries``)."""
         s1 = self.stage1_strides(stage2_stride)
-        # Eq. 28 squares one stride; with two axes the squares become products (geometric means).
-        s1_mean, s2_mean = math.sqrt(s1[0] * s1[1]), math.sqrt(stage2_stride[0] * stage2_stride[1])
+        # Eq. 28 squares one stride; over several axes the squares become products over the axes,
+        # passed as their square roots (an image's geometric means).
+        s1_mean, s2_mean = math.sqrt(math.prod(s1)), math.sqrt(math.prod(stage2_stride))
         return drill_down_speedup(s1_mean, s2_mean, self.fraction)
 
     def stream(self, engine, image: torch.Tensor, target=None, batch_size=None) -> Iterator[Progress]:
@@ -228,11 +256,20 @@ def drill_down_stream(
     if drill_down.fraction >= 1:  # everything is drilled: stage 1 would be pure waste
         return _all_measured(engine.stream(image, target, batch_size=batch_size))
     strides = drill_down.stage1_strides(engine.patch.stride)
-    rows, cols = (stage1_cells(grid[a], strides[a] / engine.patch.stride[a]) for a in (0, 1))
+    samples = [stage1_cells(n, s1 / s2) for n, s1, s2 in zip(grid, strides, engine.patch.stride)]
     stage1 = torch.zeros(grid, dtype=torch.bool)
-    stage1[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = True
+    stage1[_tensor_grid(samples)] = True
     coarse_steps = engine.stream(image, target, cells=stage1, batch_size=batch_size)
-    return _two_stage(engine, image, drill_down, batch_size, stage1, rows, cols, coarse_steps)
+    return _two_stage(engine, image, drill_down, batch_size, stage1, samples, coarse_steps)
+
+
+def _tensor_grid(samples: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """Index tensors that select every combination of the per-axis ``samples`` (an open mesh)."""
+    axes = len(samples)
+    return tuple(
+        torch.tensor(cells).reshape([-1 if b == a else 1 for b in range(axes)])
+        for a, cells in enumerate(samples)
+    )
 
 
 # -- the two-stage rules ("lowest", "paper") ----------------------------------------------------------
@@ -246,26 +283,27 @@ def _nearest_sample(samples: list[int], cells: int) -> torch.Tensor:
     return weights
 
 
-def _two_stage(engine, image, drill_down, batch_size, stage1, rows, cols, coarse_steps) -> Iterator[Progress]:
+def _two_stage(engine, image, drill_down, batch_size, stage1, samples, coarse_steps) -> Iterator[Progress]:
     """Stage 1's steps, the estimate and regions, then stage 2's steps.
 
-    The estimate is a bilinear surface through the stage-1 values ("lowest": exact at the samples,
-    never outside their range) or the nearest stage-1 value ("paper": its coarse blocks). Regions:
-    the round(r * N) cells with the lowest estimate, ties in row-major order; they are not dilated,
-    so stage 2 costs exactly the fraction r ([TR] Eq. 28 holds).
+    ``samples`` holds stage 1's cells along each axis (stage 1 is their tensor grid). The estimate
+    is a multilinear (for images bilinear) surface through the stage-1 values ("lowest": exact at
+    the samples, never outside their range) or the nearest stage-1 value ("paper": its coarse
+    blocks). Regions: the round(r * N) cells with the lowest estimate, ties in row-major order; they
+    are not dilated, so stage 2 costs exactly the fraction r ([TR] Eq. 28 holds).
     """
     grid = tuple(stage1.shape)
-    count = max(1, round(drill_down.fraction * grid[0] * grid[1]))
-    sampled = len(rows) * len(cols)
+    count = max(1, round(math.prod(grid, start=drill_down.fraction)))
+    sampled = math.prod(len(cells) for cells in samples)
     for step in coarse_steps:
         coarse = _with_measured(step.heatmap)
         yield Progress(coarse, step.done, sampled + count, step.elapsed)
-    samples = coarse.values[stage1].view(len(rows), len(cols)).to(torch.float64)
+    stage1_values = coarse.values[stage1].view(*(len(cells) for cells in samples)).to(torch.float64)
     fill = _nearest_sample if drill_down.rule == "paper" else _linear_interpolation
-    estimate = fill(rows, grid[0]) @ samples @ fill(cols, grid[1]).T
+    estimate = along_axes([fill(cells, n) for cells, n in zip(samples, grid)], stage1_values)
 
     order = torch.sort(estimate.flatten(), stable=True).indices[:count]
-    selected = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
+    selected = torch.zeros(math.prod(grid), dtype=torch.bool)
     selected[order] = True
     drilled = selected.view(grid) & ~stage1
 

@@ -163,12 +163,6 @@ class OcclusionRunner:
                 )
             if not callable(getattr(drill_down, "stream", None)):
                 raise InputError(f"drill_down must be a kfx.DrillDown, got {type(drill_down).__name__}")
-            if len(self.image_shape) != 3:
-                raise InputError(
-                    "drill-down refines 2-D maps of images only, and this engine's input has "
-                    f"{len(self.image_shape) - 1} spatial axes; compute the exact map (no drill_down), or a "
-                    "coarser one with a larger stride"
-                )
             return drill_down.stream(self, image, target, batch_size)
         started = time.perf_counter()
         image = self._check_image(image)

@@ -288,8 +288,8 @@ def test_wrong_shapes_and_axes_get_clear_errors():
         kfx.compile(model, (2, 30), kfx.Patch(4), backend="triton")
     with pytest.raises(kfx.PatchError, match="larger than the image 30"):
         kfx.compile(model, (2, 30), kfx.Patch(31))
-    with pytest.raises(kfx.InputError, match="drill-down refines 2-D maps"):
-        engine(torch.zeros(2, 30, dtype=torch.float64), drill_down=kfx.DrillDown())
+    with pytest.raises(kfx.InputError, match="target_ssim needs a 2-d map"):
+        engine(torch.zeros(2, 30, dtype=torch.float64), drill_down=kfx.DrillDown(target_ssim=0.9))
 
 
 def _changed_span(clean: torch.Tensor, occluded: torch.Tensor) -> list[tuple[int, int]] | None:
