@@ -143,7 +143,7 @@ class Engine(OcclusionRunner):
 
     def __repr__(self) -> str:
         roles = self.roles().values()
-        incremental = sum(r in ("pointwise", "gate", "local", "merge") for r in roles)
+        incremental = sum(r in ("pointwise", "gate", "norm", "local", "merge") for r in roles)
         dense = "; ".join(f"{d.node}: {d.reason}" for d in self.dense_nodes) or "none"
         return (
             f"kfx.Engine(image_shape={self.image_shape}, patch={self.patch.size}, stride={self.patch.stride}, "

@@ -31,6 +31,8 @@ __all__ = [
     "transposed_conv_read_span",
     "resample_output_span",
     "resample_read_span",
+    "reach_output_span",
+    "reach_read_span",
     "conv_fmas",
     "projective_field_cap",
     "thresholded_output_span",
@@ -287,6 +289,33 @@ def resample_read_span(out_start: int, out_width: int, first: Sequence[int], sto
     """
     start = first[out_start]
     return Span(start, stop[out_start + out_width - 1] - start)
+
+
+def reach_output_span(in_start: int, in_width: int, first: Sequence[int], stop: Sequence[int]) -> Span:
+    """Output box of a linear map along one axis whose output o reads inputs [first[o], stop[o]) in
+    any order: reflect, replicate and circular padding read backwards or wrap around at the borders
+    (docs/design.md §2.8), so the box is the hull of every output that reads a changed input. If none
+    does, the box keeps one output (a superset is exact).
+
+    >>> first, stop = [2, 1, 0, 1, 2, 3, 2, 1], [3, 2, 1, 2, 3, 4, 3, 2]  # reflect pad 2, 4 -> 8
+    >>> reach_output_span(1, 1, first, stop)
+    Span(start=1, width=7)
+    """
+    readers = [o for o, (f, s) in enumerate(zip(first, stop)) if f < in_start + in_width and s > in_start]
+    return Span(readers[0], readers[-1] - readers[0] + 1) if readers else Span(0, 1)
+
+
+def reach_read_span(out_start: int, out_width: int, first: Sequence[int], stop: Sequence[int]) -> Span:
+    """Input window that recomputing outputs [out_start, out_start + out_width) of a linear map with
+    reach in any order reads: from the smallest first input to the largest stop among them.
+
+    >>> first, stop = [2, 1, 0, 1, 2, 3, 2, 1], [3, 2, 1, 2, 3, 4, 3, 2]
+    >>> reach_read_span(1, 7, first, stop)
+    Span(start=0, width=4)
+    """
+    outputs = range(out_start, out_start + out_width)
+    start = min(first[o] for o in outputs)
+    return Span(start, max(stop[o] for o in outputs) - start)
 
 
 def conv_fmas(

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from kfx.geometry import (
     Span,
+    reach_output_span,
+    reach_read_span,
     read_in_span,
     resample_output_span,
     resample_read_span,
@@ -69,8 +71,16 @@ def _uniform(spans: list[Span], size: int) -> AxisBoxes:
 
 def resample_axis(inp: AxisBoxes, spec: ResampleSpec, axis: int, in_size: int) -> tuple[AxisBoxes, AxisBoxes]:
     first, stop = spec.first[axis], spec.stop[axis]
-    box = _uniform([resample_output_span(s, inp.width, first, stop) for s in inp.starts], len(first))
-    read = _uniform([resample_read_span(s, box.width, first, stop) for s in box.starts], in_size)
+    # Interpolation reads forwards (bisection on its sorted reach); a reflect, replicate or circular
+    # pad reads backwards or wraps at the borders (the hull of a scan). Each distinct start once.
+    monotone = list(first) == sorted(first) and list(stop) == sorted(stop)
+    output_span, read_span = (
+        (resample_output_span, resample_read_span) if monotone else (reach_output_span, reach_read_span)
+    )
+    out_of = {s: output_span(s, inp.width, first, stop) for s in set(inp.starts)}
+    box = _uniform([out_of[s] for s in inp.starts], len(first))
+    read_of = {s: read_span(s, box.width, first, stop) for s in set(box.starts)}
+    read = _uniform([read_of[s] for s in box.starts], in_size)
     return box, read
 
 

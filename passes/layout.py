@@ -25,6 +25,7 @@ __all__ = [
     "acting_dims",
     "layer_operands",
     "constant_over",
+    "reduction",
 ]
 
 PERMUTE_FUNCTIONS = (torch.permute,)
@@ -160,3 +161,61 @@ def channel_op_kind(
     dim = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
     only_getitem = all(u.op == "call_function" and u.target is operator.getitem for u in node.users)
     return kind if inner(dim) and only_getitem else None
+
+
+# Reductions along given dims, method and function spellings: a sum, mean, max or min over the
+# channels (ResNeSt's radix sum, CBAM's channel pooling) or a softmax across them acts on each
+# spatial position alone; an L2 norm over the spatial dims (ConvNeXt-V2's GRN) is a global statistic.
+_REDUCTIONS = {
+    "sum": "sum",
+    "mean": "mean",
+    "amax": "max",
+    "amin": "min",
+    "softmax": "softmax",
+    "log_softmax": "softmax",
+    "norm": "norm",
+}
+_REDUCTION_FUNCTIONS = {
+    torch.sum: "sum",
+    torch.mean: "mean",
+    torch.amax: "max",
+    torch.amin: "min",
+    torch.softmax: "softmax",
+    torch.log_softmax: "softmax",
+    F.softmax: "softmax",
+    F.log_softmax: "softmax",
+    torch.norm: "norm",
+}
+
+
+def reduction(node: fx.Node) -> tuple[str, tuple[int, ...], bool] | None:
+    """``(kind, dims, keepdim)`` of a reduction over explicit dims of its first operand (kind: sum,
+    mean, max, min, softmax (keeps the shape) or norm (the L2 norm only)), dims made non-negative;
+    None for anything else, or a reduction over every dim, or one that casts."""
+    if node.op == "call_method":
+        kind = _REDUCTIONS.get(node.target)
+    elif node.op == "call_function":
+        kind = _REDUCTION_FUNCTIONS.get(node.target)
+    else:
+        kind = None
+    shape = getattr(
+        getattr(node.args[0], "meta", {}).get("tensor_meta") if node.args else None, "shape", None
+    )
+    if kind is None or shape is None or "dtype" in node.kwargs:
+        return None
+    names = {"norm": ("input", "p", "dim", "keepdim"), "softmax": ("input", "dim")}.get(
+        kind, ("input", "dim", "keepdim")
+    )
+    bound = bind_args(node, names, {"p": "fro", "dim": None, "keepdim": False})
+    if kind == "norm" and bound["p"] not in (2, 2.0, "fro"):
+        return None
+    dims = bound["dim"]
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    positional = 3 if node.target in (F.softmax, F.log_softmax) else len(names)  # F's _stacklevel
+    if any(a is not None for a in node.args[positional:]):
+        return None  # a dtype passed positionally
+    rank = len(shape)
+    keepdim = bound["keepdim"] is True or kind == "softmax"
+    return kind, tuple(sorted(d % rank for d in dims)), keepdim

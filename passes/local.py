@@ -30,7 +30,7 @@ class LocalSpec:
     element to its divisor, so windows can be summed and divided exactly as the full op does.
     """
 
-    kind: str  # "conv" | "max_pool" | "avg_pool" | "pad"
+    kind: str  # "conv" | "max_pool" | "avg_pool" | "pad" | "space_to_depth"
     kernel: tuple[int, ...]  # one entry per spatial axis (1, 2 or 3 of them)
     stride: tuple[int, ...]
     padding: tuple[int, ...]
@@ -259,7 +259,22 @@ def _module_spec(m: nn.Module, in_hw: tuple[int, ...]) -> LocalSpec | None:
         return _pool_spec("avg_pool", m.kernel_size, m.stride, m.padding, 1, m.ceil_mode, in_hw, flags)
     if isinstance(m, PAD_MODULES) and _pool_axes(m) == axes:
         return _pad_spec(tuple(m.padding), m.value, axes)
+    block = _space_to_depth_block(m)
+    if block and axes == 2:
+        # Each output cell is one block x block tile of the input, stacked as channels: a local op
+        # with kernel = stride = block and no padding, run on each aligned window by the module.
+        return LocalSpec("space_to_depth", (block,) * 2, (block,) * 2, (0, 0), 0.0, lambda w, m=m: m(w))
     return None
+
+
+def _space_to_depth_block(m: nn.Module) -> int:
+    """The block size of a space-to-depth module (``nn.PixelUnshuffle``, timm's ``SpaceToDepth``,
+    which kfx.passes.trace keeps as one call), else 0."""
+    if type(m) is nn.PixelUnshuffle:
+        return m.downscale_factor
+    if type(m).__module__ == "timm.layers.space_to_depth" and type(m).__name__ == "SpaceToDepth":
+        return m.bs
+    return 0
 
 
 def _pool_axes(m: nn.Module) -> int:

@@ -22,6 +22,7 @@ __all__ = [
     "is_merge",
     "is_global_mean",
     "bind_args",
+    "group_norm_args",
     "INPLACE_TO_FUNCTIONAL",
 ]
 
@@ -144,6 +145,8 @@ POINTWISE_FUNCTIONS: frozenset = frozenset(
         torch.pow,
         torch.maximum,
         torch.minimum,
+        torch.addcmul,
+        torch.addcdiv,
     }
 )
 
@@ -168,6 +171,8 @@ POINTWISE_METHODS: frozenset = frozenset(
         "contiguous",
         "maximum",
         "minimum",
+        "addcmul",
+        "addcdiv",
     }
 )
 
@@ -184,9 +189,11 @@ MERGE_FUNCTIONS: frozenset = frozenset(
         torch.div,
         torch.maximum,
         torch.minimum,
+        torch.addcmul,  # input + value * t1 * t2, element by element (ConvNeXt-V2's GRN)
+        torch.addcdiv,
     }
 )
-MERGE_METHODS: frozenset = frozenset({"add", "sub", "mul", "div", "maximum", "minimum"})
+MERGE_METHODS: frozenset = frozenset({"add", "sub", "mul", "div", "maximum", "minimum", "addcmul", "addcdiv"})
 
 # Metadata a model may ask of a tensor (timm asserts ``x.ndim == 4``; others read ``x.dtype`` to
 # build constants): answered from the full tensor's shape and the batch's dtype and device, so
@@ -315,3 +322,29 @@ def is_merge(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in MERGE_METHODS
     return False
+
+
+INSTANCE_NORM_MODULES = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def group_norm_args(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, float, object, object] | None:
+    """``(groups, eps, weight, bias)`` of a normalisation with statistics of the whole map per group
+    of channels: ``nn.GroupNorm``, ``F.group_norm`` (timm's GroupNormAct) and an instance norm without
+    running statistics (one group per channel). Weight and bias are parameters, constant nodes or
+    None. None for any other node."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, nn.GroupNorm) and type(m).forward is nn.GroupNorm.forward:
+            return m.num_groups, m.eps, m.weight, m.bias
+        own_forward = type(m).forward is nn.modules.instancenorm._InstanceNorm.forward
+        if isinstance(m, INSTANCE_NORM_MODULES) and own_forward and not m.track_running_stats:
+            return m.num_features, m.eps, m.weight, m.bias
+        return None
+    if node.op == "call_function" and node.target is F.group_norm:
+        a = bind_args(
+            node,
+            ("input", "num_groups", "weight", "bias", "eps"),
+            {"weight": None, "bias": None, "eps": 1e-5},
+        )
+        return a["num_groups"], a["eps"], a["weight"], a["bias"]
+    return None

@@ -28,6 +28,7 @@ Inception3 speedups ([TR] Fig. 3 and 7a; see kfx.paper_cost and tests/test_cost.
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -42,17 +43,20 @@ from kfx.passes.layout import (
     constant_over,
     layer_operands,
     permuted_spatial,
+    reduction,
     spatial_dims,
 )
 from kfx.passes.local import LocalSpec, local_spec
 from kfx.passes.ops import (
     SHAPE_ATTRIBUTES,
     SHAPE_METHODS,
+    group_norm_args,
     is_gate_product,
     is_global_mean,
     is_merge,
     is_pointwise,
     per_channel_operands,
+    static_value,
 )
 from kfx.passes.resample import ResampleSpec, resample_spec
 from kfx.passes.transposed import TransposedSpec, transposed_spec
@@ -90,8 +94,8 @@ class NodePatch:
 
     state: State
     role: (
-        str  # const | input | pointwise | gate | local | resample | merge | channel | mean_delta | shape
-        # | shape_arith | dense
+        str  # const | input | pointwise | gate | norm | local | resample | merge | channel | mean_delta
+        # | shape | shape_arith | dense
     )
     box: Box | None = None  # changed box (PATCH nodes)
     read: Box | None = None  # read-in window (local and resample nodes)
@@ -99,6 +103,7 @@ class NodePatch:
     resample: ResampleSpec | None = None
     transposed: TransposedSpec | None = None
     spatial: tuple[int, int] | None = None  # the (H, W) dims of a channels-last 2-d map; None: the last ones
+    batch_free: bool = False  # shape roles: the value does not involve the batch size (x.dtype, x.shape[1])
     reason: str = ""  # dense nodes fed by incremental ones: why the incremental path stops here
 
 
@@ -127,6 +132,15 @@ def _broadcasts_over_space(node: fx.Node, axes: int) -> bool:
     [C, 1, 1] scale): kfx.passes.layout's rule, for the usual layout."""
     shape = _shape(node)
     return shape is not None and constant_over(shape, tuple(range(2, axes + 2)), axes + 2)
+
+
+def _map_spatial(node: fx.Node, axes: int) -> tuple[int, ...] | None:
+    """The spatial dims of a changed map [1, *channel dims, *S] (or channels-last [1, H, W, C]), in
+    its own layout; None if the node's value is not such a map."""
+    shape = _shape(node)
+    if shape is None or len(shape) < axes + 2 or shape[0] != 1:
+        return None
+    return spatial_dims(node.meta[META_KEY].spatial, len(shape), axes)
 
 
 def _channels_first(node: fx.Node) -> bool:
@@ -208,9 +222,28 @@ def shape_arithmetic(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     a tensor built from them (torch.zeros(x.shape)) runs densely."""
     if len(ctx.data) == len(ctx.inputs) or State.PATCH in ctx.states or State.DENSE in ctx.states:
         return None
+    metadata = [n for n in ctx.inputs if n not in ctx.data]
+    free = all(n.meta[META_KEY].batch_free for n in metadata) or _drops_the_batch(node)
     if "tensor_meta" not in node.meta:
-        return NodePatch(State.DENSE, "shape_arith")
-    return _dense()
+        return NodePatch(State.DENSE, "shape_arith", batch_free=free)
+    # A tensor built from constants and batch-free metadata (timm's BlurPool: filt.to(x.dtype),
+    # filt.expand(x.shape[1], ...)) is the same for any batch: a constant. One built from the batch
+    # size (torch.zeros(x.shape)) has the program's batch: it runs densely.
+    return NodePatch(State.CONST, "const") if free else _dense()
+
+
+def _drops_the_batch(node: fx.Node) -> bool:
+    """``shape[i]`` with i not the batch dim, or ``shape[a:]`` with a past it, of a full shape."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    source, index = node.args
+    value = static_value(source)
+    if not isinstance(value, (tuple, torch.Size)) or not value:
+        return False
+    rank = len(value)
+    if isinstance(index, int):
+        return index % rank != 0
+    return isinstance(index, slice) and isinstance(index.start, int) and 0 < index.start % rank
 
 
 def gate(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
@@ -218,22 +251,23 @@ def gate(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     its kin: one value per channel, the same at every spatial position). Exact: every output cell
     changes, so it is dense, and the report says the local mode would lift it. ``global_context=
     "local"``: the product is recomputed inside x's box only (approximate, docs/design.md §4.4)."""
+    if not (State.DENSE in ctx.states and len(ctx.changed) == 1 and is_gate_product(node)):
+        return None
+    source = ctx.changed[0]
+    spatial, rank = _map_spatial(source, ctx.axes), len(_shape(source) or ())
     if not (
-        State.DENSE in ctx.states
-        and len(ctx.changed) == 1
-        and _channels_first(ctx.changed[0])
-        and is_gate_product(node)
-        and spatial_size(node, ctx.axes) is not None
-        and _shape(node) == _shape(ctx.changed[0])
+        spatial is not None
+        and _shape(node) == _shape(source)
         and all(
-            _broadcasts_over_space(n, ctx.axes)
+            constant_over(_shape(n), spatial, rank)
             for n in ctx.data
-            if n is not ctx.changed[0] and _shape(n) is not None
+            if n is not source and _shape(n) is not None
         )
     ):
         return None
     if ctx.global_context == "local":
-        return NodePatch(State.PATCH, "gate", box=ctx.changed[0].meta[META_KEY].box)
+        meta = source.meta[META_KEY]
+        return NodePatch(State.PATCH, "gate", box=meta.box, spatial=meta.spatial)
     return _dense(
         f"{_describe(node, ctx.modules)} applies a gate computed from global context (squeeze-excitation "
         "or kin), which changes every cell; global_context='local' would keep it incremental (approximate)"
@@ -259,7 +293,20 @@ def constant(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
 
 def shape_query(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """x.size(), x.shape, x.dim() of a changed value: answered from the full shape, no projection."""
-    return NodePatch(State.DENSE, "shape") if _is_shape_query(node) else None
+    if not _is_shape_query(node):
+        return None
+    return NodePatch(State.DENSE, "shape", batch_free=_query_is_batch_free(node))
+
+
+def _query_is_batch_free(node: fx.Node) -> bool:
+    """x.ndim, x.dtype, x.device, x.dim(), x.size(i) for i not the batch dim: the same for any batch."""
+    if node.op == "call_function":  # getattr(x, name)
+        return node.args[1] in ("ndim", "dtype", "device", "is_cuda")
+    if node.target == "dim":
+        return True
+    rank = len(getattr(node.args[0].meta.get("tensor_meta"), "shape", ()))
+    index = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return node.target == "size" and isinstance(index, int) and rank > 0 and index % rank != 0
 
 
 def channel_op(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
@@ -283,13 +330,82 @@ def channel_op(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
 
 def global_mean(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """Global average pooling of the changed map. mean_new = mean_base + (sum(new box) - sum(old
-    box)) / (H * W) is exact and needs no projection (docs/design.md §2.6)."""
+    box)) / (H * W) is exact and needs no projection (docs/design.md §2.6). The L2 norm over every
+    spatial dim (ConvNeXt-V2's GRN) likewise: norm_new^2 = norm_base^2 + sum(new^2 - old^2) over the
+    box; both in either layout."""
+    if not _changes_first_arg(node, ctx):
+        return None
+    source = ctx.changed[0]
     if (
-        _changes_first_arg(node, ctx)
-        and _channels_first(ctx.changed[0])
+        _channels_first(source)
+        and spatial_size(source, ctx.axes) is not None  # every dim after the channels is spatial
         and is_global_mean(node, ctx.modules)
     ):
         return NodePatch(State.DENSE, "mean_delta")
+    found, spatial = reduction(node), _map_spatial(source, ctx.axes)
+    if found is not None and spatial is not None and found[0] in ("mean", "norm") and found[1] == spatial:
+        return NodePatch(State.DENSE, "mean_delta")
+    return None
+
+
+def channel_reduction(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """A sum, mean, max or min over channel dims (ResNeSt's radix sum, CBAM's channel pooling), or a
+    softmax across them: each spatial position alone, so the box stays put. A reduction that drops
+    dims must leave a [1, C, *S] map in the usual layout."""
+    found = reduction(node) if _changes_first_arg(node, ctx) else None
+    source = ctx.changed[0] if found else None
+    spatial = _map_spatial(source, ctx.axes) if found else None
+    if spatial is None or found[0] == "norm" or set(found[1]) & {0, *spatial}:
+        return None
+    meta, out = source.meta[META_KEY], _shape(node)
+    if not found[2] and (meta.spatial is not None or out is None or len(out) < ctx.axes + 2):
+        return None
+    return NodePatch(State.PATCH, "pointwise", box=meta.box, spatial=meta.spatial)
+
+
+def normalization(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """GroupNorm or InstanceNorm of the changed map: statistics of the whole map per group of
+    channels. Exact: every cell changes, so it is dense, and the report says the local mode would
+    lift it. ``global_context="local"``: each position's statistics are computed exactly (from the
+    base's and the box's change) and applied inside the box only (approximate, §4.4)."""
+    if not (
+        _changes_first_arg(node, ctx)
+        and _channels_first(ctx.changed[0])
+        and spatial_size(ctx.changed[0], ctx.axes) is not None
+        and group_norm_args(node, ctx.modules) is not None
+    ):
+        return None
+    if ctx.global_context == "local":
+        return NodePatch(State.PATCH, "norm", box=ctx.changed[0].meta[META_KEY].box)
+    return _dense(
+        f"{_describe(node, ctx.modules)} normalises with statistics of the whole map (global context), "
+        "which changes every cell: the change is projected to full here and the rest runs densely "
+        "(exact); global_context='local' would keep it incremental (approximate)"
+    )
+
+
+def same_box_merge(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """An element-wise op or channel concat whose changed operands share one box and layout (a
+    residual add inside a block that did not grow the box, GRN's ``x + f(x)``): it acts on each
+    position alone, so it runs on the changed values as they are, with no windows, in any layout."""
+    if not ctx.changed or not is_merge(node):
+        return None
+    first = ctx.changed[0].meta[META_KEY]
+    out, spatial = _shape(node), _map_spatial(ctx.changed[0], ctx.axes)
+    if (
+        spatial is None
+        or out is None
+        or any(
+            n.meta[META_KEY].box != first.box
+            or n.meta[META_KEY].spatial != first.spatial
+            or len(_shape(n) or ()) != len(out)
+            or any(_shape(n)[d] != out[d] for d in spatial)
+            for n in ctx.changed
+        )
+    ):
+        return None
+    if all(constant_over(_shape(n), spatial, len(out)) for n in ctx.others if _shape(n) is not None):
+        return NodePatch(State.PATCH, "pointwise", box=first.box, spatial=first.spatial)
     return None
 
 
@@ -494,6 +610,9 @@ CLASSIFY_RULES: tuple[Callable[[fx.Node, ClassifyContext], NodePatch | None], ..
     channel_op,
     global_mean,
     pointwise,
+    channel_reduction,
+    normalization,
+    same_box_merge,
     channels_last,
     global_context,
     local,

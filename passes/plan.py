@@ -63,6 +63,7 @@ _STEP_ROLES = (
     "input",
     "pointwise",
     "gate",
+    "norm",
     "local",
     "resample",
     "transposed",

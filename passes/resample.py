@@ -1,4 +1,5 @@
-"""Resampling ops (``F.interpolate``, ``nn.Upsample``) as separable linear maps (docs/design.md §2.8).
+"""Resampling ops (``F.interpolate``, ``nn.Upsample``) and padding that copies the map's own values
+(reflect, replicate, circular) as separable linear maps (docs/design.md §2.8).
 
 Nearest, (bi/tri)linear and bicubic resampling of a [N, C, H, W] map is ``out = A_h @ x @ A_w^T`` per
 channel, for two fixed matrices A_h [H_out, H_in] and A_w [W_out, W_in]; a signal [N, C, L] has one
@@ -6,7 +7,8 @@ matrix and a volume [N, C, D, H, W] three, one per spatial axis (:func:`apply_pe
 torch's coordinate rules (half-pixel centres, align_corners, recomputed scales, float rounding): it
 reads the matrices off the op itself, by running it once on one-hot rows and columns at compile
 time, and keeps them only if they reproduce the op on a random map. From the matrices' nonzero
-pattern come the changed box and the read-in window (kfx.geometry.resample_output_span).
+pattern come the changed box and the read-in window (kfx.geometry.resample_output_span; for pads,
+whose reach runs backwards or wraps at the borders, kfx.geometry.reach_output_span).
 """
 
 from __future__ import annotations
@@ -25,6 +27,20 @@ __all__ = ["ResampleSpec", "resample_spec"]
 RESAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 __all__ += ["apply_per_axis"]
 RESAMPLE_FUNCTIONS = (F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear)
+# Padding that copies the map's own values (mirrored, edge-repeated, wrapped around) is a 0/1 matrix
+# per axis too; constant padding is a local op (kfx.passes.local). timm's BlurPool2d reflects.
+COPY_PAD_MODULES = (
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReflectionPad3d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
+    nn.ReplicationPad3d,
+    nn.CircularPad1d,
+    nn.CircularPad2d,
+    nn.CircularPad3d,
+)
+COPY_PAD_MODES = ("reflect", "replicate", "circular")
 # Reading the matrices costs one op call on an [1, H_in, H_in, W_in] one-hot stack per axis; maps
 # larger than this (in elements of that stack) are left to run densely.
 MAX_TABLE_ELEMENTS = 2**25
@@ -57,15 +73,25 @@ def _resampler(node: fx.Node, modules: dict[str, nn.Module]):
         module = modules[node.target]
         return (
             module
-            if isinstance(module, RESAMPLE_MODULES) and len(node.args) == 1 and not node.kwargs
+            if isinstance(module, (*RESAMPLE_MODULES, *COPY_PAD_MODULES))
+            and len(node.args) == 1
+            and not node.kwargs
             else None
         )
-    if node.op != "call_function" or node.target not in RESAMPLE_FUNCTIONS:
+    if node.op != "call_function" or not (node.target in RESAMPLE_FUNCTIONS or _is_copy_pad(node)):
         return None
     args, kwargs = static_value(tuple(node.args[1:])), static_value(dict(node.kwargs))
     if any(isinstance(a, fx.Node) for a in (*args, *kwargs.values())):
         return None
     return lambda x: node.target(x, *args, **kwargs)
+
+
+def _is_copy_pad(node: fx.Node) -> bool:
+    """``F.pad(x, pad, mode)`` with a mode that copies the map's own values."""
+    if node.target is not F.pad:
+        return False
+    mode = static_value(node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant"))
+    return mode in COPY_PAD_MODES
 
 
 def _axis_matrix(op, in_hw: tuple[int, ...], axis: int, dtype) -> torch.Tensor:
@@ -110,6 +136,4 @@ def resample_spec(node: fx.Node, modules: dict[str, nn.Module], in_hw, out_hw, d
         ):
             return None
     reach = [_reach(m) for m in matrices]
-    if any(list(f) != sorted(f) or list(s) != sorted(s) for f, s in reach):
-        return None
     return ResampleSpec(matrices, tuple(r[0] for r in reach), tuple(r[1] for r in reach))

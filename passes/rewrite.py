@@ -25,9 +25,12 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from kfx.passes.layout import reduction
+from kfx.passes.ops import group_norm_args
 from kfx.passes.patch_prop import META_KEY, NodePatch, State, spatial_size
 from kfx.passes.steps import (
     ChannelStep,
+    GroupNormStep,
     InputStep,
     LocalStep,
     MeanDeltaStep,
@@ -201,12 +204,32 @@ def mean_delta_step(node: fx.Node) -> Step | None:
 
     def emit(ctx: RewriteContext, base_in: fx.Node, base_out: fx.Node) -> fx.Node:
         source = node.args[0]
-        step = MeanDeltaStep(
-            spatial_size(source, len(_meta(source).box)), tuple(node.meta["tensor_meta"].shape)
-        )
+        axes, spatial = len(_meta(source).box), _meta(source).spatial
+        shape = tuple(source.meta["tensor_meta"].shape)
+        in_size = tuple(shape[d] for d in spatial) if spatial else tuple(shape[-axes:])
+        found = reduction(node)
+        kind = "norm" if found is not None and found[0] == "norm" else "mean"
+        step = MeanDeltaStep(in_size, tuple(node.meta["tensor_meta"].shape), kind, spatial)
         return ctx.add_step(node.name, step, (base_in, base_out, ctx.env[source]))
 
     return Step((_unpadded(node.args[0]), _unpadded(node)), emit)
+
+
+def norm_step(node: fx.Node) -> Step | None:
+    """GroupNorm/InstanceNorm in the local mode: GroupNormStep reads the base input's statistics
+    and the box's change (docs/design.md §4.4)."""
+    if _meta(node).role != "norm":
+        return None
+    source = node.args[0]
+
+    def emit(ctx: RewriteContext, base_in: fx.Node) -> fx.Node:
+        groups, eps, weight, bias = group_norm_args(node, ctx.modules)
+        module = ctx.modules[node.target] if node.op == "call_module" else None
+        step = GroupNormStep(groups, eps, module)
+        affine = () if module is not None else fx.node.map_arg((weight, bias), ctx.env.__getitem__)
+        return ctx.add_step(node.name, step, (base_in, ctx.env[source], *affine))
+
+    return Step((_unpadded(source),), emit)
 
 
 def shape_arith_copy(node: fx.Node) -> Step | None:
@@ -387,6 +410,7 @@ STEP_RULES: tuple[Callable[[fx.Node], Step | None], ...] = (
     channel_getitem,
     channel_step,
     pointwise_step,
+    norm_step,
     local_step,
     resample_step,
     transposed_step,

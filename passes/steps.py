@@ -28,6 +28,7 @@ __all__ = [
     "ChannelStep",
     "ShapeStep",
     "MeanDeltaStep",
+    "GroupNormStep",
     "ProjectStep",
 ]
 
@@ -327,18 +328,75 @@ class ShapeStep(nn.Module):
 
 
 class MeanDeltaStep(nn.Module):
-    """Global average pooling from the base mean and the box's change (exact, docs/design.md §2.6)."""
+    """Global average pooling from the base mean and the box's change (exact, docs/design.md §2.6);
+    with ``kind="norm"`` the L2 norm over the spatial dims, from the base's squared norm and the
+    box's change of squares. ``spatial``: the spatial dims of a map in another layout (channels-last),
+    None for the usual last ones."""
 
-    def __init__(self, in_size: tuple[int, ...], out_shape: tuple[int, ...]):
+    def __init__(
+        self,
+        in_size: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        kind: str = "mean",
+        spatial: tuple[int, ...] | None = None,
+    ):
         super().__init__()
         self.area = math.prod(in_size)
         self.out_shape = out_shape
+        self.kind = kind
+        self.spatial = spatial
 
     def forward(self, base_in: torch.Tensor, base_out: torch.Tensor, patches: Patches) -> torch.Tensor:
-        n, c, *box = patches.values.shape
-        old = kernels.gather_windows(base_in, patches.origin, tuple(box))
-        delta = (patches.values - old).sum(dim=tuple(range(2, 2 + len(box)))) / self.area
-        return (base_out.reshape(1, c) + delta).view(n, *self.out_shape[1:])
+        values, axes = patches.values, patches.origin.shape[1]
+        if self.spatial is not None:  # the spatial dims to the end; the base has no batch dim
+            tail = tuple(range(-axes, 0))
+            values = values.movedim(self.spatial, tail)
+            base_in = base_in.movedim(tuple(d - 1 for d in self.spatial), tail)
+        n, box = values.shape[0], tuple(values.shape[-axes:])
+        values = values.reshape(n, -1, *box)  # every channel dim as one, in order
+        old = kernels.gather_windows(base_in.reshape(-1, *base_in.shape[-axes:]), patches.origin, box)
+        summed = tuple(range(2, 2 + axes))
+        base = base_out.reshape(1, -1)
+        if self.kind == "norm":
+            squares = base * base + (values * values - old * old).sum(dim=summed)
+            out = squares.clamp_min(0).sqrt()
+        else:
+            out = base + (values - old).sum(dim=summed) / self.area
+        return out.view(n, *self.out_shape[1:])
+
+
+class GroupNormStep(nn.Module):
+    """GroupNorm / InstanceNorm under ``global_context="local"`` (approximate, docs/design.md §4.4):
+    each position's group statistics exactly, from the base map's and the box's change, applied
+    inside the box only. Sums are taken about the base's group mean, so float32 keeps its digits."""
+
+    def __init__(self, groups: int, eps: float, module: nn.Module | None):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.op = module  # registers a module's weight and bias with the program (None: functional)
+
+    def forward(self, base_in: torch.Tensor, patches: Patches, weight=None, bias=None) -> Patches:
+        if self.op is not None:
+            weight, bias = self.op.weight, self.op.bias
+        values, g = patches.values, self.groups
+        n, c, *box = values.shape
+        old = kernels.gather_windows(base_in, patches.origin, tuple(box)).reshape(n, g, -1)
+        grouped = base_in.reshape(g, -1)
+        count = grouped.shape[1]
+        centre = grouped.mean(dim=1)[None, :, None]  # [1, g, 1]
+        second = grouped.var(dim=1, unbiased=False)[None, :]  # E[(x - centre)^2] of the base, [1, g]
+        new = values.reshape(n, g, -1) - centre
+        old = old - centre
+        shift = (new - old).sum(dim=2) / count
+        variance = second + (new * new - old * old).sum(dim=2) / count - shift * shift
+        out = (new - shift[..., None]) * torch.rsqrt(variance + self.eps)[..., None]
+        out = out.view(n, c, *box)
+        affine = (1, c, *(1,) * len(box))
+        if weight is not None:
+            out = out * weight.view(affine)
+        if bias is not None:
+            out = out + bias.view(affine)
+        return Patches(out, patches.positions, patches.origin)
 
 
 class ProjectStep(nn.Module):

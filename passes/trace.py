@@ -156,10 +156,20 @@ def require_traceable_module(model: nn.Module, caller: str) -> None:
 KNOWN_SHAPE_FUNCTIONS = (("timm.layers.padding", "pad_same"),)
 
 
+# Modules whose forward reshapes through 6-d views that kfx cannot follow, but which kfx knows as
+# a whole (kfx.passes.local: space-to-depth is a local op): traced as one call each.
+KNOWN_LEAF_MODULES = (("timm.layers.space_to_depth", "SpaceToDepth"),)
+
+
+def _imported(pairs: tuple[tuple[str, str], ...]) -> tuple:
+    """The (module, name) pairs whose modules are imported (so the model may use them)."""
+    found = (getattr(sys.modules.get(module), name, None) for module, name in pairs)
+    return tuple(value for value in found if value is not None)
+
+
 def _known_shape_functions() -> tuple:
     """The functions of KNOWN_SHAPE_FUNCTIONS whose modules are imported (so the model may use them)."""
-    found = (getattr(sys.modules.get(module), name, None) for module, name in KNOWN_SHAPE_FUNCTIONS)
-    return tuple(fn for fn in found if fn is not None)
+    return _imported(KNOWN_SHAPE_FUNCTIONS)
 
 
 class _Tracer(fx.Tracer):
@@ -167,11 +177,11 @@ class _Tracer(fx.Tracer):
 
     def __init__(self, leaf_modules: tuple[type, ...], autowrap_functions: tuple):
         super().__init__(autowrap_functions=(*_known_shape_functions(), *autowrap_functions))
-        self.leaf_modules = leaf_modules
+        self.leaf_modules = (*_imported(KNOWN_LEAF_MODULES), *leaf_modules)
         self._names_of: tuple | None = None  # (root, {id: parameter name}, {id: buffer name})
         self.inside: list[
-            tuple[str, str]
-        ] = []  # (path, class) of the submodules being traced, innermost last
+            tuple[str, str, type]
+        ] = []  # (path, class name, class) of the submodules being traced, innermost last
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_modules) or super().is_leaf_module(m, qualname)
@@ -210,7 +220,7 @@ class _Tracer(fx.Tracer):
         return buffer_names.get(id(value)) if buffers else None
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
-        self.inside.append((self.path_of_module(m), type(m).__name__))
+        self.inside.append((self.path_of_module(m), type(m).__name__, type(m)))
         result = super().call_module(m, forward, args, kwargs)
         self.inside.pop()  # left in place when tracing fails: the error names where it happened
         return result
@@ -224,24 +234,17 @@ def trace(model: nn.Module, leaf_modules: tuple = (), autowrap_functions: tuple 
     """
     require_eval_module(model, "kfx.compile")
     require_traceable_module(model, "kfx.compile")
-    tracer = _Tracer(tuple(leaf_modules), tuple(autowrap_functions))
-    try:
-        gm = fx.GraphModule(model, tracer.trace(model), type(model).__name__)
-    except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
-        if "does not support item assignment" in str(exc):
-            raise TraceError(
-                f"{type(model).__name__}'s forward assigns into a tensor in place (x[...] = v), which torch.fx "
-                "cannot trace; build the new tensor out of place (torch.where, torch.cat) and retry"
-            ) from exc
-        where, leaf = "", "ThatModule"
-        if tracer.inside:
-            path, leaf = tracer.inside[-1]
-            where = f" (in submodule {path!r}, a {leaf})"
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}. kfx needs a "
-            "model whose forward has no control flow on tensor values; move such code out of forward, or keep "
-            f"that submodule whole: kfx.compile(..., leaf_modules=({leaf},)) (it then runs densely)"
-        ) from exc
+    leaf_modules = tuple(leaf_modules)
+    while True:
+        tracer = _Tracer(leaf_modules, tuple(autowrap_functions))
+        try:
+            gm = fx.GraphModule(model, tracer.trace(model), type(model).__name__)
+            break
+        except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
+            leaf = _registered_leaf(tracer.inside, leaf_modules)
+            if leaf is None:
+                _raise_trace_error(model, tracer, exc)
+            leaf_modules += (leaf,)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         names = ", ".join(n.target for n in placeholders)
@@ -251,6 +254,39 @@ def trace(model: nn.Module, leaf_modules: tuple = (), autowrap_functions: tuple 
         )
     functionalize(gm)
     return gm
+
+
+def _registered_leaf(inside: list[tuple[str, str, type]], leaf_modules: tuple) -> type | None:
+    """The innermost module class, among those being traced when tracing failed, that timm registers
+    as not traceable (``timm.layers.register_notrace_module``: ConvMlp, LiteMLA, ...): kfx then keeps
+    it as one call, as timm's own feature extraction does, and it runs densely. None if there is none
+    (or timm is not in use)."""
+    fx_helpers = sys.modules.get("timm.layers._fx")
+    registered = getattr(fx_helpers, "get_notrace_modules", None)
+    if registered is None:
+        return None
+    classes = set(registered())
+    for _, _, cls in reversed(inside):
+        if cls in classes and cls not in leaf_modules:
+            return cls
+    return None
+
+
+def _raise_trace_error(model: nn.Module, tracer: _Tracer, exc: Exception):
+    if "does not support item assignment" in str(exc):
+        raise TraceError(
+            f"{type(model).__name__}'s forward assigns into a tensor in place (x[...] = v), which torch.fx "
+            "cannot trace; build the new tensor out of place (torch.where, torch.cat) and retry"
+        ) from exc
+    where, leaf = "", "ThatModule"
+    if tracer.inside:
+        path, leaf, _ = tracer.inside[-1]
+        where = f" (in submodule {path!r}, a {leaf})"
+    raise TraceError(
+        f"torch.fx could not trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}. kfx needs a "
+        "model whose forward has no control flow on tensor values; move such code out of forward, or keep "
+        f"that submodule whole: kfx.compile(..., leaf_modules=({leaf},)) (it then runs densely)"
+    ) from exc
 
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:

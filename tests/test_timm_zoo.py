@@ -45,15 +45,24 @@ def test_local_global_context_lifts_every_squeeze_excitation_gate():
     assert local.cost().theoretical_speedup > exact.cost().theoretical_speedup
 
 
-def test_a_module_fx_cannot_trace_runs_densely_as_a_leaf():
+@pytest.mark.parametrize("name", ["resnet50_gn", "convnextv2_atto"])
+def test_local_global_context_lifts_group_norm_and_grn(name):
+    model = build(name)
+    exact = kfx.compile(model, (3, 64, 64), PATCH)
+    local = kfx.compile(model, (3, 64, 64), PATCH, global_context="local")
+    assert "global_context='local'" in exact.dense_nodes[0].reason
+    assert local.dense_nodes == []
+    assert local.cost().theoretical_speedup > exact.cost().theoretical_speedup
+
+
+def test_a_timm_module_fx_cannot_trace_runs_densely_as_a_leaf_with_no_hook():
     from timm.models.vgg import ConvMlp  # `if x.shape[-2] < self.input_size`: control flow on a shape
 
     model = build("vgg11")
-    with pytest.raises(kfx.TraceError, match=r"a ConvMlp\).*leaf_modules=\(ConvMlp,\)"):
-        kfx.compile(model, (3, 32, 32), PATCH)
-    engine = kfx.compile(model, (3, 32, 32), PATCH, batch_size=5, leaf_modules=(ConvMlp,))
+    engine = kfx.compile(model, (3, 32, 32), PATCH, batch_size=5)  # timm registers ConvMlp as not traceable
     assert_matches_full_inference(model, engine, 32)
     assert [d.node for d in engine.dense_nodes] == ["pre_logits"]
+    assert isinstance(engine.compiled.graph_module.get_submodule("pre_logits"), ConvMlp)
 
 
 @pytest.mark.parametrize("name", ["regnetx_002", "mobilenetv3_small_100"])

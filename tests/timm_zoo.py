@@ -15,8 +15,16 @@ TIMM_ZOO = {
     "efficientnet_b0": (64, ("mul",)),
     "rexnet_100": (64, ("mul",)),
     "lcnet_050": (64, ("mul",)),
-    "resnest14d": (64, ("sum_1", "mul", "add")),  # split attention: a 5-D radix sum (not yet incremental)
+    "resnest14d": (64, ("mul", "add")),  # split attention: the radix sum is per position, the gate is not
     "convnext_atto": (64, ()),  # channels-last blocks: permute, LayerNorm over channels, permute back
+    "convnextv2_atto": (64, ("mul", "add_1", "add_2")),  # GRN: its L2 norm is exact, its gate global
+    "resnetblur18": (64, ()),  # BlurPool2d: reflect padding
+    "nf_resnet26": (64, ()),  # ScaledStdConv2d: weight standardisation is a function of the weights
+    "resnetv2_50x1_bit": (64, ("group_norm",)),  # StdConv2d and GroupNorm (global context)
+    "resnet50_gn": (64, ("group_norm",)),
+    "tresnet_m": (64, ("mul", "add")),  # SpaceToDepth stem; squeeze-excitation
+    "vgg11": (64, ("pre_logits",)),  # ConvMlp: timm registers it as not traceable, kept whole
+    "efficientvit_b0": (64, ("stages_2_blocks_1_context_module_main", "add_3")),  # LiteMLA, likewise
 }
 CI_SUBSET = (
     "regnetx_002",
@@ -24,6 +32,7 @@ CI_SUBSET = (
     "ghostnet_100",
     "mobilenetv3_small_100",
     "tf_efficientnet_lite0",
+    "resnetblur18",
 )
 
 
