@@ -178,7 +178,7 @@ class Engine(OcclusionRunner):
             with torch.no_grad():
                 output, activations = self.compiled.base_program(image)
                 prepared = [
-                    kernels.pad_base(act, slot.margins, slot.pad_value)
+                    act if slot.whole else kernels.pad_base(act, slot.margins, slot.pad_value)
                     for act, slot in zip(activations, self.compiled.slots)
                 ]
             self._base_cache = _Base(image.clone(), versions, output, prepared)

@@ -27,16 +27,35 @@ Inception3 speedups ([TR] Fig. 3 and 7a; see kfx.paper_cost and tests/test_cost.
 
 from __future__ import annotations
 
-import enum
 import operator
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from kfx.errors import TraceError
-from kfx.passes.boxes import AxisBoxes, local_axis, merge_axis, resample_axis, transposed_axis
+from kfx.passes.annotation import (
+    CONCAT_RULES,
+    GLOBAL_CONTEXT_MODES,
+    META_KEY,
+    SHAPE_ROLES,
+    AxisBoxes,
+    ClassifyContext,
+    NodePatch,
+    State,
+    broadcasts_over_space,
+    changes_first_arg,
+    channels_first,
+    classify_context,
+    dense,
+    describe,
+    input_axes,
+    is_shape_query,
+    map_spatial,
+    shape_of,
+    spatial_size,
+)
+from kfx.passes.boxes import local_axis, merge_axis, resample_axis, transposed_axis
 from kfx.passes.layout import (
     acting_dims,
     channel_op_kind,
@@ -46,10 +65,8 @@ from kfx.passes.layout import (
     reduction,
     spatial_dims,
 )
-from kfx.passes.local import LocalSpec, local_spec
+from kfx.passes.local import local_spec
 from kfx.passes.ops import (
-    SHAPE_ATTRIBUTES,
-    SHAPE_METHODS,
     group_norm_args,
     is_gate_product,
     is_global_mean,
@@ -58,8 +75,8 @@ from kfx.passes.ops import (
     per_channel_operands,
     static_value,
 )
-from kfx.passes.resample import ResampleSpec, resample_spec
-from kfx.passes.transposed import TransposedSpec, transposed_spec
+from kfx.passes.resample import resample_spec
+from kfx.passes.transposed import transposed_spec
 
 __all__ = [
     "META_KEY",
@@ -73,145 +90,6 @@ __all__ = [
     "spatial_size",
     "input_axes",
 ]
-
-META_KEY = "kfx_patch"
-
-
-class State(enum.Enum):
-    CONST = "const"  # does not depend on the image (weights, shapes of constants)
-    PATCH = "patch"  # differs from the base activation only inside a changed box
-    DENSE = "dense"  # recomputed in full for every position
-
-
-Box = tuple[
-    AxisBoxes, ...
-]  # one per spatial axis: (height, width) for images, (depth, height, width) for volumes
-
-
-@dataclass(frozen=True)
-class NodePatch:
-    """What patch propagation knows about one node."""
-
-    state: State
-    role: (
-        str  # const | input | pointwise | gate | norm | local | resample | merge | channel | mean_delta
-        # | shape | shape_arith | dense
-    )
-    box: Box | None = None  # changed box (PATCH nodes)
-    read: Box | None = None  # read-in window (local and resample nodes)
-    local: LocalSpec | None = None
-    resample: ResampleSpec | None = None
-    transposed: TransposedSpec | None = None
-    spatial: tuple[int, int] | None = None  # the (H, W) dims of a channels-last 2-d map; None: the last ones
-    batch_free: bool = False  # shape roles: the value does not involve the batch size (x.dtype, x.shape[1])
-    reason: str = ""  # dense nodes fed by incremental ones: why the incremental path stops here
-
-
-def spatial_size(node: fx.Node, axes: int = 2) -> tuple[int, ...] | None:
-    """The spatial size of a node whose value is a single-input map [1, C, *S] with ``axes``
-    spatial axes ((H, W) for images, (L,) for signals, (D, H, W) for volumes), else None."""
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    if shape is None or len(shape) != axes + 2 or shape[0] != 1:
-        return None
-    return tuple(int(v) for v in shape[2:])
-
-
-def input_axes(gm: fx.GraphModule) -> int:
-    """How many spatial axes the annotated graph's input has (the length of its changed box)."""
-    return next(len(n.meta[META_KEY].box) for n in gm.graph.nodes if n.op == "placeholder")
-
-
-def _shape(node: fx.Node):
-    meta = node.meta.get("tensor_meta")
-    return tuple(getattr(meta, "shape", ())) if meta is not None and hasattr(meta, "shape") else None
-
-
-def _broadcasts_over_space(node: fx.Node, axes: int) -> bool:
-    """A constant operand that is the same at every spatial position of a [1, C, *S] map (e.g. a
-    [C, 1, 1] scale): kfx.passes.layout's rule, for the usual layout."""
-    shape = _shape(node)
-    return shape is not None and constant_over(shape, tuple(range(2, axes + 2)), axes + 2)
-
-
-def _map_spatial(node: fx.Node, axes: int) -> tuple[int, ...] | None:
-    """The spatial dims of a changed map [1, *channel dims, *S] (or channels-last [1, H, W, C]), in
-    its own layout; None if the node's value is not such a map."""
-    shape = _shape(node)
-    if shape is None or len(shape) < axes + 2 or shape[0] != 1:
-        return None
-    return spatial_dims(node.meta[META_KEY].spatial, len(shape), axes)
-
-
-def _channels_first(node: fx.Node) -> bool:
-    return node.meta[META_KEY].spatial is None
-
-
-def _dense(reason: str = "") -> NodePatch:
-    return NodePatch(State.DENSE, "dense", reason=reason)
-
-
-def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        return f"{type(modules[node.target]).__name__} ({node.target})"
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
-    return f".{node.target}()"
-
-
-def _is_shape_query(node: fx.Node) -> bool:
-    """A question about a tensor's metadata (x.size(), x.shape, x.ndim, x.dtype, ...), never its values."""
-    if node.op == "call_method":
-        return node.target in SHAPE_METHODS
-    return node.op == "call_function" and node.target is getattr and node.args[1] in SHAPE_ATTRIBUTES
-
-
-SHAPE_ROLES = ("shape", "shape_arith")
-
-CONCAT_RULES = ("union", "last")
-GLOBAL_CONTEXT_MODES = ("exact", "local")
-
-
-@dataclass(frozen=True)
-class ClassifyContext:
-    """What a classification rule knows besides the node: the pass's options, and the node's operands
-    sorted by state (the graph is walked in order, so every operand is classified already)."""
-
-    modules: dict[str, nn.Module]
-    tau: float
-    concat: str
-    global_context: str  # one of GLOBAL_CONTEXT_MODES
-    axes: int  # spatial axes of the model's input (and of every map kfx tracks)
-    inputs: list[fx.Node]  # every node this one reads
-    data: list[fx.Node]  # the inputs that are data: values derived from x.size() are metadata
-    states: frozenset[State]  # the states of the data inputs
-    changed: list[fx.Node]  # the data inputs that are PATCH
-    others: list[fx.Node]  # the data inputs that are CONST
-
-
-def _context(
-    node: fx.Node, modules: dict[str, nn.Module], tau: float, concat: str, global_context: str, axes: int
-) -> ClassifyContext:
-    inputs = node.all_input_nodes
-    data = [n for n in inputs if n.meta[META_KEY].role not in SHAPE_ROLES]
-    return ClassifyContext(
-        modules=modules,
-        tau=tau,
-        concat=concat,
-        global_context=global_context,
-        axes=axes,
-        inputs=inputs,
-        data=data,
-        states=frozenset(n.meta[META_KEY].state for n in data),
-        changed=[n for n in data if n.meta[META_KEY].state is State.PATCH],
-        others=[n for n in data if n.meta[META_KEY].state is State.CONST],
-    )
-
-
-def _changes_first_arg(node: fx.Node, ctx: ClassifyContext) -> bool:
-    """The node's first argument is its one changed operand (the map a unary op transforms)."""
-    return len(ctx.changed) == 1 and bool(node.args) and node.args[0] is ctx.changed[0]
-
 
 # -- classification rules: rule(node, ctx) -> NodePatch, or None if the rule does not apply ---------
 
@@ -229,7 +107,7 @@ def shape_arithmetic(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     # A tensor built from constants and batch-free metadata (timm's BlurPool: filt.to(x.dtype),
     # filt.expand(x.shape[1], ...)) is the same for any batch: a constant. One built from the batch
     # size (torch.zeros(x.shape)) has the program's batch: it runs densely.
-    return NodePatch(State.CONST, "const") if free else _dense()
+    return NodePatch(State.CONST, "const") if free else dense()
 
 
 def _drops_the_batch(node: fx.Node) -> bool:
@@ -254,22 +132,22 @@ def gate(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     if not (State.DENSE in ctx.states and len(ctx.changed) == 1 and is_gate_product(node)):
         return None
     source = ctx.changed[0]
-    spatial, rank = _map_spatial(source, ctx.axes), len(_shape(source) or ())
+    spatial, rank = map_spatial(source, ctx.axes), len(shape_of(source) or ())
     if not (
         spatial is not None
-        and _shape(node) == _shape(source)
+        and shape_of(node) == shape_of(source)
         and all(
-            constant_over(_shape(n), spatial, rank)
+            constant_over(shape_of(n), spatial, rank)
             for n in ctx.data
-            if n is not source and _shape(n) is not None
+            if n is not source and shape_of(n) is not None
         )
     ):
         return None
     if ctx.global_context == "local":
         meta = source.meta[META_KEY]
         return NodePatch(State.PATCH, "gate", box=meta.box, spatial=meta.spatial)
-    return _dense(
-        f"{_describe(node, ctx.modules)} applies a gate computed from global context (squeeze-excitation "
+    return dense(
+        f"{describe(node, ctx.modules)} applies a gate computed from global context (squeeze-excitation "
         "or kin), which changes every cell; global_context='local' would keep it incremental (approximate)"
     )
 
@@ -280,10 +158,10 @@ def downstream_of_dense(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None
     if State.DENSE not in ctx.states:
         return None
     if State.PATCH in ctx.states:
-        return _dense(
-            f"{_describe(node, ctx.modules)} combines a densely computed value with an incremental one"
+        return dense(
+            f"{describe(node, ctx.modules)} combines a densely computed value with an incremental one"
         )
-    return _dense()
+    return dense()
 
 
 def constant(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
@@ -293,7 +171,7 @@ def constant(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
 
 def shape_query(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """x.size(), x.shape, x.dim() of a changed value: answered from the full shape, no projection."""
-    if not _is_shape_query(node):
+    if not is_shape_query(node):
         return None
     return NodePatch(State.DENSE, "shape", batch_free=_query_is_batch_free(node))
 
@@ -313,16 +191,16 @@ def channel_op(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """A reshape/transpose/chunk/split that moves channels only (channel shuffle, branch splits), a
     getitem picking one of its pieces, or a permute keeping the batch first (to channels-last and
     back, §2.9): the spatial box is unchanged, though a permute moves the dims that hold it."""
-    if not _changes_first_arg(node, ctx):
+    if not changes_first_arg(node, ctx):
         return None
     source = ctx.changed[0]
-    meta, shape = source.meta[META_KEY], _shape(source)
+    meta, shape = source.meta[META_KEY], shape_of(source)
     if ctx.axes == 2 and shape is not None and len(shape) >= 4 and shape[0] == 1:
         moved = permuted_spatial(node, meta.spatial, len(shape))
         if moved is not False:
             return NodePatch(State.PATCH, "channel", box=meta.box, spatial=moved)
     piece_of_split = meta.role == "channel" and shape is None
-    kind = channel_op_kind(node, shape, _shape(node), piece_of_split, ctx.axes)
+    kind = channel_op_kind(node, shape, shape_of(node), piece_of_split, ctx.axes)
     if meta.spatial is None and kind is not None:
         return NodePatch(State.PATCH, "channel", box=meta.box)
     return None
@@ -333,16 +211,16 @@ def global_mean(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     box)) / (H * W) is exact and needs no projection (docs/design.md §2.6). The L2 norm over every
     spatial dim (ConvNeXt-V2's GRN) likewise: norm_new^2 = norm_base^2 + sum(new^2 - old^2) over the
     box; both in either layout."""
-    if not _changes_first_arg(node, ctx):
+    if not changes_first_arg(node, ctx):
         return None
     source = ctx.changed[0]
     if (
-        _channels_first(source)
+        channels_first(source)
         and spatial_size(source, ctx.axes) is not None  # every dim after the channels is spatial
         and is_global_mean(node, ctx.modules)
     ):
         return NodePatch(State.DENSE, "mean_delta")
-    found, spatial = reduction(node), _map_spatial(source, ctx.axes)
+    found, spatial = reduction(node), map_spatial(source, ctx.axes)
     if found is not None and spatial is not None and found[0] in ("mean", "norm") and found[1] == spatial:
         return NodePatch(State.DENSE, "mean_delta")
     return None
@@ -352,12 +230,12 @@ def channel_reduction(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """A sum, mean, max or min over channel dims (ResNeSt's radix sum, CBAM's channel pooling), or a
     softmax across them: each spatial position alone, so the box stays put. A reduction that drops
     dims must leave a [1, C, *S] map in the usual layout."""
-    found = reduction(node) if _changes_first_arg(node, ctx) else None
+    found = reduction(node) if changes_first_arg(node, ctx) else None
     source = ctx.changed[0] if found else None
-    spatial = _map_spatial(source, ctx.axes) if found else None
+    spatial = map_spatial(source, ctx.axes) if found else None
     if spatial is None or found[0] == "norm" or set(found[1]) & {0, *spatial}:
         return None
-    meta, out = source.meta[META_KEY], _shape(node)
+    meta, out = source.meta[META_KEY], shape_of(node)
     if not found[2] and (meta.spatial is not None or out is None or len(out) < ctx.axes + 2):
         return None
     return NodePatch(State.PATCH, "pointwise", box=meta.box, spatial=meta.spatial)
@@ -369,16 +247,16 @@ def normalization(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     lift it. ``global_context="local"``: each position's statistics are computed exactly (from the
     base's and the box's change) and applied inside the box only (approximate, §4.4)."""
     if not (
-        _changes_first_arg(node, ctx)
-        and _channels_first(ctx.changed[0])
+        changes_first_arg(node, ctx)
+        and channels_first(ctx.changed[0])
         and spatial_size(ctx.changed[0], ctx.axes) is not None
         and group_norm_args(node, ctx.modules) is not None
     ):
         return None
     if ctx.global_context == "local":
         return NodePatch(State.PATCH, "norm", box=ctx.changed[0].meta[META_KEY].box)
-    return _dense(
-        f"{_describe(node, ctx.modules)} normalises with statistics of the whole map (global context), "
+    return dense(
+        f"{describe(node, ctx.modules)} normalises with statistics of the whole map (global context), "
         "which changes every cell: the change is projected to full here and the rest runs densely "
         "(exact); global_context='local' would keep it incremental (approximate)"
     )
@@ -391,20 +269,20 @@ def same_box_merge(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     if not ctx.changed or not is_merge(node):
         return None
     first = ctx.changed[0].meta[META_KEY]
-    out, spatial = _shape(node), _map_spatial(ctx.changed[0], ctx.axes)
+    out, spatial = shape_of(node), map_spatial(ctx.changed[0], ctx.axes)
     if (
         spatial is None
         or out is None
         or any(
             n.meta[META_KEY].box != first.box
             or n.meta[META_KEY].spatial != first.spatial
-            or len(_shape(n) or ()) != len(out)
-            or any(_shape(n)[d] != out[d] for d in spatial)
+            or len(shape_of(n) or ()) != len(out)
+            or any(shape_of(n)[d] != out[d] for d in spatial)
             for n in ctx.changed
         )
     ):
         return None
-    if all(constant_over(_shape(n), spatial, len(out)) for n in ctx.others if _shape(n) is not None):
+    if all(constant_over(shape_of(n), spatial, len(out)) for n in ctx.others if shape_of(n) is not None):
         return NodePatch(State.PATCH, "pointwise", box=first.box, spatial=first.spatial)
     return None
 
@@ -417,7 +295,7 @@ def pointwise(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     if len(ctx.changed) != 1:
         return None
     source = ctx.changed[0]
-    meta, src, out = source.meta[META_KEY], _shape(source), _shape(node)
+    meta, src, out = source.meta[META_KEY], shape_of(source), shape_of(node)
     if src is None or out is None or len(src) != len(out) or len(src) < 3:
         return None
     rank = len(src)
@@ -433,7 +311,9 @@ def pointwise(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     else:
         return None
     if all(
-        constant_over(_shape(n), spatial, rank) or n in allowed for n in ctx.others if _shape(n) is not None
+        constant_over(shape_of(n), spatial, rank) or n in allowed
+        for n in ctx.others
+        if shape_of(n) is not None
     ):
         return NodePatch(State.PATCH, "pointwise", box=meta.box, spatial=meta.spatial)
     return None
@@ -442,10 +322,10 @@ def pointwise(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
 def channels_last(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """Any other op of a channels-last map (its spatial dims permuted away from the end) runs
     densely: the rules below assume [1, C, H, W]."""
-    if all(_channels_first(n) for n in ctx.changed):
+    if all(channels_first(n) for n in ctx.changed):
         return None
-    return _dense(
-        f"{_describe(node, ctx.modules)} reads a channels-last map; there kfx runs only per-position ops "
+    return dense(
+        f"{describe(node, ctx.modules)} reads a channels-last map; there kfx runs only per-position ops "
         "(activations, LayerNorm and Linear over channels) and permutes back"
     )
 
@@ -455,15 +335,15 @@ def global_context(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     needs its whole input: the change is projected to full here. Later rules may assume a map."""
     if spatial_size(node, ctx.axes) is not None:
         return None
-    return _dense(
-        f"{_describe(node, ctx.modules)} is global context (its output is not a [1, C, *spatial] map)"
+    return dense(
+        f"{describe(node, ctx.modules)} is global context (its output is not a [1, C, *spatial] map)"
     )
 
 
 def local(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """A conv, pool or constant pad of the changed map: its box and read-in window along each axis
     ([TR] Eqs. 13-16, docs/design.md §2.3), conv and pool boxes capped at tau (§4.1)."""
-    if not _changes_first_arg(node, ctx):
+    if not changes_first_arg(node, ctx):
         return None
     source = ctx.changed[0]
     spec = local_spec(node, ctx.modules, spatial_size(source, ctx.axes))
@@ -479,7 +359,7 @@ def local(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
 def resample(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """Nearest/bilinear/bicubic interpolation of the changed map (F.interpolate, nn.Upsample): a fixed
     matrix per axis, read off the op; its nonzero pattern gives the box and read-in window (§2.8)."""
-    if not _changes_first_arg(node, ctx):
+    if not changes_first_arg(node, ctx):
         return None
     source = ctx.changed[0]
     in_hw, out_hw = spatial_size(source, ctx.axes), spatial_size(node, ctx.axes)
@@ -495,7 +375,7 @@ def resample(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
 def transposed(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """A transposed conv of the changed map: the outputs the changed inputs reach, recomputed from a
     window of inputs (docs/design.md §2.10)."""
-    if not _changes_first_arg(node, ctx):
+    if not changes_first_arg(node, ctx):
         return None
     spec = transposed_spec(node, ctx.modules)
     source = ctx.changed[0]
@@ -517,12 +397,12 @@ def merge(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     if not is_merge(node):
         return None
     size = spatial_size(node, ctx.axes)
-    tensors = [n for n in ctx.inputs if _shape(n) is not None]
+    tensors = [n for n in ctx.inputs if shape_of(n) is not None]
     if not all(
-        spatial_size(n, ctx.axes) == size or (n in ctx.others and _broadcasts_over_space(n, ctx.axes))
+        spatial_size(n, ctx.axes) == size or (n in ctx.others and broadcasts_over_space(n, ctx.axes))
         for n in tensors
     ):
-        return _dense(f"{_describe(node, ctx.modules)} mixes tensors of different spatial sizes")
+        return dense(f"{describe(node, ctx.modules)} mixes tensors of different spatial sizes")
     boxes = [n.meta[META_KEY].box for n in ctx.changed]
     if ctx.concat == "last" and node.target is torch.cat:
         boxes = boxes[-1:]
@@ -533,8 +413,8 @@ def merge(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
 def unknown_op(node: fx.Node, ctx: ClassifyContext) -> NodePatch:
     """The last rule, matching every node: an op kfx does not run incrementally runs densely from
     here on, which is exact, and the node is reported. Nothing unknown runs incrementally."""
-    return _dense(
-        f"{_describe(node, ctx.modules)} is global context or an op kfx does not run incrementally: the "
+    return dense(
+        f"{describe(node, ctx.modules)} is global context or an op kfx does not run incrementally: the "
         "change is projected to full here and the rest runs densely (exact)"
     )
 
@@ -584,10 +464,10 @@ def propagate_patches(
             node.meta[META_KEY] = NodePatch(State.CONST, "const")
         else:
             try:
-                context = _context(node, modules, tau, concat, global_context, axes)
+                context = classify_context(node, modules, tau, concat, global_context, axes)
                 node.meta[META_KEY] = _classify(node, context)
                 if force_dense and node.name in force_dense and node.meta[META_KEY].state is State.PATCH:
-                    node.meta[META_KEY] = _dense(force_dense[node.name])
+                    node.meta[META_KEY] = dense(force_dense[node.name])
             except Exception as exc:  # name the node, as torch.fx's own passes do
                 raise TraceError(
                     f"kfx cannot analyse node {node.format_node()} ({type(exc).__name__}: {exc}); please report "

@@ -66,6 +66,7 @@ class BaseSlot:
     source: str
     margins: tuple[int, ...]
     pad_value: float
+    whole: bool = False  # a constant computed from the weights (not a map): read as it is, no batch dim
 
 
 @dataclass
@@ -239,6 +240,20 @@ def shape_arith_copy(node: fx.Node) -> Step | None:
     return Step((), lambda ctx: ctx.graph.node_copy(node, ctx.env.__getitem__))
 
 
+def hoisted_constant(node: fx.Node) -> Step | None:
+    """A constant computed from the weights (StdConv's standardised weight, a reshaped layer scale)
+    that a non-constant node reads: computed once per image by the base program, with the base
+    activations, not once per batch. Recomputed whenever the base is (new image or new weights)."""
+    meta = _meta(node)
+    if meta.state is not State.CONST or node.op not in ("call_function", "call_method", "call_module"):
+        return None
+    if not hasattr(node.meta.get("tensor_meta"), "shape") or all(
+        _meta(user).state is State.CONST for user in node.users
+    ):
+        return None
+    return Step((BaseSlot(node.name, (), 0.0, whole=True),), lambda ctx, value: value)
+
+
 def dense_copy(node: fx.Node) -> Step | None:
     """A constant or dense node: the original op, on full values (an incremental operand is
     projected to full first, so the node reads its base activation)."""
@@ -381,7 +396,10 @@ def build_program(gm: fx.GraphModule, patch, channels: int, dtype, device, backe
     for node, step in steps:
         ctx.env[node] = step.emit(ctx, *(ctx.bases[slot] for slot in step.reads))
     ctx.graph.lint()
-    return Program(fx.GraphModule(gm, ctx.graph, class_name="IncrementalProgram"), list(ctx.bases))
+    module = fx.GraphModule(gm, ctx.graph, class_name="IncrementalProgram")
+    module.graph.eliminate_dead_code()  # e.g. the weight arithmetic behind a constant the base computes
+    module.recompile()
+    return Program(module, list(ctx.bases))
 
 
 def build_base_program(gm: fx.GraphModule, sources: Sequence[str]) -> fx.GraphModule:
@@ -406,6 +424,7 @@ STEP_RULES: tuple[Callable[[fx.Node], Step | None], ...] = (
     shape_step,
     mean_delta_step,
     shape_arith_copy,
+    hoisted_constant,
     dense_copy,
     channel_getitem,
     channel_step,

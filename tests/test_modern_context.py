@@ -210,6 +210,18 @@ def test_weight_standardised_convs_are_exact_and_cost_what_a_plain_conv_costs():
         assert ceiling(model) == pytest.approx(ceiling(seeded(Classifier(nn.Conv2d(4, 4, 3, padding=1)))))
 
 
+def test_weight_standardisation_runs_once_per_image_and_follows_new_weights():
+    timm_layers = pytest.importorskip("timm.layers", reason="the timm zoo needs timm: pip install 'kfx[dev]'")
+    model = seeded(Classifier(timm_layers.StdConv2d(4, 4, 3, padding=1)))
+    engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
+    standardising = [n for n in engine.program.graph.nodes if n.target is F.batch_norm]
+    assert standardising == []  # computed by the base program, with the base activations
+    assert_exact(model, engine)
+    with torch.no_grad():
+        model.body.weight.mul_(-1.5).add_(0.3)  # new weights: the standardised ones must follow
+    assert_exact(model, engine)
+
+
 class BranchesOnShape(nn.Module):
     """Control flow on a shape, which torch.fx cannot trace (timm's ConvMlp has the like)."""
 
@@ -236,21 +248,9 @@ def test_a_module_timm_registers_as_not_traceable_is_kept_whole_without_a_hook()
 # -- GroupNorm, InstanceNorm and GRN: global context in both modes ------------------------------
 
 
-class Normalised(nn.Module):
-    """stem conv -> norm -> tail: the norm's statistics span the whole map."""
-
-    def __init__(self, norm: nn.Module, width: int = 4):
-        super().__init__()
-        self.stem = nn.Conv2d(3, width, 3, padding=1)
-        self.norm = norm
-        self.conv = nn.Conv2d(width, width, 3, padding=1)
-        self.head = nn.Linear(width, 5)
-
-    def tail(self, x):
-        return self.head(self.conv(x).mean((2, 3)))
-
-    def forward(self, x):
-        return self.tail(self.norm(self.stem(x)))
+def tail(model: Classifier, x: torch.Tensor) -> torch.Tensor:
+    """What the classifier does after its body."""
+    return model.head(model.conv(x).mean((2, 3)))
 
 
 class FunctionalGroupNorm(nn.GroupNorm):
@@ -291,25 +291,25 @@ def norms() -> dict:
 NORMS = norms()
 
 
-def local_oracle(model: Normalised, picture: torch.Tensor, positions, patch: kfx.Patch):
+def local_oracle(model: Classifier, picture: torch.Tensor, positions, patch: kfx.Patch):
     """The local mode replayed by hand: the norm of each occluded image computed exactly, kept inside
     the stem's changed box (the patch grown by one pixel, one width everywhere, shifted inside at the
     borders); outside it, the unoccluded image's normalised map."""
     with torch.no_grad():
-        base = model.norm(model.stem(picture[None]))
+        base = model.body(model.stem(picture[None]))
         x = model.stem(kfx.occlude(picture.clone(), positions, patch))
         out = base.expand_as(x).clone()
         (h, w), size = patch.size, picture.shape[1:]
         for i, (y, x0) in enumerate(positions.tolist()):
             top, left = min(max(0, y - 1), size[0] - h - 2), min(max(0, x0 - 1), size[1] - w - 2)
             rows, cols = slice(top, top + h + 2), slice(left, left + w + 2)
-            out[i, :, rows, cols] = model.norm(x[i : i + 1])[0, :, rows, cols]
-        return model.tail(out)
+            out[i, :, rows, cols] = model.body(x[i : i + 1])[0, :, rows, cols]
+        return tail(model, out)
 
 
 @pytest.mark.parametrize("name", NORMS)
 def test_global_norms_are_exact_and_dense_by_default_and_name_the_local_mode(name):
-    model = seeded(Normalised(NORMS[name]()))
+    model = seeded(Classifier(NORMS[name]()))
     engine = kfx.compile(model, SHAPE, PATCH, batch_size=3)
     assert_exact(model, engine)
     assert engine.dense_nodes and "global_context='local'" in engine.dense_nodes[0].reason
@@ -317,7 +317,7 @@ def test_global_norms_are_exact_and_dense_by_default_and_name_the_local_mode(nam
 
 @pytest.mark.parametrize("name", NORMS)
 def test_local_mode_normalises_inside_the_changed_box_only(name):
-    model = seeded(Normalised(NORMS[name]()))
+    model = seeded(Classifier(NORMS[name]()))
     engine = kfx.compile(model, SHAPE, PATCH, batch_size=3, global_context="local")
     assert engine.dense_nodes == []
     picture = image()
@@ -327,13 +327,13 @@ def test_local_mode_normalises_inside_the_changed_box_only(name):
         exact = model(kfx.occlude(picture.clone(), POSITIONS, PATCH))
     assert (local - exact).abs().max() > 1e-6  # the statistics change everywhere: an approximation
     assert engine(picture).approximate
-    without = seeded(Normalised(nn.Identity()))
+    without = seeded(Classifier(nn.Identity()))
     assert engine.cost().theoretical_speedup >= 0.9 * ceiling(without)
 
 
 def test_local_group_norm_keeps_float32_digits():
     """Statistics are summed about the base's group mean: float32 agrees with the float64 oracle."""
-    model = seeded(Normalised(nn.GroupNorm(2, 4)))
+    model = seeded(Classifier(nn.GroupNorm(2, 4)))
     with torch.no_grad():
         model.stem.bias.add_(100.0)  # a large mean, the case naive sums of squares lose
     picture = image()

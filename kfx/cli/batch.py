@@ -6,14 +6,13 @@ import argparse
 import sys
 
 from kfx.cli.common import DEFAULT_PATCH, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, UsageError
-from kfx.cli.options import _fill, _int_pair, _positive_int, _tau
+from kfx.cli.options import _drill_down, _fill, _int_pair, _positive_int, _tau
 from kfx.errors import PatchError
 
 LOCAL_RAY = "local"  # --ray without an address: start a Ray on this machine
 
 
 def add_batch(subparsers) -> None:
-    from kfx.cli.parser import _drill_down  # here: kfx.cli.parser imports this module
     from kfx.dataset import PART_ROWS
 
     parser = subparsers.add_parser(

@@ -18,57 +18,9 @@ from kfx.cli.common import (
 )
 from kfx.cli.demo import _demo
 from kfx.cli.explain import _explain
-from kfx.cli.options import _fill, _finite_float, _int_axes, _positive_int, _tau
+from kfx.cli.options import _drill_down, _fill, _int_axes, _positive_int, _tau
 from kfx.cli.report import add_report
 from kfx.neuromask import DEFAULT_STEPS
-
-_DRILL_DOWN_KEYS = {
-    "rule": ("rule", str),
-    "queries": ("queries", int),
-    "speedup": ("target_speedup", float),
-    "ssim": ("target_ssim", float),
-    "fraction": ("fraction", float),
-    "stage1": ("stage1_stride", float),
-}
-
-
-def _drill_down(text: str) -> dict:
-    """kfx.DrillDown's keyword arguments from ``SPEEDUP`` (the adaptive rule, e.g. ``3``),
-    ``FRACTION:SPEEDUP`` (the two-stage "lowest" rule, e.g. ``0.25:3``) or ``KEY=VALUE,...`` with
-    keys rule, queries, speedup, ssim, fraction, stage1 (e.g. ``ssim=0.9`` or ``rule=paper,speedup=3``).
-    kfx.DrillDown checks the values together."""
-    if "=" in text:
-        return dict(_drill_down_pair(part) for part in text.split(","))
-    fraction_text, colon, speedup_text = text.partition(":")
-    if not colon:
-        speedup = _finite_float(text)
-        if speedup < 1.0:
-            raise argparse.ArgumentTypeError(
-                f"a single number is the adaptive rule's SPEEDUP (at least 1), got {speedup}; "
-                "the two-stage rule takes FRACTION:SPEEDUP (e.g. 0.25:3)"
-            )
-        return {"target_speedup": speedup}
-    fraction, speedup = _finite_float(fraction_text), _finite_float(speedup_text)
-    if not 0.0 < fraction <= 1.0:
-        raise argparse.ArgumentTypeError(f"FRACTION must be in (0, 1], got {fraction}")
-    if speedup <= 0.0:
-        raise argparse.ArgumentTypeError(f"SPEEDUP must be positive, got {speedup}")
-    return {"rule": "lowest", "fraction": fraction, "target_speedup": speedup}
-
-
-def _drill_down_pair(text: str) -> tuple[str, object]:
-    key, _, value = (part.strip() for part in text.partition("="))
-    if key not in _DRILL_DOWN_KEYS:
-        raise argparse.ArgumentTypeError(
-            f"unknown drill-down setting {key!r}; use {', '.join(_DRILL_DOWN_KEYS)} (e.g. ssim=0.9)"
-        )
-    name, kind = _DRILL_DOWN_KEYS[key]
-    if kind is str:
-        return name, value
-    if kind is int:
-        return name, _positive_int(value)
-    return name, _finite_float(value)
-
 
 # -- the parser ------------------------------------------------------------------------------------
 
