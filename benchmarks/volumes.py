@@ -27,14 +27,26 @@ stride 50 (96 windows, the whole grid): kfx vs batched full inference vs ``captu
 Each time is the best of --repeats runs. Results: JSON and Markdown in benchmarks/results/ with the
 machine, torch, threads, commit and command. Never run by the tests.
 
+Two more measurements, run alone when asked for (results in <tag>_tau and <tag>_memory):
+
+  --tau     each model with its last layer fitted as a linear probe on synthetic volumes (a bright or
+            a dark ball: a map that means something), tau tuned with kfx.tune (SSIM >= 0.9 against
+            the exact map), then whole maps at overlap 0.6 on held-out volumes: kfx exact and kfx at
+            that tau (their SSIM), vs MONAI's OcclusionSensitivity timed on a b_box subset of its
+            windows and scaled by the window count (one time each: single runs, not best-of).
+  --memory  peak RSS growth (VmHWM) of one kfx.monai.OcclusionSensitivity call (exact) vs one of
+            MONAI's at the same n_batch, each in a fresh process.
+
     python benchmarks/volumes.py                                   # everything (long on 2 cores)
     python benchmarks/volumes.py --sides 64 --overlaps 0.6 --positions 8 --repeats 1 --tag volumes_quick
+    python benchmarks/volumes.py --tau --memory --memory-configs 64:16 128:4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -219,6 +231,303 @@ def run_signal(args) -> dict:
     }
 
 
+# -- --tau: a small trained model, kfx.tune, then kfx at the tuned tau vs MONAI ---------------------
+N_BATCH = 16  # MONAI's default n_batch; kfx's batch size in these comparisons too
+OVERLAP = 0.6  # MONAI's default: windows every int(16 * 0.4) = 6 voxels, 9 per axis at 64^3
+
+
+def blob_volume(side: int, bright: bool, generator: torch.Generator) -> torch.Tensor:
+    """[1, D, H, W]: smooth noise plus a ball, bright (+1) or dark (-1), somewhere; the class is its
+    sign. Sizes are relative, so any side draws the same scene. (Not "which half": a network that
+    ends in global pooling can tell that only from its padding.)"""
+    noise = torch.randn(1, 1, 4, 4, 4, generator=generator)
+    smooth = 0.2 * torch.nn.functional.interpolate(noise, size=(side,) * 3, mode="trilinear")[0]
+    u = torch.rand(4, generator=generator)
+    centre, radius = 1.2 * u[:3] - 0.6, 0.2 + 0.2 * u[3]
+    axis = torch.linspace(-1, 1, side)
+    z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
+    ball = ((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 < radius**2).float()
+    return smooth + (1 if bright else -1) * ball[None]
+
+
+def blob_batch(side: int, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` volumes [N, 1, D, H, W], alternating classes, and their labels."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 2
+    return torch.stack([blob_volume(side, bool(label), generator) for label in labels]), labels
+
+
+def trained_network(name: str, args) -> tuple[torch.nn.Module, float, float]:
+    """``network(name, 3)`` with its last linear layer fitted (logistic regression, L-BFGS) on the
+    pooled features of --train-volumes blob volumes of --side voxels; the convolutions keep their
+    random weights. A linear probe, not end-to-end training: on 2 shared cores a few SGD steps of a
+    3-D ResNet18 take minutes and did not learn the task. Returns the model, its accuracy on 16
+    held-out volumes and the seconds taken."""
+    model = network(name, 3)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    started = time.perf_counter()
+    x, y = blob_batch(args.side, args.train_volumes, seed=1000)
+    features = pooled_features(model, head, x)
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    weight, bias = logistic_regression((features - mean) / std, y, classes=head.out_features)
+    with torch.no_grad():  # standardisation folded into the layer
+        head.weight.copy_(weight / std)
+        head.bias.copy_(bias - (weight * mean / std).sum(1))
+    train_s = time.perf_counter() - started
+    x, y = blob_batch(args.side, 16, seed=99)
+    with torch.no_grad():
+        accuracy = (torch.cat([model(part).argmax(1) for part in x.split(8)]) == y).float().mean().item()
+    return model, accuracy, train_s
+
+
+def pooled_features(model, head, x) -> torch.Tensor:
+    """What ``head`` (the last linear layer) sees for each volume of ``x``."""
+    features = []
+    hook = head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
+    try:
+        with torch.no_grad():
+            for part in x.split(8):
+                model(part)
+    finally:
+        hook.remove()
+    return torch.cat(features)
+
+
+def logistic_regression(z, y, classes: int, decay: float = 1e-2):
+    weight = torch.zeros(classes, z.shape[1], requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weight, bias], max_iter=200)
+
+    def loss():
+        optimiser.zero_grad()
+        value = torch.nn.functional.cross_entropy(z @ weight.T + bias, y) + decay * weight.square().sum()
+        value.backward()
+        return value
+
+    optimiser.step(loss)
+    return weight.detach(), bias.detach()
+
+
+def monai_seconds_per_window(model, x, windows_wanted: int) -> tuple[float, int]:
+    """MONAI's OcclusionSensitivity (mode 0.0, N_BATCH, OVERLAP) on a b_box holding at least
+    ``windows_wanted`` windows: seconds per window and the window count (counted by a forward hook,
+    one row per occluded copy). MONAI's cost is one full forward pass per window, wherever it is."""
+    from monai.visualize import OcclusionSensitivity
+
+    rows = []
+    hook = model.register_forward_hook(lambda module, inputs, output: rows.append(len(output)))
+    try:
+        occlusion = OcclusionSensitivity(
+            model, mask_size=MASK, n_batch=N_BATCH, overlap=OVERLAP, mode=0.0, verbose=False
+        )
+        b_box = monai_b_box(x.shape[-1], windows_wanted)
+        started = time.perf_counter()
+        with torch.no_grad():
+            occlusion(x[None], b_box=b_box)
+        seconds = time.perf_counter() - started
+    finally:
+        hook.remove()
+    return seconds / sum(rows), sum(rows)
+
+
+def monai_b_box(side: int, windows_wanted: int) -> list[int]:
+    """The smallest cube b_box [0, h] per axis (h >= 9, so that the mask is not clipped) whose MONAI grid holds at least ``windows_wanted``
+    windows (kfx.monai's copy of MONAI's crop and placement, checked against MONAI by its tests)."""
+    from kfx.monai import _axis_starts, _crop
+
+    for high in range(side):
+        crop = _crop([0, high] * 3, (side,) * 3, (MASK,) * 3)
+        if crop.mask != (MASK,) * 3:
+            continue  # a region under the mask: MONAI would shrink the mask
+        count = math.prod(len(_axis_starts(stop - start, MASK, OVERLAP)) for start, stop in crop.region)
+        if count >= windows_wanted:
+            return [0, high] * 3
+    return [-1, -1] * 3
+
+
+def timed_map(engine, x) -> tuple[kfx.Heatmap, float]:
+    """A whole map as a first call computes it (the base inference included), and its seconds."""
+    engine._base_cache = None
+    started = time.perf_counter()
+    heatmap = engine(x, batch_size=N_BATCH)
+    return heatmap, time.perf_counter() - started
+
+
+def run_tau(name: str, args) -> dict:
+    """Train, tune tau on --tune-samples volumes, then on each of --held-out other volumes: the
+    exact map and the tuned map (SSIM between them), timed; MONAI timed on a subset of its windows
+    on the first held-out volume and scaled by its window count."""
+    model, accuracy, train_s = trained_network(name, args)
+    shape = (1, args.side, args.side, args.side)
+    samples, _ = blob_batch(args.side, args.tune_samples, seed=7)
+    tune_patch = kfx.Patch(MASK, stride=args.tune_stride)
+    started = time.perf_counter()
+    tuned = kfx.tune(model, shape, tune_patch, list(samples), 0.9, taus=args.taus, batch_size=N_BATCH)
+    tune_s = time.perf_counter() - started
+    tau = tuned.tau
+    stride = max(1, int(MASK * (1 - OVERLAP)))  # = MONAI's window starts when (side - 16) % 6 == 0
+    patch = kfx.Patch(MASK, stride=stride)
+    exact = kfx.compile(model, shape, patch, batch_size=N_BATCH)
+    fast = kfx.compile(model, shape, patch, batch_size=N_BATCH, tau=tau)
+    volumes, _ = blob_batch(args.side, args.held_out, seed=11)
+    per_volume = []
+    for volume_ in volumes:
+        exact_map, exact_s = timed_map(exact, volume_)
+        fast_map, fast_s = timed_map(fast, volume_)
+        ssim = kfx.heatmap_ssim(exact_map, fast_map)
+        per_volume.append({"exact_s": round(exact_s, 1), "tau_s": round(fast_s, 1), "ssim": round(ssim, 4)})
+        print(f"  {name} held-out: {per_volume[-1]}", flush=True)
+    windows = exact_map.values.numel()
+    monai_per_window, monai_windows = monai_seconds_per_window(model, volumes[0], args.monai_windows)
+    monai_s = monai_per_window * windows
+    result = {
+        "model": name,
+        "side": args.side,
+        "overlap": OVERLAP,
+        "stride": stride,
+        "n_batch": N_BATCH,
+        "windows": windows,
+        "probe": {"volumes": args.train_volumes, "seconds": round(train_s, 1), "held_out_accuracy": accuracy},
+        "tune": {
+            "samples": args.tune_samples,
+            "stride": args.tune_stride,
+            "taus": list(args.taus),
+            "seconds": round(tune_s, 1),
+            "lower_ssim": [round(v, 4) for v in tuned.tuning.lower],
+            "mean_ssim": [round(v, 4) for v in tuned.tuning.mean],
+        },
+        "tau": tau,
+        "ceiling_exact": round(exact.cost().theoretical_speedup, 2),
+        "ceiling_tau": round(fast.cost().theoretical_speedup, 2),
+        "held_out": per_volume,
+        "min_held_out_ssim": min(v["ssim"] for v in per_volume),
+        "monai_timed_windows": monai_windows,
+        "monai_s_estimated": round(monai_s, 1),
+        "kfx_exact_s": per_volume[0]["exact_s"],
+        "kfx_tau_s": per_volume[0]["tau_s"],
+    }
+    result["tau_speedup_vs_monai"] = round(monai_s / result["kfx_tau_s"], 2)
+    result["exact_speedup_vs_monai"] = round(monai_s / result["kfx_exact_s"], 2)
+    result["goal_5x_met"] = result["tau_speedup_vs_monai"] >= 5 and result["min_held_out_ssim"] >= 0.9
+    print(json.dumps(result), flush=True)
+    return result
+
+
+# -- --memory: peak resident memory of one occlusion call, kfx exact vs MONAI, fresh processes -------
+def memory_child(name: str, side: int, method: str, n_batch: int, windows_wanted: int, threads: int, queue):
+    try:
+        queue.put(measure_memory(name, side, method, n_batch, windows_wanted, threads))
+    except BaseException as exc:  # report, so the parent never waits forever on a dead child
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def measure_memory(
+    name: str, side: int, method: str, n_batch: int, windows_wanted: int, threads: int
+) -> dict:
+    """Peak RSS growth (MiB) of one call of kfx.monai.OcclusionSensitivity (exact, batch_size =
+    n_batch) or MONAI's, mode 0.0, on a b_box holding >= windows_wanted windows. A first call on a
+    one-window b_box warms both up (kfx compiles its engine there, and its cached base activations
+    are then dropped so the measured call computes them again, as a first call would); freed heap
+    is returned to the system (malloc_trim) before the baseline is read."""
+    import ctypes
+    import warnings
+
+    from compare import _reset_peak_rss, _rss_mib
+    from monai.visualize import OcclusionSensitivity as MonaiOcclusion
+
+    import kfx.monai
+
+    warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
+    torch.set_num_threads(threads)
+    model = network(name, 3)
+    x = volume(side)[None]
+    options = dict(mask_size=MASK, n_batch=n_batch, overlap=OVERLAP, mode=0.0, verbose=False)
+    if method == "kfx":
+        occlusion = kfx.monai.OcclusionSensitivity(model, batch_size=n_batch, **options)
+    else:
+        occlusion = MonaiOcclusion(model, **options)
+    with torch.no_grad():
+        occlusion(x, b_box=monai_b_box(side, 1))
+    for engine in getattr(occlusion, "_engines", {}).values():
+        engine._base_cache = None
+    process_peak = _rss_mib("VmHWM")
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    sampler = RssSampler()
+    _reset_peak_rss()
+    before = _rss_mib()
+    b_box = monai_b_box(side, windows_wanted)
+    started = time.perf_counter()
+    with sampler, torch.no_grad():
+        occlusion(x, b_box=b_box)
+    seconds = time.perf_counter() - started
+    if method == "kfx" and occlusion.last_fallback_reason is not None:
+        raise RuntimeError(f"kfx fell back to MONAI: {occlusion.last_fallback_reason}")
+    return {
+        "model": name,
+        "side": side,
+        "method": method,
+        "n_batch": n_batch,
+        "b_box": b_box,
+        "baseline_rss_mib": round(before, 1),
+        "peak_growth_mib": round(_rss_mib("VmHWM") - before, 1),
+        "sampled_peak_growth_mib": round(sampler.peak - before, 1),
+        "process_peak_before_call_mib": round(process_peak, 1),
+        "call_s": round(seconds, 1),
+    }
+
+
+class RssSampler:
+    """A thread reading this process's RSS (/proc/self/statm) every millisecond while active: a
+    cross-check of the kernel's high-water mark VmHWM, blind to peaks shorter than a sample."""
+
+    def __init__(self, interval: float = 0.001):
+        import os
+        import threading
+
+        self.interval, self.peak = interval, 0.0
+        self._page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        with open("/proc/self/statm") as statm:
+            while not self._stop.is_set():
+                statm.seek(0)
+                self.peak = max(self.peak, int(statm.read().split()[1]) * self._page_mib)
+                self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_memory(name: str, side: int, n_batch: int, args) -> list[dict]:
+    """kfx then MONAI, each in a fresh spawned process."""
+    import multiprocessing as mp
+
+    rows = []
+    for method in ("kfx", "monai"):
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        windows = args.memory_windows * n_batch
+        process = ctx.Process(
+            target=memory_child, args=(name, side, method, n_batch, windows, torch.get_num_threads(), queue)
+        )
+        process.start()
+        value = queue.get()
+        process.join()
+        if isinstance(value, str):
+            raise RuntimeError(f"peak memory of {method} on {name} at {side}^3 failed in the child: {value}")
+        print(json.dumps(value), flush=True)
+        rows.append(value)
+    kfx_row, monai_row = rows
+    return [{**kfx_row, "goal_met": kfx_row["peak_growth_mib"] <= monai_row["peak_growth_mib"]}, monai_row]
+
+
 def markdown(volumes: list[dict], signal: dict | None, args, info: dict) -> str:
     lines = [
         "# Volumes and signals: kfx exact vs batched full inference, MONAI and Captum",
@@ -252,6 +561,97 @@ def markdown(volumes: list[dict], signal: dict | None, args, info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_average() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def header(title: str, info: dict, loads: tuple[str, str]) -> list[str]:
+    return [
+        f"# {title}",
+        "",
+        f"Machine: {info['processor']}, {info['cpus']} CPUs (shared with other jobs), torch {info['torch']}, "
+        f"{info['threads']} threads, commit {info['commit']} plus the working tree. Command: `{info['command']}`. "
+        f"Load average (1, 5, 15 min) at start {loads[0]}, at end {loads[1]}: other jobs ran on the same 2 "
+        "cores, so wall times are noisy and slower than on an idle machine.",
+        "",
+    ]
+
+
+def tau_markdown(results: list[dict], args, info: dict, loads) -> str:
+    lines = header("3-D occlusion with a tuned tau: kfx vs MONAI's OcclusionSensitivity", info, loads) + [
+        f"Models: MONAI's networks (`spatial_dims=3`, 1 channel, 2 classes) with random convolutions and the "
+        f"last linear layer fitted as a probe on {args.train_volumes} synthetic volumes (smooth noise plus a "
+        f"bright or dark ball; class = its sign; held-out accuracy in the table). Volumes {args.side}^3, mask "
+        f"{MASK}, overlap {OVERLAP} (stride 6, MONAI's windows), fill 0.0, n_batch = kfx batch size = {N_BATCH}.",
+        "",
+        f"tau: `kfx.tune(target_ssim=0.9, taus={tuple(args.taus)})` on {args.tune_samples} volumes, on maps of "
+        f"stride {args.tune_stride} (fewer windows, to save time; the maps compared below are stride 6). "
+        f"Held-out: {args.held_out} other volumes, exact and tuned maps at stride 6 (SSIM = "
+        "`kfx.heatmap_ssim`, data range = the exact map's range). Times are whole maps on the first held-out "
+        f"volume, the base inference included. MONAI: timed on a b_box subset of >= {args.monai_windows} "
+        "of its windows (one full forward pass each, whatever the window) and scaled by the window count.",
+        "",
+        "| model | probe acc. | tau | held-out SSIM | ceiling exact / tau | MONAI windows timed | est. MONAI s "
+        "| kfx exact s | kfx tau s | exact vs MONAI | tau vs MONAI | goal 5x at SSIM >= 0.9 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ssims = ", ".join(f"{v['ssim']:.3f}" for v in r["held_out"])
+        lines.append(
+            f"| {r['model']} | {r['probe']['held_out_accuracy']:.2f} | {r['tau']} | {ssims} | "
+            f"{r['ceiling_exact']} / {r['ceiling_tau']} | {r['monai_timed_windows']} of {r['windows']} | "
+            f"{r['monai_s_estimated']} | {r['kfx_exact_s']} | {r['kfx_tau_s']} | {r['exact_speedup_vs_monai']}x | "
+            f"{r['tau_speedup_vs_monai']}x | {'met' if r['goal_5x_met'] else 'NOT met'} |"
+        )
+    lines += ["", "Tuning (per tau of the grid: lowest and mean SSIM over the tuning samples):", ""]
+    for r in results:
+        grid = ", ".join(
+            f"{t}: {low:.3f} / {mean:.3f}"
+            for t, low, mean in zip(r["tune"]["taus"], r["tune"]["lower_ssim"], r["tune"]["mean_ssim"])
+        )
+        lines.append(f"- {r['model']} ({r['tune']['seconds']} s): {grid}")
+    return "\n".join(lines) + "\n"
+
+
+def memory_markdown(rows: list[dict], args, info: dict, loads) -> str:
+    lines = header("Peak memory of one 3-D occlusion call: kfx exact vs MONAI", info, loads) + [
+        "Each row is a fresh spawned process: MONAI's network with random weights (memory does not depend on "
+        f"them), the benchmark volume, mask {MASK}, overlap {OVERLAP}, fill 0.0; kfx is "
+        "`kfx.monai.OcclusionSensitivity(..., batch_size=n_batch)` (exact), MONAI is "
+        "`monai.visualize.OcclusionSensitivity(..., n_batch=n_batch)`. One warm-up call on a one-window b_box "
+        "(kfx compiles its engine there; its cached base activations are dropped afterwards, so the measured "
+        "call recomputes them), `malloc_trim(0)`, then the measured call on a b_box of "
+        f"{args.memory_windows} x n_batch windows or more (memory per batch does not grow with the window "
+        "count; the rest of a map is more of the same batches).",
+        "",
+        "Method: peak RSS growth = the kernel's high-water mark VmHWM (reset through /proc/self/clear_refs "
+        "just before the call, so exact to the page, every allocation counted, torch or not) minus VmRSS "
+        "before the call. Cross-check: a thread sampling /proc/self/statm every 1 ms. torch has no CPU "
+        "max_memory_allocated; tracemalloc does not see torch's allocations.",
+        "",
+        "| model | side | n_batch | windows (b_box) | kfx peak growth MiB | MONAI peak growth MiB | "
+        "kfx / MONAI | sampled (kfx / MONAI) | kfx call s | MONAI call s | goal: kfx <= MONAI |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kfx_row, monai_row in zip(rows[::2], rows[1::2]):
+        lines.append(
+            f"| {kfx_row['model']} | {kfx_row['side']} | {kfx_row['n_batch']} | {kfx_row['b_box'][:2]} per axis | "
+            f"{kfx_row['peak_growth_mib']} | {monai_row['peak_growth_mib']} | "
+            f"{kfx_row['peak_growth_mib'] / monai_row['peak_growth_mib']:.2f} | "
+            f"{kfx_row['sampled_peak_growth_mib']} / {monai_row['sampled_peak_growth_mib']} | "
+            f"{kfx_row['call_s']} | {monai_row['call_s']} | {'met' if kfx_row['goal_met'] else 'NOT met'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(tag: str, payload: dict, text: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{tag}.json").write_text(json.dumps(payload, indent=1))
+    (RESULTS / f"{tag}.md").write_text(text)
+    print(text, flush=True)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["densenet121", "resnet18"])
@@ -263,8 +663,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--monai-budget", type=float, default=600.0, help="seconds")
     parser.add_argument("--no-signal", action="store_true")
     parser.add_argument("--tag", default="volumes")
+    parser.add_argument("--tau", action="store_true", help="only the tuned-tau comparison with MONAI")
+    parser.add_argument("--memory", action="store_true", help="only the peak-memory comparison with MONAI")
+    parser.add_argument("--side", type=int, default=64, help="--tau: volume side")
+    parser.add_argument("--train-volumes", type=int, default=32, help="--tau: volumes the probe is fitted on")
+    parser.add_argument("--tune-samples", type=int, default=3)
+    parser.add_argument("--tune-stride", type=int, default=12, help="--tau: map stride while tuning")
+    parser.add_argument("--taus", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.4])
+    parser.add_argument("--held-out", type=int, default=2, help="--tau: volumes the tuned tau is checked on")
+    parser.add_argument("--monai-windows", type=int, default=32, help="--tau: MONAI windows timed, at least")
+    parser.add_argument(
+        "--memory-configs", nargs="+", default=["64:16"], help="--memory: side:n_batch, e.g. 64:16 128:4"
+    )
+    parser.add_argument("--memory-windows", type=int, default=2, help="--memory: batches per call, at least")
     args = parser.parse_args(argv)
     info = {**machine(), "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])}
+    if args.tau or args.memory:
+        return run_tau_and_memory(args, info)
     volumes = []
     for name in args.models:
         for side in args.sides:
@@ -277,6 +692,35 @@ def main(argv=None) -> dict:
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(payload, indent=1))
     (RESULTS / f"{args.tag}.md").write_text(markdown(volumes, signal, args, info))
     print(markdown(volumes, signal, args, info))
+    return payload
+
+
+def run_tau_and_memory(args, info: dict) -> dict:
+    import warnings
+
+    # MONAI 1.6.1 indexes with lists on every window; torch warns each time
+    warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
+    payload = {}
+    if args.tau:
+        start = load_average()
+        results = []
+        for name in args.models:  # written after each model, so a long run keeps what it measured
+            results.append(run_tau(name, args))
+            loads = (start, load_average())
+            payload["tau"] = {"machine": info, "load_average": loads, "results": results}
+            write_results(f"{args.tag}_tau", payload["tau"], tau_markdown(results, args, info, loads))
+    if args.memory:
+        start = load_average()
+        rows = []
+        for config in args.memory_configs:
+            side, n_batch = (int(v) for v in config.split(":"))
+            for name in args.models:
+                rows += run_memory(name, side, n_batch, args)
+                loads = (start, load_average())
+                payload["memory"] = {"machine": info, "load_average": loads, "rows": rows}
+                write_results(
+                    f"{args.tag}_memory", payload["memory"], memory_markdown(rows, args, info, loads)
+                )
     return payload
 
 
