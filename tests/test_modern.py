@@ -293,19 +293,30 @@ def test_resampling_boxes_cover_every_changed_output(name):
     """Brute force: every output cell that differs between two inputs differing in one box lies in
     the box kfx.geometry gives; the read-in window holds every input those outputs read."""
     from kfx.geometry import resample_output_span, resample_read_span
-    from kfx.passes.resample import _axis_matrix, _reach
+    from kfx.passes.resample import _axis_matrix
 
     op, size = RESAMPLERS[name], 8
-    matrix = _axis_matrix(op, (size, size), 0, torch.float64)
+    assert_boxes_cover(
+        _axis_matrix(op, (size, size), 0, torch.float64), resample_output_span, resample_read_span
+    )
+
+
+def assert_boxes_cover(matrix: torch.Tensor, output_span, read_span) -> None:
+    """For every changed input range of one axis of a linear map [out, in]: the outputs that read
+    it (its nonzero weights, brute force) lie in ``output_span``'s box, and every input those box
+    outputs read lies in ``read_span``'s window."""
+    from kfx.passes.resample import _reach
+
     first, stop = _reach(matrix)
+    size = matrix.shape[1]
     for start in range(size):
         for width in range(1, size - start + 1):
-            changed = torch.zeros(size, dtype=torch.float64)
+            changed = torch.zeros(size, dtype=matrix.dtype)
             changed[start : start + width] = 1
             hit = (matrix.abs() @ changed).nonzero().flatten().tolist()
-            box = resample_output_span(start, width, first, stop)
+            box = output_span(start, width, first, stop)
             assert all(box.start <= o < box.start + box.width for o in hit)
-            read = resample_read_span(box.start, box.width, first, stop)
+            read = read_span(box.start, box.width, first, stop)
             reads = matrix[box.start : box.start + box.width].nonzero()[:, 1].tolist()
             assert all(read.start <= i < read.start + read.width for i in reads)
 

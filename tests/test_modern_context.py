@@ -16,7 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfx
-from tests.test_modern import PATCH, POSITIONS, SHAPE, Classifier, assert_exact, ceiling, image, seeded
+from tests.test_modern import (
+    PATCH,
+    POSITIONS,
+    SHAPE,
+    Classifier,
+    assert_boxes_cover,
+    assert_exact,
+    ceiling,
+    image,
+    seeded,
+)
 
 
 def assert_incremental(model: nn.Module, role: str, **options) -> kfx.Engine:
@@ -92,21 +102,11 @@ def test_copy_pad_boxes_cover_every_changed_output(mode):
     from kfx.geometry import reach_output_span, reach_read_span
     from kfx.passes.resample import _axis_matrix, _reach
 
-    size = 7
-    matrix = _axis_matrix(lambda x: F.pad(x, (2, 3), mode=mode), (size,), 0, torch.float64)
-    first, stop = _reach(matrix)
+    matrix = _axis_matrix(lambda x: F.pad(x, (2, 3), mode=mode), (7,), 0, torch.float64)
+    first, _ = _reach(matrix)
     if mode != "replicate":  # edge copies read forwards; mirrors and wraps do not
         assert list(first) != sorted(first)
-    for start in range(size):
-        for width in range(1, size - start + 1):
-            changed = torch.zeros(size, dtype=torch.float64)
-            changed[start : start + width] = 1
-            hit = (matrix.abs() @ changed).nonzero().flatten().tolist()
-            box = reach_output_span(start, width, first, stop)
-            assert all(box.start <= o < box.start + box.width for o in hit)
-            read = reach_read_span(box.start, box.width, first, stop)
-            reads = matrix[box.start : box.start + box.width].nonzero()[:, 1].tolist()
-            assert all(read.start <= i < read.start + read.width for i in reads)
+    assert_boxes_cover(matrix, reach_output_span, reach_read_span)
 
 
 def test_reflect_padding_is_exact_on_signals_and_volumes():
