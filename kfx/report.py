@@ -282,8 +282,22 @@ def _counts_section(scores, config: dict, folder: Path) -> str:
     )
     return (
         f'<section id="counts"><h2>Counts</h2><div class="counts">{counts}</div>'
-        f"<p>Results in <code>{_text(folder)}</code>; {_text(setting)}.</p></section>"
+        f"<p>Results in <code>{_text(folder)}</code>; {_text(setting)}.</p>{_approximate_note(config)}</section>"
     )
+
+
+def _approximate_note(config: dict) -> str:
+    """Say so when this configuration's maps are approximate: drill-down (only some cells queried,
+    the rest filled in) or projective-field thresholding (tau < 1)."""
+    reasons = []
+    if config.get("drill_down"):
+        settings = ", ".join(f"{k}={v}" for k, v in config["drill_down"].items())
+        reasons.append(f"drill-down ({settings}): only some cells were queried, the rest are filled in")
+    if float(config.get("tau", 1.0) or 1.0) < 1.0:
+        reasons.append(f"tau {config['tau']} < 1: changes outside each layer's capped box are dropped")
+    if not reasons:
+        return ""
+    return f'<p id="approximate"><b>Approximate maps</b>: {_text("; ".join(reasons))}.</p>'
 
 
 def _errors_section(scores, short: dict[str, str]) -> str:

@@ -177,6 +177,17 @@ def test_cli_errors_name_the_problem(results, tmp_path, capsys):
         assert err.startswith("kfx: error: ") and message in err and err.count("\n") == 1, (name, err)
 
 
+def test_the_page_says_when_the_maps_are_approximate(results, tmp_path):
+    out, page = results
+    assert 'id="approximate"' not in page.read_text()  # exact maps: nothing to say
+    paths = write_photos(tmp_path / "photos", 2)
+    explain(paths, tmp_path / "approx", drill_down=kfx.DrillDown(target_speedup=2))
+    approximate = tmp_path / "approx.html"
+    assert cli.main(["report", str(tmp_path / "approx"), "-o", str(approximate), "-q"]) == 0
+    note = re.search(r'<p id="approximate">(.*?)</p>', approximate.read_text()).group(1)
+    assert "drill-down" in note and "target_speedup=2" in note
+
+
 def test_several_configurations_need_a_fingerprint(results, tmp_path, capsys):
     out, _ = results
     mixed = tmp_path / "mixed"
