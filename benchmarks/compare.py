@@ -46,6 +46,13 @@ RESULTS = Path(__file__).parent / "results"
 MODELS = ("vgg16", "resnet18", "inception_v3", "efficientnet_lite0")
 
 
+def save_results(tag: str, payload: dict, markdown: str) -> None:
+    """Write ``results/<tag>.json`` and ``results/<tag>.md`` (every benchmark records both)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{tag}.json").write_text(json.dumps(payload, indent=1))
+    (RESULTS / f"{tag}.md").write_text(markdown)
+
+
 def build_model(name: str) -> torch.nn.Module:
     if name == "efficientnet_lite0":
         from kfx.models import efficientnet_lite0

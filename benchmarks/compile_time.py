@@ -37,7 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from compare import RESULTS, best_time, machine  # benchmarks/ is on sys.path
+from compare import best_time, machine, save_results  # benchmarks/ is on sys.path
 
 import kfx
 import kfx.engine
@@ -241,9 +241,7 @@ def main(argv=None) -> list[dict]:
         print(json.dumps(result), flush=True)
         results.append(result)
     info["load_average_after"] = [round(v, 1) for v in os.getloadavg()]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"machine": info, "results": results}, indent=1))
-    (RESULTS / f"{args.tag}.md").write_text(markdown(results, args, info))
+    save_results(args.tag, {"machine": info, "results": results}, markdown(results, args, info))
     print(markdown(results, args, info))
     return results
 

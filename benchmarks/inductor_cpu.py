@@ -21,7 +21,7 @@ import sys
 import time
 
 import torch
-from compare import RESULTS, build_model, image_side, load_photo, machine  # benchmarks/ is on sys.path
+from compare import build_model, image_side, load_photo, machine, save_results  # benchmarks/ is on sys.path
 
 import kfx
 
@@ -107,8 +107,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     info = machine()
     rows = [run(name, args) for name in args.models]
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
-    (RESULTS / f"{args.tag}.md").write_text(markdown(rows, args, info))
+    save_results(args.tag, {"machine": info, "rows": rows}, markdown(rows, args, info))
     return rows
 
 

@@ -27,12 +27,12 @@ import time
 
 import torch
 from compare import (  # benchmarks/ is on sys.path
-    RESULTS,
     best_time,
     kfx_outputs,
     load_photo,
     machine,
     naive_outputs,
+    save_results,
 )
 
 import kfx
@@ -121,9 +121,7 @@ def main(argv=None) -> list[dict]:
             result = run_model(name, mode, args)
             print(json.dumps(result), flush=True)
             results.append(result)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"machine": info, "results": results}, indent=1))
-    (RESULTS / f"{args.tag}.md").write_text(markdown(results, args, info))
+    save_results(args.tag, {"machine": info, "results": results}, markdown(results, args, info))
     print(markdown(results, args, info))
     return results
 

@@ -141,17 +141,23 @@ def local_gate_oracle(model: SqueezeExcite, picture: torch.Tensor, positions, pa
     but ``x * gate`` changes only inside x's changed box (the patch grown by the 3x3 stem's one-pixel
     reach, one width at every position); outside it the unoccluded image's product stays."""
     with torch.no_grad():
-        x_base = model.stem(picture[None])
-        gated_base = x_base * model.gate(x_base)
-        x = model.stem(kfx.occlude(picture.clone(), positions, patch))
-        gated = gated_base.expand_as(x).clone()
-        (h, w), size = patch.size, picture.shape[1:]
-        for i, (y, x0) in enumerate(positions.tolist()):
-            # kfx's boxes keep one width at every position: at a border, shifted inside the map
-            top, left = min(max(0, y - 1), size[0] - h - 2), min(max(0, x0 - 1), size[1] - w - 2)
-            rows, cols = slice(top, top + h + 2), slice(left, left + w + 2)
-            gated[i, :, rows, cols] = (x[i : i + 1] * model.gate(x[i : i + 1]))[0, :, rows, cols]
+        gated = kept_inside_stem_box(model.stem, lambda x: x * model.gate(x), picture, positions, patch)
         return model.tail(gated)
+
+
+def kept_inside_stem_box(stem, op, picture: torch.Tensor, positions, patch: kfx.Patch) -> torch.Tensor:
+    """``op`` of each occluded image's stem output, kept inside the stem's changed box (the patch
+    grown by a 3x3 conv's one-pixel reach); outside it, ``op`` of the unoccluded image's."""
+    base = op(stem(picture[None]))
+    x = stem(kfx.occlude(picture.clone(), positions, patch))
+    out = base.expand(x.shape[0], *base.shape[1:]).clone()
+    (h, w), size = patch.size, picture.shape[1:]
+    for i, (y, x0) in enumerate(positions.tolist()):
+        # kfx's boxes keep one width at every position: at a border, shifted inside the map
+        top, left = min(max(0, y - 1), size[0] - h - 2), min(max(0, x0 - 1), size[1] - w - 2)
+        rows, cols = slice(top, top + h + 2), slice(left, left + w + 2)
+        out[i, :, rows, cols] = op(x[i : i + 1])[0, :, rows, cols]
+    return out
 
 
 def test_squeeze_excitation_is_exact_by_default_and_names_the_local_mode():

@@ -25,6 +25,7 @@ from tests.test_modern import (
     assert_exact,
     ceiling,
     image,
+    kept_inside_stem_box,
     seeded,
 )
 
@@ -296,15 +297,7 @@ def local_oracle(model: Classifier, picture: torch.Tensor, positions, patch: kfx
     the stem's changed box (the patch grown by one pixel, one width everywhere, shifted inside at the
     borders); outside it, the unoccluded image's normalised map."""
     with torch.no_grad():
-        base = model.body(model.stem(picture[None]))
-        x = model.stem(kfx.occlude(picture.clone(), positions, patch))
-        out = base.expand_as(x).clone()
-        (h, w), size = patch.size, picture.shape[1:]
-        for i, (y, x0) in enumerate(positions.tolist()):
-            top, left = min(max(0, y - 1), size[0] - h - 2), min(max(0, x0 - 1), size[1] - w - 2)
-            rows, cols = slice(top, top + h + 2), slice(left, left + w + 2)
-            out[i, :, rows, cols] = model.body(x[i : i + 1])[0, :, rows, cols]
-        return tail(model, out)
+        return tail(model, kept_inside_stem_box(model.stem, model.body, picture, positions, patch))
 
 
 @pytest.mark.parametrize("name", NORMS)
