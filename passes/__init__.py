@@ -7,9 +7,10 @@ passes in order; ``build_program`` then rewrites the annotated graph.
 import torch
 from torch import fx, nn
 
+from kfx.passes.check import check_traced
 from kfx.passes.patch_prop import META_KEY, AxisBoxes, NodePatch, State, propagate_patches
 from kfx.passes.rewrite import BaseSlot, Patches, Program, build_base_program, build_program
-from kfx.passes.trace import check_traced, functionalize, propagate_shapes, trace, trusted_check
+from kfx.passes.trace import functionalize, propagate_shapes, trace, trusted_check
 
 __all__ = [
     "annotate",

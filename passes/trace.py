@@ -1,9 +1,9 @@
-"""Pass 1: trace a model into a functional torch.fx graph, check it, and record every node's shape.
+"""Pass 1: trace a model into a functional torch.fx graph and record every node's shape.
 
 Requires: an nn.Module in eval mode with one tensor input.
 Ensures: a GraphModule with no in-place ops (so cached base activations can never be overwritten)
-that computes what the model computes (checked on a random batch at compile time), whose outputs do
-not mix the examples of a batch, that shares the caller's parameters but not its containers, with
+that computes what the model computes (kfx.passes.check checks it on a random batch), that shares
+the caller's parameters but not its containers, with
 ``node.meta["tensor_meta"]`` on every tensor-valued node (torch.fx's ShapeProp) and
 ``node.meta["kfx_value"]`` on every node whose value is not a tensor (sizes, shapes, dtypes: static
 for a fixed image shape, so later passes may read them as constants).
@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -31,7 +32,6 @@ __all__ = [
     "require_traceable_module",
     "trace",
     "functionalize",
-    "check_traced",
     "propagate_shapes",
     "checked_elsewhere",
     "trusted_check",
@@ -407,96 +407,31 @@ def functionalize(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal up to rounding (batch sizes and fused kernels may sum in another order); NaN equals NaN."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if not a.dtype.is_floating_point:
-        return torch.equal(a, b)
-    tolerance = {torch.float64: 1e-9, torch.float32: 1e-4}.get(a.dtype, 2e-2)
-    finite = b[b.isfinite()]
-    scale = max(float(finite.abs().max()) if finite.numel() else 0.0, 1e-3)
-    same = (a == b) | (a.isnan() & b.isnan()) | ((a - b).abs() <= tolerance * scale)
-    return bool(same.all())
-
-
-def _check_output(output, model: nn.Module, batch: int) -> None:
-    name = type(model).__name__
-    if isinstance(output, (tuple, list, dict)):
-        kind = type(output).__name__
-        raise ModelError(
-            f"{name} returns a {kind}, but kfx explains one tensor of class scores [N, num_classes] (the value "
-            "the softmax is taken of). Wrap the model so that forward returns the output to explain, e.g. "
-            "a module whose forward(x) returns model(x)[0] or model(x)['logits']"
-        )
-    if not isinstance(output, torch.Tensor):
-        raise ModelError(
-            f"{name} returns a {type(output).__name__}, but kfx explains one tensor of class scores "
-            "[N, num_classes]; wrap the model so that forward returns that tensor"
-        )
-    if output.dim() == 0 or output.shape[0] != batch:
-        raise ModelError(
-            f"{name} returned shape {list(output.shape)} for a batch of {batch} images; kfx needs one row per "
-            "image ([N, num_classes] scores, or [N, ...] for engine.outputs). Wrap the model so that forward "
-            "keeps the batch dimension"
-        )
-
-
-def check_traced(
-    model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, alone: torch.Tensor | None = None
-) -> None:
-    """Check on ``example`` (a batch of at least two images) that ``gm`` computes what ``model`` does.
-
-    The safety net under every graph rewrite: a traced graph that computes another function (an
-    in-place op or alias the functionalisation missed, a torch.fx tracing gap) raises TraceError,
-    and a model whose outputs depend on the other examples of the batch raises ModelError, since
-    kfx evaluates many patch positions per batch. Inputs are cloned: an eager forward may change them.
-    ``alone``: ``gm``'s output for ``example[:1]`` if already computed (shape propagation runs it).
-    """
-    try:
-        with torch.no_grad():
-            eager = model(example.clone())
-    except Exception as exc:
-        raise ModelError(
-            f"the model runs on one image but fails on a batch of {example.shape[0]} images "
-            f"({type(exc).__name__}: {exc}); kfx evaluates many patch positions per batch, so forward must "
-            "accept any batch size (e.g. x.view(x.size(0), -1) instead of x.view(1, -1))"
-        ) from exc
-    _check_output(eager, model, example.shape[0])
-    try:
-        with torch.no_grad():
-            traced = gm(example.clone())
-            if alone is None:
-                alone = gm(example[:1].clone())
-    except Exception as exc:
-        raise TraceError(
-            f"the traced graph of {type(model).__name__} fails where the model runs: {type(exc).__name__}: {exc}"
-        ) from exc
-    if not _close(traced, eager):
-        difference = (
-            (traced.double() - eager.double()).abs().max() if traced.shape == eager.shape else "shape"
-        )
-        raise TraceError(
-            f"the torch.fx graph of {type(model).__name__} computes something other than the model (largest "
-            f"difference {difference} on a random batch), so kfx's maps would be wrong. This happens with "
-            "in-place ops on views or on tensors used again later; write them out of place and retry"
-        )
-    if not _close(alone, traced[:1]):
-        raise ModelError(
-            f"{type(model).__name__}'s output for an image depends on the other images in its batch (an op "
-            "mixes the examples of a batch, e.g. batch statistics or a mean over dim 0); kfx evaluates many "
-            "patch positions per batch, so its maps would be wrong. Make the model's forward per example"
-        )
-
-
 class _ValueProp(ShapeProp):
     """ShapeProp that also keeps the values of non-tensor nodes (x.size(), x.shape[2], x.dim())."""
 
     def run_node(self, n: fx.Node):
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        read = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        versions = [t._version for t in read]
         result = super().run_node(n)
+        if any(t._version != v for t, v in zip(read, versions)):
+            raise _mutation_error(n)
         if not isinstance(result, torch.Tensor) and _is_static(result):
             n.meta[VALUE_KEY] = result
         return result
+
+
+def _mutation_error(n: fx.Node) -> TraceError:
+    """A node that still changes a tensor it reads after functionalize (``out=``, a leaf module's
+    in-place op): its readers would see the changed value, and kfx's cached base activations too.
+    Tensors' version counters, shared by views, catch every such write, however it is spelled."""
+    what = f"module {n.target}" if n.op == "call_module" else f"{getattr(n.target, '__name__', n.target)}"
+    return TraceError(
+        f"node {n.name} ({what}) changes a tensor it reads in place (an out= argument, or an in-place op "
+        "inside a module kept whole); kfx reuses the unoccluded image's activations, so its maps would be "
+        "wrong. Write it out of place (inside a leaf module: operate on x.clone(), or use x * 2 for x.mul_(2))"
+    )
 
 
 def _is_static(value) -> bool:
@@ -513,6 +448,8 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor):
     try:
         with torch.no_grad():
             return _ValueProp(gm).propagate(example)
+    except TraceError:
+        raise
     except Exception as exc:
         raise ModelError(
             f"the model failed on an input of shape {list(example.shape)} and dtype {example.dtype}: "

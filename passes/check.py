@@ -1,0 +1,178 @@
+"""Pass 1b: check the traced graph against the model it came from (the safety net under every rewrite).
+
+Requires: the eager model and its functional GraphModule (kfx.passes.trace).
+Ensures: the graph computes what the model computes on a random batch (else TraceError), and one
+image's output depends neither on the other images of its batch nor on the batch size beyond the
+model's own rounding (else ModelError): kfx evaluates many patch positions per batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from kfx.errors import ModelError, TraceError
+
+__all__ = ["check_traced"]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, allowance: float = 0.0) -> bool:
+    """Equal up to rounding (batch sizes and fused kernels may sum in another order); NaN equals NaN.
+
+    ``allowance``: a larger absolute difference to accept, the rounding noise a model was measured to
+    amplify (:func:`_rounding_noise`).
+    """
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.dtype.is_floating_point:
+        return torch.equal(a, b)
+    finite = b[b.isfinite()]
+    scale = max(float(finite.abs().max()) if finite.numel() else 0.0, 1e-3)
+    limit = max(_relative_tolerance(a.dtype) * scale, allowance)
+    same = (a == b) | (a.isnan() & b.isnan()) | ((a - b).abs() <= limit)
+    return bool(same.all())
+
+
+def _relative_tolerance(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
+
+
+# _rounding_noise perturbs each op's result by up to one eps relative, the rounding of one op; a
+# kernel that sums K terms in another order (another batch size) can round about sqrt(K) times worse,
+# with K = 9 * channels in the hundreds. On float32 CNNs that amplify rounding (large offsets that a
+# BatchNorm subtracts again, efficientnet_b0 with recalibrated BatchNorm) the difference between
+# batch sizes 1 and 2 was at most 2.3 times the measured noise; 16 leaves room for unlucky draws.
+_NOISE_MARGIN = 16.0
+
+
+def _check_output(output, model: nn.Module, batch: int) -> None:
+    name = type(model).__name__
+    if isinstance(output, (tuple, list, dict)):
+        kind = type(output).__name__
+        raise ModelError(
+            f"{name} returns a {kind}, but kfx explains one tensor of class scores [N, num_classes] (the value "
+            "the softmax is taken of). Wrap the model so that forward returns the output to explain, e.g. "
+            "a module whose forward(x) returns model(x)[0] or model(x)['logits']"
+        )
+    if not isinstance(output, torch.Tensor):
+        raise ModelError(
+            f"{name} returns a {type(output).__name__}, but kfx explains one tensor of class scores "
+            "[N, num_classes]; wrap the model so that forward returns that tensor"
+        )
+    if output.dim() == 0 or output.shape[0] != batch:
+        raise ModelError(
+            f"{name} returned shape {list(output.shape)} for a batch of {batch} images; kfx needs one row per "
+            "image ([N, num_classes] scores, or [N, ...] for engine.outputs). Wrap the model so that forward "
+            "keeps the batch dimension"
+        )
+
+
+def check_traced(
+    model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, alone: torch.Tensor | None = None
+) -> None:
+    """Check on ``example`` (a batch of at least two images) that ``gm`` computes what ``model`` does.
+
+    The safety net under every graph rewrite: a traced graph that computes another function (an
+    in-place op or alias the functionalisation missed, a torch.fx tracing gap) raises TraceError,
+    and a model whose outputs depend on the other examples of the batch or on its size raises
+    ModelError, since kfx evaluates many patch positions per batch. Inputs are cloned: an eager
+    forward may change them.
+    ``alone``: ``gm``'s output for ``example[:1]`` if already computed (shape propagation runs it).
+    """
+    try:
+        with torch.no_grad():
+            eager = model(example.clone())
+    except Exception as exc:
+        raise ModelError(
+            f"the model runs on one image but fails on a batch of {example.shape[0]} images "
+            f"({type(exc).__name__}: {exc}); kfx evaluates many patch positions per batch, so forward must "
+            "accept any batch size (e.g. x.view(x.size(0), -1) instead of x.view(1, -1))"
+        ) from exc
+    _check_output(eager, model, example.shape[0])
+    try:
+        with torch.no_grad():
+            traced = gm(example.clone())
+            if alone is None:
+                alone = gm(example[:1].clone())
+    except Exception as exc:
+        raise TraceError(
+            f"the traced graph of {type(model).__name__} fails where the model runs: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not _close(traced, eager):
+        difference = (
+            (traced.double() - eager.double()).abs().max() if traced.shape == eager.shape else "shape"
+        )
+        raise TraceError(
+            f"the torch.fx graph of {type(model).__name__} computes something other than the model (largest "
+            f"difference {difference} on a random batch), so kfx's maps would be wrong. This happens with "
+            "in-place ops on views or on tensors used again later; write them out of place and retry"
+        )
+    if not _close(alone, traced[:1]):
+        _check_per_example(type(model).__name__, gm, example, traced, alone)
+
+
+def _check_per_example(name: str, gm: fx.GraphModule, example, traced, alone) -> None:
+    """Tell rounding from batch dependence when the first image's output differs at batch sizes 1 and 2.
+
+    Kernels sum in another order at another batch size, and a model that amplifies rounding (a large
+    offset that a BatchNorm subtracts again, a deep random-weight network) can make that differ by
+    far more than the dtype's tolerance though each output depends on its own image only. At one
+    batch size the kernels are the same: the first image's output must not change when the other
+    images do, or the model mixes the examples of a batch. The difference across batch sizes must
+    then be rounding, no larger than the model's own rounding noise, or the output depends on the
+    batch size.
+    """
+    others = example.clone()
+    generator = torch.Generator().manual_seed(1)
+    others[1:] = torch.randn(others[1:].shape, generator=generator, dtype=torch.float64).to(others)
+    with torch.no_grad():
+        first = gm(others)[:1]
+    if not _close(first, traced[:1]):
+        raise ModelError(
+            f"{name}'s output for an image depends on the other images in its batch (an op mixes the "
+            "examples of a batch, e.g. batch statistics or a mean over dim 0); kfx evaluates many "
+            "patch positions per batch, so its maps would be wrong. Make the model's forward per example"
+        )
+    noise = _rounding_noise(gm, example, traced)
+    if not _close(alone, traced[:1], _NOISE_MARGIN * noise):
+        difference = float((alone.double() - traced[:1].double()).abs().max())
+        raise ModelError(
+            f"{name}'s output for an image depends on the batch size (largest difference {difference:.3g} "
+            f"between batches of 1 and {example.shape[0]} images; rounding explains at most "
+            f"{_NOISE_MARGIN * noise:.3g}); kfx evaluates many patch positions per batch, so its maps "
+            "would be wrong. Make the model's forward independent of x.shape[0]"
+        )
+
+
+def _rounding_noise(gm: fx.GraphModule, example: torch.Tensor, output: torch.Tensor) -> float:
+    """How far ``gm``'s ``output`` on ``example`` moves when every intermediate value moves by an ulp.
+
+    Monte Carlo arithmetic: rounding changes each op's result by about an ulp of it, so perturbing
+    every result by a random fraction of eps and rerunning shows how much the model amplifies
+    rounding. The batch is ``example``'s, so that a dependence on the batch size cannot hide in the
+    measurement.
+    """
+    if not example.dtype.is_floating_point:
+        return 0.0
+    with torch.no_grad():
+        moved = _Perturbed(gm, torch.finfo(example.dtype).eps).run(example.clone())
+    deviation = (moved.double() - output.double()).abs()
+    finite = deviation[deviation.isfinite()]
+    return float(finite.max()) if finite.numel() else 0.0
+
+
+class _Perturbed(fx.Interpreter):
+    """Runs the graph with every floating-point result r replaced by r * (1 + relative * u), u uniform
+    in [-1, 1] from a fixed seed."""
+
+    def __init__(self, gm: fx.GraphModule, relative: float):
+        super().__init__(gm)
+        self.relative = relative
+        self.generator = torch.Generator().manual_seed(2)
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n.op == "get_attr" or not isinstance(result, torch.Tensor) or not result.is_floating_point():
+            return result
+        noise = torch.rand(result.shape, generator=self.generator, dtype=result.dtype) * 2 - 1
+        return result * (1 + self.relative * noise.to(result.device))
