@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
@@ -13,6 +13,7 @@ from kfx import kernels
 from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device
 from kfx.cost import CostReport, static_cost
 from kfx.errors import InputError, ModelError, PatchError
+from kfx.measured_plan import PathTimer
 from kfx.memory import MemoryEstimate, estimate_memory, parse_bytes
 from kfx.passes import META_KEY, BaseSlot, annotate, build_base_program, build_program
 from kfx.passes.patch_prop import GLOBAL_CONTEXT_MODES
@@ -25,6 +26,7 @@ from kfx.validation import check_batch_size
 
 __all__ = ["compile", "paper_cost", "Engine", "Compiled", "Heatmap", "Progress", "DenseNode"]
 
+DEFAULT_PLAN = "auto"  # what kfx.compile(plan=None) runs (tests/conftest.py pins "incremental")
 MAX_MEMORY_BATCH = 256  # max_memory never picks more: larger batches stop paying off on CPU
 # The static estimate (kfx.memory) undercounts peak RSS by 10-40% on VGG16/ResNet18/Inception v3
 # (allocator slack, conv scratch); max_memory divides the budget by this before choosing.
@@ -89,6 +91,9 @@ class Compiled:
     memory: MemoryEstimate  # static estimate of a run: .per_image + batch size x .per_position bytes
     tuning: object | None = None  # a kfx.Tuning (kfx.tuning imports this module, not the reverse)
     plan: Plan | None = None  # where the program runs incrementally and where fully (docs/design.md §3.8)
+    measure_plan: bool = (
+        False  # time the program against full inference on the first batches (kfx.measured_plan)
+    )
 
 
 class Engine(OcclusionRunner):
@@ -108,6 +113,7 @@ class Engine(OcclusionRunner):
         self._identity, _, _ = model_state(model)
         self._lock = threading.Lock()  # guards _base_cache
         self._base_cache: _Base | None = None
+        self._timer = PathTimer(compiled.device) if compiled.measure_plan else None
 
     image_shape = property(lambda self: self.compiled.image_shape)
     patch = property(lambda self: self.compiled.patch)
@@ -121,7 +127,18 @@ class Engine(OcclusionRunner):
     program = property(lambda self: self.compiled.program)
     memory = property(lambda self: self.compiled.memory)
     tuning = property(lambda self: self.compiled.tuning)
-    plan = property(lambda self: self.compiled.plan)
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan, with what the first batches measured once they have (plan="auto")."""
+        plan = self.compiled.plan
+        if self._timer is None:
+            return plan
+        if self._timer.result is None:
+            return replace(
+                plan, reason=f"{plan.reason}; timed against full inference on the first full-size batches"
+            )
+        return replace(plan, measured=self._timer.result)
 
     # -- reporting ------------------------------------------------------------------------------
     @property
@@ -197,15 +214,27 @@ class Engine(OcclusionRunner):
             # no_grad per batch, never held across the yield: grad mode is per thread, and a web
             # server may resume this generator on another thread.
             with torch.no_grad():
-                out = self._evaluate(base, positions[start : start + step])
+                out = self._evaluate(base, positions[start : start + step], step)
             yield out
 
-    def _evaluate(self, base: _Base, positions: torch.Tensor) -> torch.Tensor:
-        if self.plan is not None and self.plan.full_inference:
-            # The plan chose full inference: the caller's model on occluded copies, as kfx.NaiveEngine
-            # runs it. Eager, its in-place ops stay in place, which the functional trace cannot do.
-            return self._model(occlude(base.image, positions, self.patch))
+    def _evaluate(self, base: _Base, positions: torch.Tensor, step: int) -> torch.Tensor:
+        timer = self._timer
+        path = None if timer is None else timer.path_to_time(positions.shape[0], step)
+        if path is not None:
+            run = self._full_inference if path == "full" else self._incremental
+            return timer.timed(path, lambda: run(base, positions), positions.shape[0])
+        measured = None if timer is None else timer.result
+        if self.compiled.plan.full_inference or (measured is not None and measured.full_inference):
+            return self._full_inference(base, positions)
+        return self._incremental(base, positions)
+
+    def _incremental(self, base: _Base, positions: torch.Tensor) -> torch.Tensor:
         return self.program(positions, *base.activations)
+
+    def _full_inference(self, base: _Base, positions: torch.Tensor) -> torch.Tensor:
+        # The caller's model on occluded copies, as kfx.NaiveEngine runs it. Eager, its in-place
+        # ops stay in place, which the functional trace cannot do.
+        return self._model(occlude(base.image, positions, self.patch))
 
     def save(self, path) -> None:
         """Save this engine for :func:`kfx.load`: compile arguments and the model's fingerprint, no weights."""
@@ -275,7 +304,7 @@ def compile(
     global_context: str = "exact",
     leaf_modules: tuple = (),
     autowrap_functions: tuple = (),
-    plan: str = "incremental",
+    plan: str | None = None,
     plan_rates: Rates | None = None,
 ) -> Engine:
     """Compile ``model`` into an exact (or, with ``tau < 1``, approximate) incremental occlusion engine.
@@ -307,12 +336,15 @@ def compile(
             on shapes, as in timm's ``ConvMlp``): module classes and plain functions kept as single
             calls. kfx runs them densely (exact). timm's same-padding helper needs neither: kfx
             knows it and runs it incrementally.
-        plan: "incremental" (the default: incremental up to the first node kfx cannot run
-            incrementally), "full" (batched full inference on the occluded images, through the same
-            engine) or "auto": the cheapest of those and of plans that run densely from the nodes
-            whose changed box covers most of their map, by a cost model calibrated once on this
-            machine and cached (docs/design.md §3.8). Every plan is exact; ``engine.plan`` and
-            ``print(engine)`` say what was chosen and why.
+        plan: "auto" (the default) picks the cheapest of the incremental program, plans that run
+            densely from the nodes whose changed box covers most of their map, and full inference,
+            by a cost model calibrated once on this machine and cached (docs/design.md §3.8); an
+            exact engine then times its program against plain batched inference on its first
+            full-size batches and keeps the faster (kfx.measured_plan), so it is never much slower
+            than full inference. "incremental" always runs the incremental program (incremental up
+            to the first node kfx cannot run incrementally); "full" always runs batched full
+            inference on the occluded images. Every plan is exact; ``engine.plan`` and
+            ``print(engine)`` say what was chosen, why, and what was measured.
         plan_rates: the :class:`kfx.passes.plan.Rates` "auto" estimates with, instead of this
             machine's measured ones (``KFX_PLAN_CALIBRATE=0`` uses static CPU rates).
 
@@ -345,6 +377,7 @@ def compile(
             ) from None
         if max_memory < 1:
             raise InputError(f"max_memory must be positive, got {max_memory}")
+    plan = DEFAULT_PLAN if plan is None else plan
     _check_plan(plan, plan_rates, float(tau), global_context)
     options = dict(global_context=global_context, trace_hooks=trace_hooks, plan=plan, plan_rates=plan_rates)
     return Engine(
@@ -397,7 +430,7 @@ def _build(
     *,
     global_context,
     trace_hooks,
-    plan: str = "incremental",
+    plan: str,
     plan_rates: Rates | None = None,
 ) -> Compiled:
     """Run the pipeline: annotate, rewrite, cost and memory models, batch size (docs/design.md §3)."""
@@ -442,6 +475,7 @@ def _build(
         cost=static_cost(gm, tau),
         memory=memory,
         plan=chosen,
+        measure_plan=plan == "auto" and not approximate and max_memory is None and not chosen.full_inference,
     )
 
 

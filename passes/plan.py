@@ -127,6 +127,9 @@ class Plan:
     candidates: tuple[Candidate, ...] = ()
     rates: Rates | None = None
     reason: str = ""
+    # plan="auto": the chosen program timed against full inference on the first batches
+    # (a kfx.measured_plan.Measured; None until then, and for other modes)
+    measured: object | None = None
 
     @property
     def switch_nodes(self) -> tuple[str, ...]:
@@ -134,12 +137,14 @@ class Plan:
 
     @property
     def full_inference(self) -> bool:
-        return self.chosen == "full"
+        """Whether the engine runs plain batched inference: chosen so, or measured faster."""
+        return self.chosen == "full" or bool(self.measured is not None and self.measured.full_inference)
 
     def summary(self) -> str:
         """One line: the chosen plan and why (``print(engine)`` shows it)."""
         where = f" (dense from {', '.join(self.switch_nodes[:3])}{', ...' if len(self.forced) > 3 else ''})"
-        return f"plan={self.chosen!r}{where if self.forced else ''}: {self.reason}"
+        line = f"plan={self.chosen!r}{where if self.forced else ''}: {self.reason}"
+        return line if self.measured is None else f"{line}; {self.measured.summary()}"
 
     def __str__(self) -> str:
         rows = [self.summary()]

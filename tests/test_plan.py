@@ -147,9 +147,9 @@ def growing_cnn() -> nn.Sequential:
     ).eval()
 
 
-def test_the_default_plan_is_incremental_and_forces_nothing():
+def test_plan_incremental_forces_nothing():
     model = small_cnn()
-    engine = kfx.compile(model, (3, 24, 24), kfx.Patch(4))
+    engine = kfx.compile(model, (3, 24, 24), kfx.Patch(4), plan="incremental")
     assert engine.plan.chosen == "incremental" and not engine.plan.forced
     assert engine.dense_nodes == []
     assert "plan='incremental'" in repr(engine)

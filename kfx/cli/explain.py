@@ -147,6 +147,7 @@ def _explain_occlusion(session: Session, name: str, image: torch.Tensor, target:
             "positions_per_second": step.positions_per_second,
         },
         "theoretical_speedup": engine.cost().theoretical_speedup,
+        "plan": None if getattr(engine, "plan", None) is None else engine.plan.summary(),
         "threads": torch.get_num_threads(),
     }
     return Explanation(

@@ -1,0 +1,95 @@
+"""Never slower than plain inference: an ``plan="auto"`` engine times its plan against full inference.
+
+The plan is chosen at compile time from estimates (kfx.passes.plan), and an estimate can be off by
+2x on a shared machine (docs/design.md §3.8). So an exact engine whose plan runs incrementally times
+its first full-size batches both ways, alternating (the incremental program, then plain batched
+inference on the occluded copies: the caller's own model, as ``kfx.NaiveEngine`` runs it), and
+from then on runs the path with the lower best time per position. Both paths are exact, and every
+timed batch is a batch the call needed anyway: the measurement costs only the time the slower path
+took on its :data:`SAMPLES` batches.
+
+Only batches of the engine's full step are timed: a map's last, partial batch (and every batch of
+a call smaller than one step) runs the incremental program until the choice is made. Samples add
+up across calls, so a map of two or three batches still decides on the next call.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SAMPLES", "MIN_STEP", "Measured", "PathTimer"]
+
+SAMPLES = 2  # full-size batches timed per path; the best of them counts (the first may be cold)
+MIN_STEP = 4  # smaller batches are not timed: fixed costs dominate them, not the per-position work
+INCREMENTAL, FULL = "incremental", "full"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the first full-size batches measured: best seconds per position of each path."""
+
+    incremental_seconds: float
+    full_seconds: float
+    batch_size: int
+
+    @property
+    def full_inference(self) -> bool:
+        return self.full_seconds < self.incremental_seconds
+
+    def summary(self) -> str:
+        faster, ratio = (
+            ("plain batched inference", self.incremental_seconds / self.full_seconds)
+            if self.full_inference
+            else ("the incremental program", self.full_seconds / self.incremental_seconds)
+        )
+        return (
+            f"measured on batches of {self.batch_size}: incremental "
+            f"{self.incremental_seconds * 1e3:.3f} ms/position, full inference "
+            f"{self.full_seconds * 1e3:.3f} ms/position; runs {faster} ({ratio:.2f}x faster)"
+        )
+
+
+class PathTimer:
+    """The alternating measurement of one engine, shared by every thread that runs it."""
+
+    def __init__(self, device: torch.device):
+        self._device = device
+        self._lock = threading.Lock()
+        self._samples: dict[str, list[float]] = {INCREMENTAL: [], FULL: []}
+        self._step: int | None = None  # the batch size the samples were taken at
+        self.result: Measured | None = None
+
+    def path_to_time(self, positions: int, step: int) -> str | None:
+        """The path to time this batch with, or None when the batch is not a sample (the choice
+        is made, the batch is partial or small, or the samples were taken at another step)."""
+        if self.result is not None or positions != step or step < MIN_STEP:
+            return None
+        with self._lock:
+            if self._step not in (None, step):
+                return None
+            self._step = step
+            counts = {path: len(times) for path, times in self._samples.items()}
+            return INCREMENTAL if counts[INCREMENTAL] <= counts[FULL] else FULL
+
+    def timed(self, path: str, run, positions: int):
+        """Run ``run()`` (one batch on ``path``), record its time per position, return its output."""
+        self._synchronize()
+        started = time.perf_counter()
+        out = run()
+        self._synchronize()
+        seconds = (time.perf_counter() - started) / positions
+        with self._lock:
+            self._samples[path].append(seconds)
+            if self.result is None and min(map(len, self._samples.values())) >= SAMPLES:
+                self.result = Measured(
+                    min(self._samples[INCREMENTAL]), min(self._samples[FULL]), int(self._step)
+                )
+        return out
+
+    def _synchronize(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
