@@ -131,10 +131,22 @@ class Recorder:
 
 
 def _run_local(setup: Setup, items: list[io.Item], done_keys: set, recorder: Recorder, progress: bool):
+    """Explain the pending items in this process. Consecutive pending items run in groups of
+    ``explainer.group_size`` (small images: positions of several images share a batch); each
+    still gets its own row, a bad one its own error row."""
     from kfx.common import progress_bar
 
     explainer = Explainer(setup)
+    size = explainer.group_size
     bar = progress_bar("kfx batch", total=len(items), show=progress, unit="img", file=sys.stderr)
+    group: list[tuple[io.Item, str | None]] = []
+
+    def run_group() -> None:
+        for row in explainer.explain_many(group):
+            recorder.record(row)
+        bar.update(len(group))
+        group.clear()
+
     try:
         for item in items:
             try:
@@ -143,9 +155,13 @@ def _run_local(setup: Setup, items: list[io.Item], done_keys: set, recorder: Rec
                 content = None  # the explainer tries again and writes the error row
             if io.row_key(item.path, content, setup.requested(item)) in done_keys:
                 recorder.skip()
-            else:
-                recorder.record(explainer.explain(item, content))
-            bar.update()
+                bar.update()
+                continue
+            group.append((item, content))
+            if len(group) >= size:
+                run_group()
+        if group:
+            run_group()
     finally:
         bar.close()
 

@@ -90,9 +90,14 @@ def run_occlusion(
     total = math.prod(engine.patch.grid_shape(tuple(image.shape[1:])))
     bar = progress_bar(desc, total=total, show=show_bar, file=sys.stderr, delay=PROGRESS_DELAY_S, leave=False)
     step = follow_progress(engine.stream(image, target, batch_size=batch_size, **run_options), bar)
-    values = step.heatmap.values
+    check_no_nan(step.heatmap.values, desc)
+    return step
+
+
+def check_no_nan(values: torch.Tensor, desc: str) -> None:
+    """Every cell was run: NaN is the model's arithmetic failing (float16 overflow, ...)."""
     missing = int(torch.isnan(values).sum())
-    if missing:  # every cell was run: NaN is the model's arithmetic failing (float16 overflow, ...)
+    if missing:
         dtype = str(values.dtype).removeprefix("torch.")
         half = values.dtype in (torch.float16, torch.bfloat16)
         hint = "run it in float32" if half else "check what it computes on occluded inputs (--fill)"
@@ -100,7 +105,6 @@ def run_occlusion(
             f"{desc}: the model gave NaN probabilities at {missing} of {values.numel()} patch "
             f"positions (dtype {dtype}); {hint}"
         )
-    return step
 
 
 @dataclass(frozen=True)
