@@ -135,8 +135,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--positions", type=int, default=48)
     parser.add_argument("--decide-batches", type=int, default=4, help="full batches of the first call")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default="never_slower")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info, load, rows = machine(), os.getloadavg(), []
     for source, name in models(args.models):
         try:

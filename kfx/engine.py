@@ -134,11 +134,12 @@ class Engine(OcclusionRunner):
         plan = self.compiled.plan
         if self._timer is None:
             return plan
-        if self._timer.result is None:
-            return replace(
-                plan, reason=f"{plan.reason}; timed against full inference on the first full-size batches"
-            )
-        return replace(plan, measured=self._timer.result)
+        if self._timer.result is not None:
+            return replace(plan, measured=self._timer.result)
+        if plan.estimated_full:  # its reason says so already
+            return plan
+        pending = "timed against full inference on the first full-size batches"
+        return replace(plan, reason=f"{plan.reason}; {pending}")
 
     # -- reporting ------------------------------------------------------------------------------
     @property
@@ -224,7 +225,7 @@ class Engine(OcclusionRunner):
             run = self._full_inference if path == "full" else self._incremental
             return timer.timed(path, lambda: run(base, positions), positions.shape[0])
         measured = None if timer is None else timer.result
-        if self.compiled.plan.full_inference or (measured is not None and measured.full_inference):
+        if self.compiled.plan.full_inference if measured is None else measured.full_inference:
             return self._full_inference(base, positions)
         return self._incremental(base, positions)
 
@@ -453,6 +454,9 @@ def _build(
     approximate = tau < 1 or global_context != "exact"
     rates = plan_rates or (machine_rates(device, dtype) if plan == "auto" and not approximate else None)
     chosen = choose_plan(gm, plan, rates, batch_size or DEFAULT_BATCH_SIZE, approximate=approximate)
+    measure = plan == "auto" and not approximate and max_memory is None  # kfx.measured_plan
+    if measure and chosen.alternative is not None:  # estimated full: time its best rival against it
+        chosen = chosen.alternative
     apply_plan(gm, chosen, tuple(image_shape[1:]), patch.size, tau, global_context=global_context)
     program = build_program(gm, patch, image_shape[0], dtype, device, backend)
     sources = [slot.source for slot in program.slots]
@@ -475,7 +479,7 @@ def _build(
         cost=static_cost(gm, tau),
         memory=memory,
         plan=chosen,
-        measure_plan=plan == "auto" and not approximate and max_memory is None and not chosen.full_inference,
+        measure_plan=measure and chosen.chosen != "full",
     )
 
 

@@ -130,6 +130,11 @@ class Plan:
     # plan="auto": the chosen program timed against full inference on the first batches
     # (a kfx.measured_plan.Measured; None until then, and for other modes)
     measured: object | None = None
+    # the estimate preferred full inference: it runs until a measurement says otherwise
+    estimated_full: bool = False
+    # auto's choice of full inference, for an engine that measures: the best incremental plan to
+    # time against it (estimated_full set), since the estimate can be off by 2x
+    alternative: Plan | None = None
 
     @property
     def switch_nodes(self) -> tuple[str, ...]:
@@ -137,8 +142,11 @@ class Plan:
 
     @property
     def full_inference(self) -> bool:
-        """Whether the engine runs plain batched inference: chosen so, or measured faster."""
-        return self.chosen == "full" or bool(self.measured is not None and self.measured.full_inference)
+        """Whether the engine runs plain batched inference: chosen so, or measured faster (until a
+        measurement, the estimate's preference)."""
+        if self.chosen == "full":
+            return True
+        return self.measured.full_inference if self.measured is not None else self.estimated_full
 
     def summary(self) -> str:
         """One line: the chosen plan and why (``print(engine)`` shows it)."""
@@ -505,7 +513,17 @@ def _cheapest(mode: str, candidates: dict, rates: Rates) -> Plan:
         reason = f"estimated {seconds['incremental'] / seconds[best]:.2f}x faster than incremental-only"
     order = ["incremental", *(n for n in candidates if n.startswith("box")), "full"]
     listed = tuple(candidates[n][0] for n in order if n in candidates)
-    return Plan(mode, best, candidates[best][1], listed, rates, reason)
+    alternative = None
+    runner_up = min((n for n in seconds if n != "full"), key=seconds.get, default=None)
+    if best == "full" and runner_up is not None:
+        timed = (
+            f"{reason}; until measured: the estimate can be off by 2x, so the best incremental plan "
+            f"({runner_up}) is timed against full inference on the first full-size batches"
+        )
+        alternative = Plan(
+            mode, runner_up, candidates[runner_up][1], listed, rates, timed, estimated_full=True
+        )
+    return Plan(mode, best, candidates[best][1], listed, rates, reason, alternative=alternative)
 
 
 def apply_plan(

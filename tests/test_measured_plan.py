@@ -13,6 +13,7 @@ from torch import nn
 
 import kfx
 from kfx import measured_plan
+from kfx.passes import plan as planning
 
 SHAPE, PATCH, STEP = (3, 16, 16), kfx.Patch(4, stride=2), 8  # 49 positions: 6 full batches + 1
 
@@ -156,3 +157,22 @@ def test_kfx_compile_defaults_to_the_measured_auto_plan(tmp_path):
     engine.save(tmp_path / "engine.kfx")
     loaded = kfx.load(tmp_path / "engine.kfx", model)
     assert loaded.plan.mode == "auto" and loaded.plan.measured is None  # it measures again
+
+
+def test_an_estimated_full_inference_is_timed_against_the_best_incremental_plan(monkeypatch):
+    # Dense work free in the estimate: it prefers full inference, which runs until the measurement
+    # (here: the program is faster) says otherwise.
+    dense_is_free = planning.Rates(1.0, 1e30, 1.0, 1e30, 1.0, 0.0, source="test: dense is free")
+    model, x = small_cnn(), image()
+    engine = kfx.compile(model, SHAPE, PATCH, plan="auto", plan_rates=dense_is_free, batch_size=STEP)
+    assert engine.plan.estimated_full and engine.plan.full_inference and engine.plan.chosen != "full"
+    assert "is timed against full inference" in engine.plan.reason
+    clock = FakeClock(monkeypatch, engine, 1e-3, 2e-3)
+    grid = torch.arange(0, SHAPE[1] - 3, 2)
+    engine.outputs(x, torch.cartesian_prod(grid, grid)[:3])  # not a sample: the estimate's path
+    assert clock.paths == [("full", 3)]
+    heatmap = engine(x)
+    assert clock.paths[1:5] == [("incremental", STEP), ("full", STEP)] * 2
+    assert set(clock.paths[5:]) == {("incremental", STEP), ("incremental", 1)}
+    assert not engine.plan.full_inference and "runs the incremental program" in repr(engine)
+    torch.testing.assert_close(heatmap.values, brute_force(model, x), rtol=0, atol=1e-12)

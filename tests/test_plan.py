@@ -162,8 +162,10 @@ def test_auto_keeps_the_incremental_program_when_incremental_work_is_free():
 
 
 def test_auto_runs_full_inference_and_says_so_when_dense_work_is_free():
+    # max_memory: an engine that does not time its plan (kfx.measured_plan) follows the estimate alone
     model, image = small_cnn(), torch.randn(3, 24, 24)
-    engine = kfx.compile(model, (3, 24, 24), kfx.Patch(4, stride=4), plan="auto", plan_rates=FREE_DENSE)
+    patch = kfx.Patch(4, stride=4)
+    engine = kfx.compile(model, (3, 24, 24), patch, plan="auto", plan_rates=FREE_DENSE, max_memory="1GB")
     assert engine.plan.chosen == "full" and engine.plan.full_inference
     assert [d.node for d in engine.dense_nodes] == ["_0"]  # the stem reads the occluded images
     assert "full inference is estimated cheapest" in engine.dense_nodes[0].reason
