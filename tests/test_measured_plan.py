@@ -176,3 +176,12 @@ def test_an_estimated_full_inference_is_timed_against_the_best_incremental_plan(
     assert set(clock.paths[5:]) == {("incremental", STEP), ("incremental", 1)}
     assert not engine.plan.full_inference and "runs the incremental program" in repr(engine)
     torch.testing.assert_close(heatmap.values, brute_force(model, x), rtol=0, atol=1e-12)
+
+
+def test_a_near_tie_goes_to_plain_inference(monkeypatch):
+    model, x = small_cnn(), image()
+    engine = kfx.compile(model, SHAPE, PATCH, plan="auto", batch_size=STEP)
+    FakeClock(monkeypatch, engine, 1e-3, 1e-3 * (measured_plan.MARGIN - 0.01))  # program 1.04x faster
+    heatmap = engine(x)
+    assert engine.plan.full_inference and "won by less than" in repr(engine)
+    torch.testing.assert_close(heatmap.values, brute_force(model, x), rtol=0, atol=1e-12)
