@@ -654,7 +654,7 @@ def write_results(tag: str, payload: dict, text: str) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["densenet121", "resnet18"])
+    parser.add_argument("--models", nargs="*", default=["densenet121", "resnet18"], help="none: the signal only")
     parser.add_argument("--sides", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--overlaps", type=float, nargs="+", default=[0.6, 0.8])
     parser.add_argument("--positions", type=int, default=16)

@@ -1,17 +1,18 @@
-"""Never slower than plain inference: an ``plan="auto"`` engine times its plan against full inference.
+"""Never slower than plain inference: a ``plan="auto"`` engine times its plan against full inference.
 
 The plan is chosen at compile time from estimates (kfx.passes.plan), and an estimate can be off by
 2x on a shared machine (docs/design.md §3.8). So an exact engine whose plan runs incrementally times
 its first full-size batches both ways, alternating (the incremental program, then plain batched
 inference on the occluded copies: the caller's own model, as ``kfx.NaiveEngine`` runs it), and
-from then on runs the path with the lower best time per position (the program only if it wins by
-:data:`MARGIN`). Both paths are exact, and every
-timed batch is a batch the call needed anyway: the measurement costs only the time the slower path
-took on its :data:`SAMPLES` batches.
+from then on runs the path with the lower best time per position; the program only if it wins by
+:data:`MARGIN`. One sample of each decides when one path is :data:`DECISIVE` times faster, else
+:data:`SAMPLES` of each. Both paths are exact, and every timed batch is a batch the call needed
+anyway: the measurement costs the time the slower path took on its samples (the first map of an
+engine whose program is 8x faster than full inference pays one full-inference batch extra).
 
 Only batches of the engine's full step are timed: a map's last, partial batch (and every batch of
-a call smaller than one step) runs the incremental program until the choice is made. Samples add
-up across calls, so a map of two or three batches still decides on the next call.
+a call smaller than one step) runs the estimate's path until the choice is made. Samples add up
+across calls, so a map of two or three batches still decides on the next call.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SAMPLES", "MARGIN", "MIN_STEP", "Measured", "PathTimer"]
+__all__ = ["SAMPLES", "MARGIN", "DECISIVE", "MIN_STEP", "Measured", "PathTimer"]
 
 SAMPLES = 2  # full-size batches timed per path; the best of them counts (the first may be cold)
 # The program is kept only if it measures at least this much faster: on a near-tie, samples on a
 # shared machine cannot tell, and plain inference is the baseline kfx must never fall below.
-MARGIN = 1.05
+MARGIN = 1.10
+# One sample each decides when one path is at least this much faster: no noise flips such a gap,
+# and every further sample of the slow path is paid in full (VGG16: one full-inference batch costs
+# what eight batches of its program do).
+DECISIVE = 2.0
 MIN_STEP = 4  # smaller batches are not timed: fixed costs dominate them, not the per-position work
 INCREMENTAL, FULL = "incremental", "full"
 
@@ -88,10 +93,11 @@ class PathTimer:
         seconds = (time.perf_counter() - started) / positions
         with self._lock:
             self._samples[path].append(seconds)
-            if self.result is None and min(map(len, self._samples.values())) >= SAMPLES:
-                self.result = Measured(
-                    min(self._samples[INCREMENTAL]), min(self._samples[FULL]), int(self._step)
-                )
+            counts = min(map(len, self._samples.values()))
+            if self.result is None and counts >= 1:
+                best = min(self._samples[INCREMENTAL]), min(self._samples[FULL])
+                if counts >= SAMPLES or max(best) >= DECISIVE * min(best):
+                    self.result = Measured(*best, int(self._step))
         return out
 
     def _synchronize(self) -> None:
