@@ -194,11 +194,14 @@ class Engine(OcclusionRunner):
             if cached is not None and cached.versions == versions and torch.equal(cached.image, image):
                 return cached
             with torch.no_grad():
-                output, activations = self.compiled.base_program(image)
-                prepared = [
-                    act if slot.whole else kernels.pad_base(act, slot.margins, slot.pad_value)
-                    for act, slot in zip(activations, self.compiled.slots)
-                ]
+                if self._decided_full_inference():  # no program will read activations: the plain model
+                    output, prepared = self._model(image), []
+                else:
+                    output, activations = self.compiled.base_program(image)
+                    prepared = [
+                        act if slot.whole else kernels.pad_base(act, slot.margins, slot.pad_value)
+                        for act, slot in zip(activations, self.compiled.slots)
+                    ]
             self._base_cache = _Base(image.clone(), versions, output, prepared)
             return self._base_cache
 
@@ -228,6 +231,11 @@ class Engine(OcclusionRunner):
         if self.compiled.plan.full_inference if measured is None else measured.full_inference:
             return self._full_inference(base, positions)
         return self._incremental(base, positions)
+
+    def _decided_full_inference(self) -> bool:
+        """Full inference for good: asked for (plan="full"), or measured faster (plan="auto")."""
+        measured = None if self._timer is None else self._timer.result
+        return self.compiled.plan.chosen == "full" or (measured is not None and measured.full_inference)
 
     def _incremental(self, base: _Base, positions: torch.Tensor) -> torch.Tensor:
         return self.program(positions, *base.activations)

@@ -83,6 +83,10 @@ def test_the_faster_path_is_kept_after_two_samples_each_and_the_map_stays_exact(
     again = engine(x)  # decided: no more sampling
     assert clock.paths[7:] == [(winner, STEP)] * 6 + [(winner, 1)]
     torch.testing.assert_close(again.values, heatmap.values, rtol=0, atol=1e-12)
+    other = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch.testing.assert_close(engine(other).values, brute_force(model, other), rtol=0, atol=1e-12)
+    # decided on full inference, a new image's base is the plain model's output: no activations kept
+    assert (engine._base_cache.activations == []) is full_faster
 
 
 def test_partial_and_small_batches_are_not_timed_and_samples_add_up_across_calls(monkeypatch):
@@ -181,7 +185,9 @@ def test_an_estimated_full_inference_is_timed_against_the_best_incremental_plan(
 def test_a_near_tie_goes_to_plain_inference(monkeypatch):
     model, x = small_cnn(), image()
     engine = kfx.compile(model, SHAPE, PATCH, plan="auto", batch_size=STEP)
-    FakeClock(monkeypatch, engine, 1e-3, 1e-3 * (measured_plan.MARGIN - 0.01))  # the program wins, by less than MARGIN
+    FakeClock(
+        monkeypatch, engine, 1e-3, 1e-3 * (measured_plan.MARGIN - 0.01)
+    )  # the program wins, by less than MARGIN
     heatmap = engine(x)
     assert engine.plan.full_inference and "won by less than" in repr(engine)
     torch.testing.assert_close(heatmap.values, brute_force(model, x), rtol=0, atol=1e-12)
