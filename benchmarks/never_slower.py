@@ -15,7 +15,7 @@ measurement is printed) makes the choice; then the three methods take turns on t
 every method includes the unoccluded image's inference, as a map needs its probability (kfx's is
 its base pass); at --positions 48 it weighs about 4x what it does in a whole 196-position map.
 Earlier results (never_slower.md, never_slower_1thread.md, never_slower_margin.md,
-never_slower_margin.md, never_slower_s8.md) timed full inference without it. Results: JSON and
+never_slower_s8.md, never_slower_final.md) timed full inference without it. Results: JSON and
 Markdown in benchmarks/results/ (machine, threads, load average, command). Never run by the tests.
 
     nice -n 10 python benchmarks/never_slower.py                   # every model (about 15 min here)
@@ -28,7 +28,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 from compare import best_time, machine, save_results  # benchmarks/ is on sys.path
