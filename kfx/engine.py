@@ -91,9 +91,8 @@ class Compiled:
     memory: MemoryEstimate  # static estimate of a run: .per_image + batch size x .per_position bytes
     tuning: object | None = None  # a kfx.Tuning (kfx.tuning imports this module, not the reverse)
     plan: Plan | None = None  # where the program runs incrementally and where fully (docs/design.md §3.8)
-    measure_plan: bool = (
-        False  # time the program against full inference on the first batches (kfx.measured_plan)
-    )
+    # plan="auto": time the program against full inference on the first batches (kfx.measured_plan)
+    measure_plan: bool = False
 
 
 class Engine(OcclusionRunner):
@@ -194,7 +193,9 @@ class Engine(OcclusionRunner):
             if cached is not None and cached.versions == versions and torch.equal(cached.image, image):
                 return cached
             with torch.no_grad():
-                if self._decided_full_inference():  # no program will read activations: the plain model
+                if (
+                    self._runs_fully() and not self._measuring()
+                ):  # no program reads activations: the plain model
                     output, prepared = self._model(image), []
                 else:
                     output, activations = self.compiled.base_program(image)
@@ -227,15 +228,17 @@ class Engine(OcclusionRunner):
         if path is not None:
             run = self._full_inference if path == "full" else self._incremental
             return timer.timed(path, lambda: run(base, positions), positions.shape[0])
-        measured = None if timer is None else timer.result
-        if self.compiled.plan.full_inference if measured is None else measured.full_inference:
+        if self._runs_fully():
             return self._full_inference(base, positions)
         return self._incremental(base, positions)
 
-    def _decided_full_inference(self) -> bool:
-        """Full inference for good: asked for (plan="full"), or measured faster (plan="auto")."""
+    def _measuring(self) -> bool:
+        return self._timer is not None and self._timer.result is None
+
+    def _runs_fully(self) -> bool:
+        """Full inference now: measured faster, or (until measured) the plan's choice or estimate."""
         measured = None if self._timer is None else self._timer.result
-        return self.compiled.plan.chosen == "full" or (measured is not None and measured.full_inference)
+        return self.compiled.plan.full_inference if measured is None else measured.full_inference
 
     def _incremental(self, base: _Base, positions: torch.Tensor) -> torch.Tensor:
         return self.program(positions, *base.activations)
