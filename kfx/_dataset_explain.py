@@ -60,14 +60,12 @@ class Explainer:
         """The row for ``item``: its map, or status "error" with what went wrong (never raises,
         except KeyboardInterrupt). ``content``: the file's hash when the caller already has it."""
         from kfx.cli.explain import run_occlusion
-        from kfx.cli.images import _model_input, read_image
 
         started = time.perf_counter()
         requested = self.setup.requested(item)
         try:
             content = content or io.content_hash(item.path)
-            pixels = read_image(item.path)
-            image = _model_input(self.setup.loaded, pixels, item.path, self.setup.size, self.device)
+            image = self._read(item)
             target = _class_index(self.setup.loaded, requested)
             step = run_occlusion(
                 self.engine,
@@ -81,6 +79,13 @@ class Explainer:
         except Exception as exc:  # a bad input becomes an error row; the run goes on
             return self._row(item, content, requested, started, error=_message(exc))
         return self._row(item, content, requested, started, result=step.heatmap)
+
+    def _read(self, item: io.Item) -> torch.Tensor:
+        """The model input of ``item``, read and resized as ``kfx explain`` does."""
+        from kfx.cli.images import _model_input, read_image
+
+        pixels = read_image(item.path)
+        return _model_input(self.setup.loaded, pixels, item.path, self.setup.size, self.device)
 
     @property
     def group_size(self) -> int:
@@ -109,15 +114,12 @@ class Explainer:
 
     def _prepare(self, index: int, item: io.Item, content: str | None):
         """A _Prepared input (read, checked, its unoccluded run and target), or its error row."""
-        from kfx.cli.images import _model_input, read_image
-
         started = time.perf_counter()
         requested = self.setup.requested(item)
         engine = self.engine
         try:
             content = content or io.content_hash(item.path)
-            pixels = read_image(item.path)
-            image = _model_input(self.setup.loaded, pixels, item.path, self.setup.size, self.device)
+            image = self._read(item)
             base = engine._prepare(engine._check_image(image))
             target, probabilities = engine._check_target(
                 base.output, _class_index(self.setup.loaded, requested)
