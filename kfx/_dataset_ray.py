@@ -39,21 +39,27 @@ class _RayExplainer:
         self.explainer = Explainer(setup)
 
     def __call__(self, batch):
+        """The rows of a batch of inputs, in order: skipped ones marked, the pending ones explained
+        together (several small images share model batches, as in the local run)."""
         import pyarrow as pa
 
-        inputs = batch.to_pylist()
-        rows = [self._one(io.Item(row["path"], io._target_text(row["target"]))) for row in inputs]
+        rows: list[dict | None] = []
+        pending, where = [], []
+        for row in batch.to_pylist():
+            item = io.Item(row["path"], io._target_text(row["target"]))
+            try:
+                content = io.content_hash(item.path)
+            except OSError:
+                content = None  # the explainer tries again and writes the error row
+            if io.row_key(item.path, content, self.explainer.setup.requested(item)) in self.done:
+                rows.append({"path": item.path, "status": SKIPPED})
+            else:
+                where.append(len(rows))
+                rows.append(None)
+                pending.append((item, content))
+        for index, row in zip(where, self.explainer.explain_many(pending), strict=True):
+            rows[index] = row
         return pa.Table.from_pylist(rows, schema=io.schema())
-
-    def _one(self, item: io.Item) -> dict:
-        setup = self.explainer.setup
-        try:
-            content = io.content_hash(item.path)
-        except OSError:
-            content = None
-        if io.row_key(item.path, content, setup.requested(item)) in self.done:
-            return {"path": item.path, "status": SKIPPED}
-        return self.explainer.explain(item, content)
 
 
 def _ray():
@@ -88,7 +94,8 @@ def run_ray(setup, items, done_keys, recorder, address, actors, threads, progres
     ray = _ray()
     # Compile once here first: a model or patch kfx refuses fails now with kfx's own message (an
     # actor's failing constructor reaches the driver as Ray's ActorDiedError, with the text only).
-    Explainer(setup)
+    # Its group size (small images share model batches) is each actor's batch of inputs.
+    group = Explainer(setup).group_size
     started_here = _start(ray, address)
     try:
         context = ray.data.DataContext.get_current()
@@ -98,7 +105,9 @@ def run_ray(setup, items, done_keys, recorder, address, actors, threads, progres
         rows = [{"path": item.path, "target": item.target} for item in items]
         results = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS)).map_batches(
             _RayExplainer,
-            batch_size=1,  # one image per call: a map takes seconds, so actors balance image by image
+            # One image per call (a map takes seconds, so actors balance image by image), or one
+            # group of small images whose positions share model batches (kfx/_multi_image.py).
+            batch_size=group,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=pool),
             fn_constructor_kwargs={"setup": setup, "done_keys": done_keys, "threads": threads},

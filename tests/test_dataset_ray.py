@@ -149,3 +149,56 @@ def test_a_worker_killed_midway_costs_time_not_results(tmp_path):
     for row in rows[:4]:
         expected = engine(loaded.prepare(read_pixels(row["path"]), 128)).values.ravel()
         torch.testing.assert_close(torch.tensor(row["map"]), expected, rtol=0, atol=1e-6)
+
+
+SMALL_PATCH = kfx.Patch(16, stride=8)  # 9 positions on 32 px: the default plan runs full inference
+
+
+@pytest.mark.library_defaults
+def test_ray_actors_group_small_images_and_give_each_its_own_map(tmp_path):
+    paths = write_photos(tmp_path / "photos", 5)
+    corrupt = tmp_path / "photos" / "photo2b.png"  # among the good ones: inside a group
+    corrupt.write_bytes(b"not a picture")
+    summary = kfx.explain_dataset(
+        tmp_path / "photos", TINY, SMALL_PATCH, tmp_path / "out", size=SIZE, runner="ray", actors=2
+    )
+    assert (summary.done, summary.failed) == (5, 1)
+    table = kfx.read_results(tmp_path / "out").set_index("path")
+    loaded = load_model(TINY)
+    engine = kfx.compile(loaded.model, (3, SIZE, SIZE), SMALL_PATCH, plan="incremental")  # one by one
+    maps = []
+    for path in paths:
+        expected = engine(loaded.prepare(read_pixels(str(path)), SIZE))
+        row = table.loc[str(path)]
+        assert row["status"] == "ok" and row["target"] == expected.target
+        maps.append(torch.from_numpy(row["map"]))
+        torch.testing.assert_close(maps[-1], expected.values, rtol=0, atol=1e-6)
+    assert all(not torch.allclose(a, b, atol=1e-4) for i, a in enumerate(maps) for b in maps[i + 1 :])
+    assert table.loc[str(corrupt), "status"] == "error" and str(corrupt) in table.loc[str(corrupt), "error"]
+
+
+@pytest.mark.library_defaults
+def test_an_actor_runs_its_pending_small_images_in_shared_batches_and_marks_the_skipped(tmp_path):
+    from kfx import _dataset_io as io
+    from kfx._dataset_ray import SKIPPED, _RayExplainer
+
+    paths = write_photos(tmp_path / "photos", 4)
+    setup = kfx.dataset._setup(
+        TINY, SMALL_PATCH, None, None, 1.0, None, SIZE, None, None, None, None, None, "cpu"
+    )
+    done = {io.row_key(str(paths[1]), io.content_hash(str(paths[1])), None)}  # finished earlier
+    actor = _RayExplainer(setup, done, threads=torch.get_num_threads())
+    batches = []
+    actor.explainer.model.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    import pyarrow as pa
+
+    rows = actor(pa.Table.from_pylist([{"path": str(p), "target": None} for p in paths])).to_pylist()
+    assert [row["path"] for row in rows] == [str(p) for p in paths]  # in order
+    assert rows[1]["status"] == SKIPPED and [rows[i]["status"] for i in (0, 2, 3)] == ["ok"] * 3
+    # the three pending images' 27 positions in one model call: grouped, none dropped (their
+    # unoccluded runs go through the engine's base program, not the model)
+    assert batches == [27]
+    engine = kfx.compile(setup.loaded.model, (3, SIZE, SIZE), SMALL_PATCH, plan="incremental")
+    for i in (0, 2, 3):
+        expected = engine(setup.loaded.prepare(read_pixels(str(paths[i])), SIZE)).values.ravel()
+        torch.testing.assert_close(torch.tensor(rows[i]["map"]), expected, rtol=0, atol=1e-6)
