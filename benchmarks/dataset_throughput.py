@@ -8,7 +8,9 @@ actors too; starting Ray itself is timed separately), and reading and resizing e
 maps of the three methods are compared (largest absolute difference), so a fast wrong answer shows.
 
     python benchmarks/dataset_throughput.py                  # 200 images: hours on a 2-core CPU
-    python benchmarks/dataset_throughput.py --images 8       # what benchmarks/results/ holds
+    python benchmarks/dataset_throughput.py --rounds 4 --output benchmarks/results/dataset_throughput_200
+        # 200 images in 4 rounds of 50, the methods taking turns: what benchmarks/results/ holds
+    python benchmarks/dataset_throughput.py --images 8       # a quick look
     python benchmarks/dataset_throughput.py --images 8 --threads 1 --no-ray \
         --output benchmarks/results/dataset_throughput_1thread  # the local side single-threaded
 
@@ -73,6 +75,60 @@ def dataset_run(paths, patch, out: Path, **options) -> tuple[float, dict]:
     return seconds, dict(zip(table["path"], table["map"]))
 
 
+LOOP = "plain loop over kfx.compile(...)(image)"
+LOCAL = "explain_dataset, local runner"
+RAY = "explain_dataset, Ray runner (2 actors x 1 torch thread)"
+
+
+def run_rounds(paths: list[Path], patch: kfx.Patch, work: Path, rounds: int, ray: bool) -> dict:
+    """Every method on every round's share of ``paths`` (methods take turns, the first one rotating
+    from round to round); each method's seconds and maps summed over the rounds. A method's time in
+    a round includes its fixed costs (model load, compile; Ray: its actors' start), paid per round."""
+    names = [LOOP, LOCAL] + ([RAY] if ray else [])
+    seconds = {name: [] for name in names}
+    maps: dict[str, dict] = {name: {} for name in names}
+    if ray:
+        import ray as ray_module
+
+        started = time.perf_counter()
+        ray_module.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray_start_s = time.perf_counter() - started
+    try:
+        for index in range(rounds):
+            share = paths[index * len(paths) // rounds : (index + 1) * len(paths) // rounds]
+            order = names[index % len(names) :] + names[: index % len(names)]
+            for name in order:
+                if name == LOOP:
+                    spent, got = plain_loop(share, patch)
+                elif name == LOCAL:
+                    spent, got = dataset_run(share, patch, work / f"local{index}")
+                else:
+                    spent, got = dataset_run(
+                        share, patch, work / f"ray{index}", runner="ray", actors=2, threads=1
+                    )
+                seconds[name].append(spent)
+                maps[name].update(got)
+                print(
+                    f"round {index + 1}/{rounds}, {name}: {spent:.1f} s for {len(share)} images", flush=True
+                )
+    finally:
+        if ray:
+            ray_module.shutdown()
+    images = len(paths)
+    out = {}
+    for name in names:
+        total = sum(seconds[name])
+        out[name] = {"seconds": total, "images_per_second": images / total, "round_seconds": seconds[name]}
+        if name == LOOP:
+            out[name]["torch_threads"] = torch.get_num_threads()
+        else:
+            out[name]["max_abs_difference_vs_loop"] = largest_difference(maps[name], maps[LOOP])
+        if name == RAY:
+            out[name]["ray_init_seconds"] = ray_start_s
+        print(f"{name}: {total:.1f} s, {images / total:.4f} images/s", flush=True)
+    return out
+
+
 def largest_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
@@ -113,6 +169,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads of the loop and the local runner (default: torch's)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="split the images into this many rounds; each round runs every method on its share, "
+        "the order rotating, so load from other jobs falls on all methods alike",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "dataset_throughput")
     args = parser.parse_args()
     patch = kfx.Patch(args.patch, stride=args.stride)
@@ -132,37 +195,9 @@ def main() -> None:
         work = Path(work)
         (work / "photos").mkdir()
         paths = write_photos(work / "photos", args.images)
-        methods = record["methods"]
-
-        def note(name, seconds, **extra):
-            methods[name] = {"seconds": seconds, "images_per_second": args.images / seconds, **extra}
-            print(f"{name}: {seconds:.1f} s, {args.images / seconds:.4f} images/s {extra}", flush=True)
-
-        loop_s, loop_maps = plain_loop(paths, patch)
-        note("plain loop over kfx.compile(...)(image)", loop_s, torch_threads=torch.get_num_threads())
-        local_s, local_maps = dataset_run(paths, patch, work / "local")
-        note(
-            "explain_dataset, local runner",
-            local_s,
-            torch_threads=torch.get_num_threads(),
-            max_abs_difference_vs_loop=largest_difference(local_maps, loop_maps),
-        )
-        if not args.no_ray:
-            import ray
-
-            started = time.perf_counter()
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-            ray_start_s = time.perf_counter() - started
-            try:
-                ray_s, ray_maps = dataset_run(paths, patch, work / "ray", runner="ray", actors=2, threads=1)
-            finally:
-                ray.shutdown()
-            note(
-                "explain_dataset, Ray runner (2 actors x 1 torch thread)",
-                ray_s,
-                ray_init_seconds=ray_start_s,
-                max_abs_difference_vs_loop=largest_difference(ray_maps, loop_maps),
-            )
+        methods = run_rounds(paths, patch, work, args.rounds, ray=not args.no_ray)
+        record["rounds"] = args.rounds
+        record["methods"] = methods
     record["load_average_end"] = os.getloadavg()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
@@ -176,8 +211,14 @@ def markdown(record: dict) -> str:
         "# Dataset throughput",
         "",
         f"`{record['command']}`: {record['model']}, patch {record['patch']}, stride {record['stride']}, "
-        f"{record['images']} images (scikit-image's sample photos repeated), one run per method; "
-        f"the loop and the local runner with {m['torch_threads']} torch thread(s).",
+        f"{record['images']} images (scikit-image's sample photos repeated), "
+        + (
+            "one run per method; "
+            if record.get("rounds", 1) == 1
+            else f"in {record['rounds']} rounds of {record['images'] // record['rounds']} images, each "
+            "round running every method in turn (the first method rotating), times summed; "
+        )
+        + f"the loop and the local runner with {m['torch_threads']} torch thread(s).",
         "",
         f"Machine: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}, torch {m['torch']}, "
         f"kfx {m['kfx']} at {m['commit']}. Load average (1/5/15 min) at start "
