@@ -143,10 +143,15 @@ def machine() -> dict:
         )
     except (OSError, StopIteration):
         cpu = platform.processor()
+    repo = Path(__file__).parent
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=repo
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, check=True, cwd=repo
+        ).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return {
@@ -156,7 +161,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "kfx": kfx.__version__,
-        "commit": commit + " (with uncommitted changes)",
+        "commit": commit,
     }
 
 
