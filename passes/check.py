@@ -99,16 +99,32 @@ def check_traced(
             f"the traced graph of {type(model).__name__} fails where the model runs: {type(exc).__name__}: {exc}"
         ) from exc
     if not _close(traced, eager):
+        _check_deterministic(model, example, eager)
         difference = (
             (traced.double() - eager.double()).abs().max() if traced.shape == eager.shape else "shape"
         )
         raise TraceError(
             f"the torch.fx graph of {type(model).__name__} computes something other than the model (largest "
             f"difference {difference} on a random batch), so kfx's maps would be wrong. This happens with "
-            "in-place ops on views or on tensors used again later; write them out of place and retry"
+            "in-place ops on views or on tensors used again later (write them out of place and retry), "
+            "and with forward hooks on the model itself, which torch.fx does not record (remove them, or "
+            "compile a module whose forward calls the hooked model)"
         )
     if not _close(alone, traced[:1]):
         _check_per_example(type(model).__name__, gm, example, traced, alone)
+
+
+def _check_deterministic(model: nn.Module, example: torch.Tensor, eager: torch.Tensor) -> None:
+    """A model whose output changes from one call to the next (dropout with ``training=True``, noise
+    from ``torch.rand``) gives each position other randomness: no map of it can be exact."""
+    with torch.no_grad():
+        again = model(example.clone())
+    if not _close(again, eager):
+        raise ModelError(
+            f"{type(model).__name__} gives different outputs for the same images on two calls (random ops in "
+            "forward, such as F.dropout(..., training=True) or noise from torch.rand), so its occlusion map "
+            "would depend on chance; make forward deterministic in eval mode and retry"
+        )
 
 
 def _check_per_example(name: str, gm: fx.GraphModule, example, traced, alone) -> None:

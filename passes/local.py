@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from kfx.geometry import conv_fmas, effective_kernel, same_padding
-from kfx.passes.ops import _axes, bind_args
+from kfx.passes.ops import _axes, bind_args, runs_own_forward
 
 __all__ = ["LocalSpec", "local_spec", "avg_pool"]
 
@@ -51,11 +51,6 @@ AVG_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 _TORCH_CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _TORCH_MAX_POOL = {torch.max_pool1d: 1, torch.max_pool2d: 2, torch.max_pool3d: 3}
-
-
-def _own_forward(m: nn.Module, classes: tuple[type[nn.Module], ...]) -> bool:
-    """``m`` is one of ``classes`` and runs that class's own forward (a subclass may do anything)."""
-    return isinstance(m, classes) and any(type(m).forward is c.forward for c in classes)
 
 
 def avg_pool(
@@ -246,18 +241,18 @@ def _conv_axes(target, axes: int):
 def _module_spec(m: nn.Module, in_hw: tuple[int, ...]) -> LocalSpec | None:
     """The :class:`LocalSpec` of a conv/pool/pad module over ``len(in_hw)`` spatial axes."""
     axes = len(in_hw)
-    if _own_forward(m, CONV_MODULES) and m.weight.dim() == axes + 2:
+    if runs_own_forward(m, CONV_MODULES) and m.weight.dim() == axes + 2:
         if m.padding_mode != "zeros":
             return None
         conv = CONV_FUNCTIONS[axes]
         apply = lambda w, m=m: conv(w, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
         return _conv_spec(m.weight.shape, m.bias, m.stride, m.padding, m.dilation, m.groups, apply)
-    if _own_forward(m, MAX_POOL_MODULES) and _pool_axes(m) == axes and not m.return_indices:
+    if runs_own_forward(m, MAX_POOL_MODULES) and _pool_axes(m) == axes and not m.return_indices:
         return _pool_spec("max_pool", m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, in_hw)
-    if _own_forward(m, AVG_POOL_MODULES) and _pool_axes(m) == axes:
+    if runs_own_forward(m, AVG_POOL_MODULES) and _pool_axes(m) == axes:
         flags = (m.count_include_pad, getattr(m, "divisor_override", None))
         return _pool_spec("avg_pool", m.kernel_size, m.stride, m.padding, 1, m.ceil_mode, in_hw, flags)
-    if isinstance(m, PAD_MODULES) and _pool_axes(m) == axes:
+    if runs_own_forward(m, PAD_MODULES) and _pool_axes(m) == axes:
         return _pad_spec(tuple(m.padding), m.value, axes)
     block = _space_to_depth_block(m)
     if block and axes == 2:

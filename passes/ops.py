@@ -13,6 +13,10 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules import module as torch_module  # the registry of global module hooks
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from kfx.common import int_tuple
 from kfx.errors import TraceError
@@ -23,6 +27,9 @@ __all__ = [
     "is_global_mean",
     "bind_args",
     "group_norm_args",
+    "runs_own_forward",
+    "acts_per_channel",
+    "forward_hooks",
     "INPLACE_TO_FUNCTIONAL",
 ]
 
@@ -217,11 +224,44 @@ INPLACE_TO_FUNCTIONAL: dict = {
 }
 
 
+def runs_own_forward(m: nn.Module, classes: tuple[type[nn.Module], ...]) -> bool:
+    """``m`` is one of ``classes`` and runs that class's own forward. A subclass kept whole with
+    ``leaf_modules=`` may compute anything in its own forward (a convolution may also override
+    ``_conv_forward``), so only what torch's class computes is known."""
+    own = any(
+        type(m).forward is c.forward
+        and getattr(type(m), "_conv_forward", None) is getattr(c, "_conv_forward", None)
+        for c in classes
+    )
+    return isinstance(m, classes) and own
+
+
+# Forward pre-hooks that only recompute a parameter from others before each call (pruning's mask,
+# weight normalisation): the module still computes its own op, with the weight the base run set.
+_PARAMETER_HOOKS = (BasePruningMethod, WeightNorm, SpectralNorm)
+
+
+def forward_hooks(m: nn.Module) -> list:
+    """The forward hooks and pre-hooks that run when ``m`` is called (its own and the global ones)
+    and may change what it computes. A module with any runs densely: its hooks see and may
+    change full tensors only there (the incremental steps run the op itself, or on boxes)."""
+    global_hooks = torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks
+    if not (m._forward_pre_hooks or m._forward_hooks or global_hooks):
+        return []  # the common case, checked before every batch (kfx.passes.steps.ModelGuard)
+    hooks = [
+        *m._forward_pre_hooks.values(),
+        *m._forward_hooks.values(),
+        *torch_module._global_forward_pre_hooks.values(),
+        *torch_module._global_forward_hooks.values(),
+    ]
+    return [hook for hook in hooks if not isinstance(hook, _PARAMETER_HOOKS)]
+
+
 def is_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """True if the node's op acts element by element on its spatial input (docs/design.md §2.2)."""
     if node.op == "call_module":
         m = modules[node.target]
-        if isinstance(m, POINTWISE_MODULES):
+        if runs_own_forward(m, POINTWISE_MODULES):
             return not (
                 m.training
                 and isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout))
@@ -270,6 +310,16 @@ def per_channel_operands(node: fx.Node) -> list[fx.Node]:
     return [bound[name] for name in names if isinstance(bound.get(name), fx.Node)]
 
 
+def acts_per_channel(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """An element-wise op with one parameter per channel along dim 1 (BatchNorm, a PReLU with one
+    weight per channel): element-wise only where dim 1 holds the channels."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        batch_norm = isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+        return batch_norm or (isinstance(m, nn.PReLU) and m.num_parameters > 1)
+    return node.op == "call_function" and node.target in (F.batch_norm, F.prelu, torch.prelu)
+
+
 ADAPTIVE_AVG_POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 ADAPTIVE_AVG_POOL_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
 
@@ -282,12 +332,19 @@ def _to_one(output_size) -> bool:
 
 def is_global_mean(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Global average pooling over every spatial axis (output [1, C, 1, ...] or [1, C]): it has an
-    exact delta. Its input's rank says which dims are spatial: all but the batch and the channels."""
+    exact delta. Its input's rank says which dims are spatial: all but the batch and the channels.
+    An adaptive pool must pool exactly those: AdaptiveAvgPool3d of a [1, C, H, W] map reads it as
+    one unbatched volume and averages over the channels too."""
     if node.op == "call_module":
         m = modules[node.target]
-        return isinstance(m, ADAPTIVE_AVG_POOL_MODULES) and _to_one(m.output_size)
+        if not runs_own_forward(m, ADAPTIVE_AVG_POOL_MODULES):
+            return False
+        axes = next(a for a, cls in enumerate(ADAPTIVE_AVG_POOL_MODULES, 1) if isinstance(m, cls))
+        return _to_one(m.output_size) and _input_rank(node) == axes + 2
     if node.op == "call_function" and node.target in ADAPTIVE_AVG_POOL_FUNCTIONS:
-        return _to_one(bind_args(node, ("input", "output_size"), {})["output_size"])
+        axes = ADAPTIVE_AVG_POOL_FUNCTIONS.index(node.target) + 1
+        output_size = bind_args(node, ("input", "output_size"), {})["output_size"]
+        return _to_one(output_size) and _input_rank(node) == axes + 2
     if (node.op == "call_method" and node.target == "mean") or (
         node.op == "call_function" and node.target is torch.mean
     ):
@@ -302,6 +359,12 @@ def is_global_mean(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             and "dtype" not in node.kwargs
         )
     return False
+
+
+def _input_rank(node: fx.Node) -> int:
+    """The rank of the node's first operand (0 if it has no traced shape)."""
+    source = node.args[0] if node.args else node.kwargs.get("input")
+    return len(getattr(getattr(source, "meta", {}).get("tensor_meta"), "shape", ()))
 
 
 def is_gate_product(node: fx.Node) -> bool:

@@ -67,6 +67,8 @@ from kfx.passes.layout import (
 )
 from kfx.passes.local import local_spec
 from kfx.passes.ops import (
+    acts_per_channel,
+    forward_hooks,
     group_norm_args,
     is_gate_product,
     is_global_mean,
@@ -167,6 +169,18 @@ def downstream_of_dense(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None
 def constant(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """No operand depends on the image (weights, constants): the value is the same at every position."""
     return NodePatch(State.CONST, "const") if State.PATCH not in ctx.states else None
+
+
+def hooked_module(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
+    """A module with forward hooks or pre-hooks (its own or global ones) runs densely: a hook may
+    change the module's input or output, and the incremental steps run the op itself (or on boxes),
+    where no hook would see the full tensor it expects."""
+    if node.op != "call_module" or not forward_hooks(ctx.modules[node.target]):
+        return None
+    return dense(
+        f"{describe(node, ctx.modules)} has forward hooks, which may change what it computes: it runs "
+        "densely (exact); remove the hooks before kfx.compile to keep it incremental"
+    )
 
 
 def shape_query(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
@@ -307,7 +321,9 @@ def pointwise(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
             return None
         allowed = layer_operands(node)
     elif is_pointwise(node, ctx.modules) and out == src:
-        allowed = per_channel_operands(node) if 1 not in spatial else []  # batch_norm's [C] act on dim 1
+        if 1 in spatial and acts_per_channel(node, ctx.modules):
+            return None  # its per-channel parameters would act on a spatial dim of this layout
+        allowed = per_channel_operands(node)  # batch_norm's [C] statistics act on dim 1
     else:
         return None
     if all(
@@ -486,6 +502,7 @@ CLASSIFY_RULES: tuple[Callable[[fx.Node, ClassifyContext], NodePatch | None], ..
     gate,
     downstream_of_dense,
     constant,
+    hooked_module,
     shape_query,
     channel_op,
     global_mean,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from kfx.passes.ops import static_value
+from kfx.passes.ops import runs_own_forward, static_value
 
 __all__ = ["ResampleSpec", "resample_spec"]
 
@@ -73,7 +73,7 @@ def _resampler(node: fx.Node, modules: dict[str, nn.Module]):
         module = modules[node.target]
         return (
             module
-            if isinstance(module, (*RESAMPLE_MODULES, *COPY_PAD_MODULES))
+            if runs_own_forward(module, (*RESAMPLE_MODULES, *COPY_PAD_MODULES))
             and len(node.args) == 1
             and not node.kwargs
             else None
@@ -127,7 +127,13 @@ def resample_spec(node: fx.Node, modules: dict[str, nn.Module], in_hw, out_hw, d
             expected = op(probe.to(dtype))
         except (RuntimeError, ValueError, TypeError, NotImplementedError):
             return None
-        if tuple(expected.shape[2:]) != tuple(out_hw) or tuple(m.shape[0] for m in matrices) != tuple(out_hw):
+        # A layer for another rank reads [1, C, *S] as unbatched and pads or pools C too (ReflectionPad3d
+        # of an image): not a per-channel map of the spatial axes.
+        if (
+            tuple(expected.shape[:2]) != tuple(probe.shape[:2])
+            or tuple(expected.shape[2:]) != tuple(out_hw)
+            or tuple(m.shape[0] for m in matrices) != tuple(out_hw)
+        ):
             return None
         replayed = apply_per_axis(probe.to(dtype), matrices)
         tolerance = 1e-9 if dtype == torch.float64 else 1e-4

@@ -36,6 +36,7 @@ __all__ = [
     "checked_elsewhere",
     "trusted_check",
     "VALUE_KEY",
+    "ATTRIBUTE_KEY",
 ]
 
 VALUE_KEY = "kfx_value"
@@ -253,7 +254,30 @@ def trace(model: nn.Module, leaf_modules: tuple = (), autowrap_functions: tuple 
             "Wrap it in a module whose forward(image) fixes the other arguments"
         )
     functionalize(gm)
+    _record_plain_attributes(model, gm)
     return gm
+
+
+# Set on get_attr nodes that read a plain tensor attribute of the model (not a parameter or buffer):
+# (the module that holds it, the attribute's name). The engine follows parameters and buffers only.
+ATTRIBUTE_KEY = "kfx_attribute"
+
+
+def _record_plain_attributes(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Mark the graph's reads of the model's plain tensor attributes (``self.t = torch.ones(3)``):
+    the base activations are cached per version of the parameters and buffers, which do not count
+    these, so the program checks that they keep the tensor and version they had at compile time."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        path, _, name = node.target.rpartition(".")
+        try:
+            owner = model.get_submodule(path)
+        except AttributeError:
+            continue
+        plain = name not in owner._parameters and name not in owner._buffers
+        if plain and isinstance(owner.__dict__.get(name), torch.Tensor):
+            node.meta[ATTRIBUTE_KEY] = (owner, name)
 
 
 def _registered_leaf(inside: list[tuple[str, str, type]], leaf_modules: tuple) -> type | None:
