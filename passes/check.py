@@ -122,8 +122,9 @@ def _check_deterministic(model: nn.Module, example: torch.Tensor, eager: torch.T
     if not _close(again, eager):
         raise ModelError(
             f"{type(model).__name__} gives different outputs for the same images on two calls (random ops in "
-            "forward, such as F.dropout(..., training=True) or noise from torch.rand), so its occlusion map "
-            "would depend on chance; make forward deterministic in eval mode and retry"
+            "forward, such as F.dropout(..., training=True) or noise from torch.rand, or state that forward "
+            "updates, such as a call counter), so its occlusion map would depend on chance or on history; "
+            "make forward deterministic in eval mode and retry"
         )
 
 

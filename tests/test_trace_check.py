@@ -214,8 +214,9 @@ class CountsCalls(LargeOutputs):
         return super().forward(x) * (1 + 1e-3 * self.calls)
 
 
-def test_a_traced_graph_that_differs_from_the_model_is_refused_at_large_outputs():
-    with pytest.raises(kfx.TraceError, match="computes something other than the model"):
+def test_a_model_whose_state_changes_per_call_is_refused_at_large_outputs():
+    # the traced graph bakes in one call's count, and every later call differs: refused as history-dependent
+    with pytest.raises(kfx.ModelError, match="different outputs for the same images on two calls"):
         kfx.compile(CountsCalls(), SHAPE, PATCH)
 
 
