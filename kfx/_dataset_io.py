@@ -231,6 +231,17 @@ def content_hash(path: str) -> str:
     return digest.hexdigest()
 
 
+def hash_if_pending(item, requested: str | None, done_keys: set) -> tuple[str | None, bool]:
+    """(the file's content hash, whether it still needs a row): None for the hash when the file
+    cannot be read (the explainer tries again and writes the error row); not pending when this
+    configuration has an ok row for it already."""
+    try:
+        content = content_hash(item.path)
+    except OSError:
+        content = None
+    return content, row_key(item.path, content, requested) not in done_keys
+
+
 # -- the configuration ---------------------------------------------------------------------------
 
 

@@ -47,16 +47,13 @@ class _RayExplainer:
         pending, where = [], []
         for row in batch.to_pylist():
             item = io.Item(row["path"], io._target_text(row["target"]))
-            try:
-                content = io.content_hash(item.path)
-            except OSError:
-                content = None  # the explainer tries again and writes the error row
-            if io.row_key(item.path, content, self.explainer.setup.requested(item)) in self.done:
-                rows.append({"path": item.path, "status": SKIPPED})
-            else:
+            content, to_explain = io.hash_if_pending(item, self.explainer.setup.requested(item), self.done)
+            if to_explain:
                 where.append(len(rows))
                 rows.append(None)
                 pending.append((item, content))
+            else:
+                rows.append({"path": item.path, "status": SKIPPED})
         for index, row in zip(where, self.explainer.explain_many(pending), strict=True):
             rows[index] = row
         return pa.Table.from_pylist(rows, schema=io.schema())

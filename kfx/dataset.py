@@ -149,11 +149,8 @@ def _run_local(setup: Setup, items: list[io.Item], done_keys: set, recorder: Rec
 
     try:
         for item in items:
-            try:
-                content = io.content_hash(item.path)
-            except OSError:
-                content = None  # the explainer tries again and writes the error row
-            if io.row_key(item.path, content, setup.requested(item)) in done_keys:
+            content, pending = io.hash_if_pending(item, setup.requested(item), done_keys)
+            if not pending:
                 recorder.skip()
                 bar.update()
                 continue
