@@ -78,7 +78,7 @@ def grid_outputs(engine, bases: Sequence) -> list[torch.Tensor]:
     return list(flat.split(positions.shape[0]))
 
 
-def _full_batches(engine, bases, positions: torch.Tensor, versions: tuple[int, ...]):
+def _full_batches(engine, bases, positions: torch.Tensor, versions: tuple):
     """The model on occluded copies, the images' grids laid end to end and cut every batch_size."""
     count, step = positions.shape[0], engine.batch_size
     total = count * len(bases)

@@ -9,8 +9,8 @@ import warnings
 
 from torch import nn
 
-from kfx.engine import model_state
 from kfx.errors import InputError, KfxError
+from kfx.model_state import model_state, settings_key
 
 __all__ = ["NotAcceleratedWarning", "NotAccelerated", "weights_version", "fall_back"]
 
@@ -32,8 +32,9 @@ class NotAccelerated(Exception):
 
 def weights_version(model: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer is modified in place (optimizer steps, load_state_dict)
-    or replaced (``model.fc = ...``), so cached engines are recompiled for the model as it is now."""
-    return (id(model), *model_state(model))
+    or replaced (``model.fc = ...``), or a module's settings or hooks change, so cached engines are
+    recompiled for the model as it is now."""
+    return (id(model), *model_state(model), settings_key(model))
 
 
 def fall_back(owner, why: NotAccelerated, original, *, call: str, ours: str, theirs: str, package: str):

@@ -15,10 +15,11 @@ from kfx.cost import CostReport, static_cost
 from kfx.errors import InputError, ModelError, PatchError
 from kfx.measured_plan import PathTimer
 from kfx.memory import MemoryEstimate, estimate_memory, parse_bytes
+from kfx.model_state import Settings, model_state
 from kfx.passes import META_KEY, BaseSlot, annotate, build_base_program, build_program
 from kfx.passes.patch_prop import GLOBAL_CONTEXT_MODES
 from kfx.passes.plan import PLAN_MODES, Plan, Rates, apply_plan, choose_plan, machine_rates
-from kfx.passes.trace import training_mode_error
+from kfx.passes.trace import plain_attributes
 from kfx.patch import Patch, occlude
 from kfx.results import DenseNode, Heatmap, Progress
 from kfx.runner import OcclusionRunner
@@ -40,30 +41,9 @@ class _Base:
     """The unoccluded image's run: its output and the base activations the incremental program reads."""
 
     image: torch.Tensor  # a copy: the cache key, with the weights' versions
-    versions: tuple[int, ...]
+    versions: tuple  # Engine._versions()
     output: torch.Tensor
     activations: list[torch.Tensor]
-
-
-def model_state(model: nn.Module) -> tuple[tuple, tuple[int, ...], str | None]:
-    """(identity, versions, training) of the model, in one walk over its modules.
-
-    identity changes when a tensor is replaced, re-allocated, or converted (what the traced graph
-    cannot follow); versions change on every in-place write (load_state_dict, optimizer steps,
-    BatchNorm statistics), which the graph does follow; training names the first submodule in
-    training mode (None in eval). The engine checks this before every batch, so it is one pass
-    (about half the time of named_parameters + named_buffers + a training scan).
-    """
-    identity, versions, training = [], [], None
-    for prefix, module in model.named_modules():
-        if training is None and module.training:
-            training = prefix or type(model).__name__
-        for tensors in (module._parameters, module._buffers):
-            for name, t in tensors.items():
-                if t is not None:
-                    identity.append((prefix, name, id(t), t.data_ptr(), t.dtype, t.device))
-                    versions.append(t._version)
-    return tuple(identity), tuple(versions), training
 
 
 @dataclass(frozen=True)
@@ -107,9 +87,11 @@ class Engine(OcclusionRunner):
         # The engine reads the caller's parameters and buffers live (it shares them, it does not copy
         # them): in-place changes (load_state_dict, an optimizer step, new BatchNorm statistics) are
         # seen, and the base activations are keyed on every tensor's version counter. Replacing a
-        # tensor or a module is not seen by the traced graph, so it is refused (ModelError).
+        # tensor or a module, or changing a setting or a hook, is not seen by the traced graph, so it
+        # is refused (ModelError; kfx.model_state).
         self._model = model
-        self._identity, _, _ = model_state(model)
+        self._compiled_state = model_state(model)
+        self._compiled_settings = Settings(model, plain_attributes(compiled.graph_module))
         self._lock = threading.Lock()  # guards _base_cache
         self._base_cache: _Base | None = None
         self._timer = PathTimer(compiled.device) if compiled.measure_plan else None
@@ -172,18 +154,18 @@ class Engine(OcclusionRunner):
         )
 
     # -- running --------------------------------------------------------------------------------
-    def _versions(self) -> tuple[int, ...]:
-        """The version counters of the model's tensors; ModelError if the model changed otherwise."""
-        identity, versions, training = model_state(self._model)
-        if training is not None:
-            raise training_mode_error(training, "running a kfx engine")
-        if identity != self._identity:
-            raise ModelError(
-                "the model's parameters, buffers or modules were replaced (or moved to another dtype or "
-                "device) after kfx.compile, and the compiled graph still holds the old ones; compile a new "
-                "engine for the changed model"
-            )
-        return versions
+    def _versions(self) -> tuple:
+        """What the cached unoccluded activations are keyed on: the version counters of the model's
+        tensors (and, for an engine that only runs the eager model, its settings and hooks);
+        ModelError if the model changed in a way the engine cannot follow."""
+        state = model_state(self._model)
+        if self._timer is None and self.compiled.plan.full_inference:
+            # only the caller's eager model runs: nothing was baked in by the trace, so a changed
+            # setting or hook is followed (the cached unoccluded output is keyed on them)
+            state.check_unchanged_since(self._compiled_state, None)
+            return (*state.versions, self._compiled_settings.now(self._model))
+        state.check_unchanged_since(self._compiled_state, self._compiled_settings)
+        return state.versions
 
     def _prepare(self, image: torch.Tensor) -> _Base:
         """Run the unoccluded image once; keep (and reuse for the same image and weights) its activations."""

@@ -247,7 +247,7 @@ def forward_hooks(m: nn.Module) -> list:
     change full tensors only there (the incremental steps run the op itself, or on boxes)."""
     global_hooks = torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks
     if not (m._forward_pre_hooks or m._forward_hooks or global_hooks):
-        return []  # the common case, checked before every batch (kfx.passes.steps.ModelGuard)
+        return []  # the common case
     hooks = [
         *m._forward_pre_hooks.values(),
         *m._forward_hooks.values(),

@@ -35,7 +35,6 @@ from kfx.passes.steps import (
     LocalStep,
     MeanDeltaStep,
     MergeStep,
-    ModelGuard,
     Patches,
     PointwiseStep,
     ProjectStep,
@@ -45,7 +44,6 @@ from kfx.passes.steps import (
     always_inside,
     call_target,
 )
-from kfx.passes.trace import ATTRIBUTE_KEY
 
 __all__ = [
     "Patches",
@@ -383,21 +381,6 @@ def _step(node: fx.Node) -> Step:
     raise AssertionError(f"unexpected role {_meta(node).role!r} at {node.format_node()}")  # pragma: no cover
 
 
-def _modules_run_as_ops(gm: fx.GraphModule) -> dict[str, nn.Module]:
-    """The modules the program does not call as they are on full tensors (it runs their op on
-    windows or boxes, or a delta for their output): new hooks on them would be missed."""
-    return {
-        node.target: gm.get_submodule(node.target)
-        for node in gm.graph.nodes
-        if node.op == "call_module" and (_meta(node).state is State.PATCH or _meta(node).role == "mean_delta")
-    }
-
-
-def _plain_attributes(gm: fx.GraphModule) -> dict[str, tuple[nn.Module, str]]:
-    """The model's plain tensor attributes the graph reads (kfx.passes.trace marks them), by path."""
-    return {node.target: node.meta[ATTRIBUTE_KEY] for node in gm.graph.nodes if ATTRIBUTE_KEY in node.meta}
-
-
 def build_program(gm: fx.GraphModule, patch, channels: int, dtype, device, backend: str = "torch") -> Program:
     """Rewrite annotated ``gm`` into the incremental :class:`Program` for ``patch`` (a kfx.Patch whose
     fill is a constant, made a [C, *size] tensor here, or position-dependent) on ``channels``.
@@ -411,8 +394,6 @@ def build_program(gm: fx.GraphModule, patch, channels: int, dtype, device, backe
     for _, step in steps:
         for slot in step.reads:
             ctx.add_base(slot)
-    guard = ModelGuard(_modules_run_as_ops(gm), _plain_attributes(gm))
-    ctx.positions = ctx.add_step("model_guard", guard, (ctx.positions,))
     for node, step in steps:
         ctx.env[node] = step.emit(ctx, *(ctx.bases[slot] for slot in step.reads))
     ctx.graph.lint()

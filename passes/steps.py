@@ -14,14 +14,11 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from kfx import kernels
-from kfx.errors import ModelError
-from kfx.passes.ops import forward_hooks
 from kfx.passes.patch_prop import AxisBoxes, NodePatch
 from kfx.passes.resample import apply_per_axis
 
 __all__ = [
     "Patches",
-    "ModelGuard",
     "InputStep",
     "PointwiseStep",
     "LocalStep",
@@ -79,60 +76,6 @@ def call_target(node: fx.Node, modules: dict[str, nn.Module]):
         name = node.target
         return lambda self_arg, *args, **kwargs: getattr(self_arg, name)(*args, **kwargs)
     return node.target
-
-
-def _settings(module: nn.Module) -> dict:
-    """A module's plain settings (kernel size, stride, padding mode, count_include_pad, ...): the
-    compiled boxes and windows depend on them."""
-    return {
-        key: value
-        for key, value in vars(module).items()
-        if not key.startswith("_") and key != "training" and isinstance(value, (bool, int, float, str, tuple))
-    }
-
-
-class ModelGuard(nn.Module):
-    """Refuses to run once the model changed in a way the compiled program cannot follow: a module
-    the program runs as a known op (or on boxes) changed its settings or gained forward hooks since
-    compiling (the program would use stale boxes, skip the hooks or apply them to boxes), or a plain
-    tensor attribute the graph reads (not a parameter or buffer, whose versions key the cache) was
-    changed in place or replaced. Passes the positions through, so that every step follows it."""
-
-    def __init__(self, modules: dict[str, nn.Module], attributes: dict[str, tuple[nn.Module, str]]):
-        super().__init__()
-        self.watched = tuple(modules.items())  # a plain tuple: the modules stay the graph's own
-        self.settings = tuple(tuple(_settings(module).items()) for _, module in self.watched)
-        self.attributes = tuple(
-            (path, owner, name, getattr(owner, name), getattr(owner, name)._version)
-            for path, (owner, name) in attributes.items()
-        )
-
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        for (name, module), settings in zip(self.watched, self.settings):
-            now = module.__dict__
-            if any(now.get(key) != old for key, old in settings):
-                changed = ", ".join(
-                    f"{key}: {old!r} -> {now.get(key)!r}" for key, old in settings if now.get(key) != old
-                )
-                raise ModelError(
-                    f"module {name!r} ({type(module).__name__}) changed its settings after kfx.compile "
-                    f"({changed}); the compiled boxes are for the old ones. Compile again"
-                )
-            if forward_hooks(module):
-                raise ModelError(
-                    f"module {name!r} ({type(module).__name__}) now runs forward hooks (its own or global "
-                    "ones) that it did not run at kfx.compile; the compiled engine would skip them or apply "
-                    "them to parts of tensors. Compile again (modules with hooks then run densely), or "
-                    "remove the hooks"
-                )
-        for path, owner, name, tensor, version in self.attributes:
-            if owner.__dict__.get(name) is not tensor or tensor._version != version:
-                raise ModelError(
-                    f"the model's tensor attribute {path!r} changed after kfx.compile; it is a plain "
-                    "attribute, not a parameter or buffer, so kfx cannot tell when its cached activations "
-                    f"go stale. Register it (self.register_buffer({name!r}, tensor)) and compile again"
-                )
-        return positions
 
 
 class InputStep(nn.Module):

@@ -37,6 +37,7 @@ __all__ = [
     "trusted_check",
     "VALUE_KEY",
     "ATTRIBUTE_KEY",
+    "plain_attributes",
 ]
 
 VALUE_KEY = "kfx_value"
@@ -278,6 +279,11 @@ def _record_plain_attributes(model: nn.Module, gm: fx.GraphModule) -> None:
         plain = name not in owner._parameters and name not in owner._buffers
         if plain and isinstance(owner.__dict__.get(name), torch.Tensor):
             node.meta[ATTRIBUTE_KEY] = (owner, name)
+
+
+def plain_attributes(gm: fx.GraphModule) -> dict[str, tuple[nn.Module, str]]:
+    """The model's plain tensor attributes the graph reads (marked at tracing), by path: (owner, name)."""
+    return {node.target: node.meta[ATTRIBUTE_KEY] for node in gm.graph.nodes if ATTRIBUTE_KEY in node.meta}
 
 
 def _registered_leaf(inside: list[tuple[str, str, type]], leaf_modules: tuple) -> type | None:

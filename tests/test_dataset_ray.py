@@ -187,17 +187,21 @@ def test_an_actor_runs_its_pending_small_images_in_shared_batches_and_marks_the_
         TINY, SMALL_PATCH, None, None, 1.0, None, SIZE, None, None, None, None, None, "cpu"
     )
     done = {io.row_key(str(paths[1]), io.content_hash(str(paths[1])), None)}  # finished earlier
+    batches = []  # the batch sizes the model's head runs at; hooked before compiling, as kfx requires
+    hook = setup.loaded.model[-1].register_forward_hook(
+        lambda module, args, out: batches.append(args[0].shape[0])
+    )
     actor = _RayExplainer(setup, done, threads=torch.get_num_threads())
-    batches = []
-    actor.explainer.model.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    batches.clear()  # compiling's own checks ran it too
     import pyarrow as pa
 
     rows = actor(pa.Table.from_pylist([{"path": str(p), "target": None} for p in paths])).to_pylist()
     assert [row["path"] for row in rows] == [str(p) for p in paths]  # in order
     assert rows[1]["status"] == SKIPPED and [rows[i]["status"] for i in (0, 2, 3)] == ["ok"] * 3
-    # the three pending images' 27 positions in one model call: grouped, none dropped (their
-    # unoccluded runs go through the engine's base program, not the model)
-    assert batches == [27]
+    # each pending image's unoccluded run (batch 1), then their 3 x 9 positions in one model call:
+    # grouped, none dropped
+    assert batches == [1, 1, 1, 27]
+    hook.remove()
     engine = kfx.compile(setup.loaded.model, (3, SIZE, SIZE), SMALL_PATCH, plan="incremental")
     for i in (0, 2, 3):
         expected = engine(setup.loaded.prepare(read_pixels(str(paths[i])), SIZE)).values.ravel()
