@@ -71,8 +71,8 @@ def settings(module: nn.Module) -> tuple[tuple[str, object], ...]:
 
 class Settings:
     """The model's settings and hooks at compile time, with references to where they live, so that
-    checking them before a batch is a flat loop over dict lookups (about 0.1 ms for ResNet-50's 151
-    modules; the modules themselves are the same objects while the identity check passes)."""
+    checking them before a batch is a flat loop over dict lookups (with the identity walk, 0.3-0.6 ms
+    for ResNet-50's 151 modules on our 2-core machine; the modules themselves are the same objects while the identity check passes)."""
 
     def __init__(self, model: nn.Module, attributes: dict[str, tuple[nn.Module, str]]):
         """``attributes``: the plain tensor attributes the traced graph reads, by path: (owner, name)."""

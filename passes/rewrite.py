@@ -30,6 +30,7 @@ from kfx.passes.ops import group_norm_args
 from kfx.passes.patch_prop import META_KEY, NodePatch, State, spatial_size
 from kfx.passes.steps import (
     ChannelStep,
+    CoveredLocalStep,
     GroupNormStep,
     InputStep,
     LocalStep,
@@ -302,18 +303,32 @@ def pointwise_step(node: fx.Node) -> Step | None:
 
 def local_step(node: fx.Node) -> Step | None:
     """A conv/pool/pad: LocalStep gathers read-in windows from its input's base activation, padded
-    once by as much as any window overhangs the map (docs/design.md §2.4)."""
+    once by as much as any window overhangs the map (docs/design.md §2.4). Where each window is the
+    input's changed box itself, CoveredLocalStep runs the op on the change and reads no base."""
     meta = _meta(node)
     if meta.role != "local":
         return None
     source = node.args[0]
     in_size = spatial_size(source, len(meta.box))
+
+    def module_of(ctx: RewriteContext):
+        return ctx.modules[node.target] if node.op == "call_module" else None
+
+    if tuple(_meta(source).box) == tuple(meta.read):
+
+        def emit_covered(ctx: RewriteContext) -> fx.Node:
+            offset = (0,) * len(meta.box)
+            step = CoveredLocalStep(meta, _meta(source), offset, module_of(ctx), ctx.device, ctx.dtype)
+            consts = tuple(ctx.env[n] for n in meta.local.const_nodes)
+            return ctx.add_step(node.name, step, (ctx.env[source], *consts))
+
+        return Step((), emit_covered)
+
     slot = BaseSlot(source.name, _local_margins(meta, in_size), meta.local.pad_value)
 
     def emit(ctx: RewriteContext, padded_base: fx.Node) -> fx.Node:
-        module = ctx.modules[node.target] if node.op == "call_module" else None
         offset = slot.margins[0::2] or (0,) * len(meta.box)  # the margin before each axis
-        step = LocalStep(meta, _meta(source), offset, module, ctx.device, ctx.dtype, ctx.backend)
+        step = LocalStep(meta, _meta(source), offset, module_of(ctx), ctx.device, ctx.dtype, ctx.backend)
         consts = tuple(ctx.env[n] for n in meta.local.const_nodes)
         return ctx.add_step(node.name, step, (padded_base, ctx.env[source], *consts))
 

@@ -22,6 +22,7 @@ __all__ = [
     "InputStep",
     "PointwiseStep",
     "LocalStep",
+    "CoveredLocalStep",
     "ResampleStep",
     "TransposedStep",
     "MergeStep",
@@ -188,6 +189,19 @@ class LocalStep(_WindowedStep):
         if self.divisor is not None:
             out = out / kernels.gather_windows(self.divisor, origin, self.size)
         return Patches(out, positions, origin)
+
+
+class CoveredLocalStep(LocalStep):
+    """A conv/pool whose read-in window is the input's changed box itself at every position (a 1x1
+    conv after a merge or a channel concat, DenseNet's bottlenecks): the windows are the change, so
+    the step runs the op on it and reads no base activation, which then need not be kept."""
+
+    def forward(self, patches: Patches, *consts) -> Patches:
+        out = self.spec.apply(patches.values, *consts)
+        origin = self.origin(patches.positions)
+        if self.divisor is not None:
+            out = out / kernels.gather_windows(self.divisor, origin, self.size)
+        return Patches(out, patches.positions, origin)
 
 
 class TransposedStep(_WindowedStep):

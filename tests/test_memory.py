@@ -117,3 +117,58 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_rejects(text):
     with pytest.raises(ValueError):
         parse_bytes(text)
+
+
+class DenseLayer(nn.Module):
+    """DenseNet's layer: BatchNorm, ReLU and a 1x1 conv on the concat of all earlier features, then a
+    3x3 conv whose output is concatenated again."""
+
+    def __init__(self, channels: int, growth: int = 3):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels)
+        self.squeeze = nn.Conv2d(channels, 4, 1)
+        self.grow = nn.Conv2d(4, growth, 3, padding=1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.grow(torch.relu(self.squeeze(torch.relu(self.norm(torch.cat(features, 1))))))
+
+
+class DenseBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.layers = nn.ModuleList([DenseLayer(4), DenseLayer(7), DenseLayer(10)])
+        self.head = nn.Linear(13, 3)
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(features))
+        return self.head(torch.cat(features, 1).mean((2, 3)))
+
+
+def test_a_1x1_conv_after_a_concat_keeps_no_base_of_its_input_and_stays_exact():
+    """Each layer's 1x1 conv reads exactly the concat's changed box, so it runs on the change and
+    its input (a full-size copy of every earlier feature: quadratic in the layers) is not kept."""
+    from kfx.passes.steps import CoveredLocalStep
+
+    torch.manual_seed(0)
+    model = DenseBlock().double().eval()
+    with torch.no_grad():
+        for layer in model.layers:  # BatchNorm statistics that matter
+            layer.norm.running_mean.uniform_(-1, 1), layer.norm.running_var.uniform_(0.5, 2)
+    shape, patch = (2, 11, 13), kfx.Patch(3, stride=2, fill=0.3)
+    engine = kfx.compile(model, shape, patch, batch_size=7)
+    image = torch.randn(shape, dtype=torch.float64)
+    positions = kfx.grid_positions(shape[1:], patch)
+    with torch.no_grad():
+        expected = torch.cat([model(kfx.occlude(image, p[None], patch)) for p in positions])
+    torch.testing.assert_close(engine.outputs(image, positions), expected, rtol=1e-12, atol=1e-12)
+    covered = [m for m in engine.program.modules() if isinstance(m, CoveredLocalStep)]
+    assert len(covered) == 3
+    graph = engine.compiled.graph_module.graph
+    squeezed = {n.args[0].name for n in graph.nodes if n.op == "call_module" and n.target.endswith("squeeze")}
+    grown = {n.args[0].name for n in graph.nodes if n.op == "call_module" and n.target.endswith("grow")}
+    kept = {slot.source for slot in engine.compiled.slots}
+    assert len(squeezed) == 3 and kept.isdisjoint(squeezed), kept
+    assert grown <= kept  # a 3x3 conv reads around the change: its input's base is kept
