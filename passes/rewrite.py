@@ -369,22 +369,32 @@ def transposed_step(node: fx.Node) -> Step | None:
 
 def merge_step(node: fx.Node) -> Step | None:
     """An element-wise op of maps or a channel concat: MergeStep runs it on windows over the union
-    box, one per spatial operand, read from that operand's base activation (docs/design.md §2.5)."""
+    box, one per spatial operand, read from that operand's base activation (docs/design.md §2.5).
+    An operand whose changed box is the union box at every position is its own window: its base is
+    not read (a residual branch that grew the box, DenseNet's new features)."""
     meta = _meta(node)
     if meta.role != "merge":
         return None
     windowed_nodes = _windowed_inputs(node)
+    covered = {
+        n for n in windowed_nodes if _meta(n).state is State.PATCH and tuple(_meta(n).box) == tuple(meta.box)
+    }
+    read = [n for n in windowed_nodes if n not in covered]
 
     def emit(ctx: RewriteContext, *bases: fx.Node) -> fx.Node:
         leaves, _ = tree_flatten((node.args, node.kwargs))
-        windowed = {i: windowed_nodes.index(leaf) for i, leaf in enumerate(leaves) if leaf in windowed_nodes}
+        windowed = {
+            i: None if leaf in covered else read.index(leaf)
+            for i, leaf in enumerate(leaves)
+            if leaf in windowed_nodes
+        }
         changed = [_meta(n).box for n in windowed_nodes if _meta(n).state is State.PATCH]
         inside = all(always_inside(box, meta.box) for box in changed)  # true by Eq. 20's construction
         step = MergeStep(meta, call_target(node, ctx.modules), windowed, inside, ctx.device, ctx.backend)
         args, kwargs = ctx.mapped(node)
         return ctx.add_step(node.name, step, (bases, *args), kwargs)
 
-    return Step(tuple(_unpadded(n) for n in windowed_nodes), emit)
+    return Step(tuple(_unpadded(n) for n in read), emit)
 
 
 def _step(node: fx.Node) -> Step:

@@ -265,7 +265,9 @@ class MergeStep(_BoxedStep):
     ):
         super().__init__(meta.box, device)
         self.target = target
-        self.windowed = windowed  # flat leaf index in (args, kwargs) -> index into bases
+        # flat leaf index in (args, kwargs) -> index into bases, or None for an operand whose changed
+        # box is this step's box: its values are the window
+        self.windowed = windowed
         self.inside = inside
         self.backend = backend
 
@@ -275,7 +277,9 @@ class MergeStep(_BoxedStep):
         origin = self.origin(positions)
         for leaf_index, base_index in self.windowed.items():
             leaf = leaves[leaf_index]
-            if isinstance(leaf, Patches):
+            if base_index is None:
+                window = leaf.values
+            elif isinstance(leaf, Patches):
                 window = kernels.read_windows(
                     self.backend,
                     bases[base_index],

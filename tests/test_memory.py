@@ -2,6 +2,7 @@
 incremental program really holds (measured by running it under a torch.fx Interpreter)."""
 
 import math
+import operator
 
 import pytest
 import torch
@@ -172,3 +173,35 @@ def test_a_1x1_conv_after_a_concat_keeps_no_base_of_its_input_and_stays_exact():
     kept = {slot.source for slot in engine.compiled.slots}
     assert len(squeezed) == 3 and kept.isdisjoint(squeezed), kept
     assert grown <= kept  # a 3x3 conv reads around the change: its input's base is kept
+
+
+class Residual(nn.Module):
+    """x + branch(x): the branch's 3x3 convs grow the box beyond x's, so the add's union box is the
+    branch's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1))
+        self.head = nn.Conv2d(3, 2, 3, stride=2)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return self.head(x + self.branch(x)).flatten(1)
+
+
+def test_a_merge_operand_whose_box_is_the_union_is_read_from_its_change_not_its_base():
+    torch.manual_seed(0)
+    model = Residual().double().eval()
+    shape, patch = (2, 12, 11), kfx.Patch(2, stride=3, fill=-0.5)
+    engine = kfx.compile(model, shape, patch, batch_size=5)
+    image = torch.randn(shape, dtype=torch.float64)
+    positions = kfx.grid_positions(shape[1:], patch)
+    with torch.no_grad():
+        expected = torch.cat([model(kfx.occlude(image, p[None], patch)) for p in positions])
+    torch.testing.assert_close(engine.outputs(image, positions), expected, rtol=1e-12, atol=1e-12)
+    graph = engine.compiled.graph_module.graph
+    add = next(n for n in graph.nodes if n.target in (operator.add, torch.add))
+    identity, branch = add.args
+    kept = {slot.source for slot in engine.compiled.slots}
+    assert branch.name not in kept and identity.name in kept, (branch.name, identity.name, kept)
