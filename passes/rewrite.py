@@ -117,12 +117,23 @@ class RewriteContext:
         self.graph = fx.Graph()
         self.positions = self.graph.placeholder("positions")
         self.bases: dict[BaseSlot, fx.Node] = {}
+        self.shared: dict[BaseSlot, BaseSlot] = {}  # an unpadded slot -> the padded copy serving it
         self.env: dict[fx.Node, fx.Node] = {}
         self._projected: dict[fx.Node, fx.Node] = {}
 
     def add_base(self, slot: BaseSlot) -> None:
+        slot = self.shared.get(slot, slot)
         if slot not in self.bases:
             self.bases[slot] = self.graph.placeholder(f"base_{len(self.bases)}")
+
+    def base(self, slot: BaseSlot) -> fx.Node:
+        """The placeholder that holds ``slot``'s base activation (a shared padded copy, maybe)."""
+        return self.bases[self.shared.get(slot, slot)]
+
+    def base_offset(self, slot: BaseSlot) -> tuple[int, ...]:
+        """Where ``slot``'s value starts in the tensor :meth:`base` holds, per axis."""
+        shared = self.shared.get(slot)
+        return () if shared is None else shared.margins[0::2]
 
     def add_step(self, name: str, step: nn.Module, args, kwargs=None) -> fx.Node:
         qualified = f"kfx_{name}"
@@ -154,6 +165,9 @@ class Step:
 
     reads: tuple[BaseSlot, ...]
     emit: Callable[..., fx.Node]
+    # the step reads its bases only through window origins, so a padded copy of the same value
+    # serves it at an offset (RewriteContext.base_offset)
+    reads_at_offset: bool = False
 
 
 # -- rewrite rules: rule(node) -> Step, or None if the rule does not apply --------------------------
@@ -390,11 +404,13 @@ def merge_step(node: fx.Node) -> Step | None:
         }
         changed = [_meta(n).box for n in windowed_nodes if _meta(n).state is State.PATCH]
         inside = all(always_inside(box, meta.box) for box in changed)  # true by Eq. 20's construction
-        step = MergeStep(meta, call_target(node, ctx.modules), windowed, inside, ctx.device, ctx.backend)
+        offsets = tuple(ctx.base_offset(_unpadded(n)) for n in read)
+        target = call_target(node, ctx.modules)
+        step = MergeStep(meta, target, windowed, inside, ctx.device, ctx.backend, offsets)
         args, kwargs = ctx.mapped(node)
         return ctx.add_step(node.name, step, (bases, *args), kwargs)
 
-    return Step(tuple(_unpadded(n) for n in read), emit)
+    return Step(tuple(_unpadded(n) for n in read), emit, reads_at_offset=True)
 
 
 def _step(node: fx.Node) -> Step:
@@ -404,6 +420,28 @@ def _step(node: fx.Node) -> Step:
             return step
     # patch_prop gives PATCH nodes only the roles above
     raise AssertionError(f"unexpected role {_meta(node).role!r} at {node.format_node()}")  # pragma: no cover
+
+
+def _shared_slots(steps: list[Step]) -> dict[BaseSlot, BaseSlot]:
+    """Unpadded base activations read only through window origins (by merges), where a local step
+    keeps a padded copy of the same value anyway: the merges read that copy at an offset, so one
+    copy is kept instead of two (a ResNet block's output feeds the next conv and the residual add)."""
+    readers: dict[BaseSlot, list[Step]] = {}
+    for step in steps:
+        for slot in step.reads:
+            readers.setdefault(slot, []).append(step)
+    padded: dict[str, BaseSlot] = {}
+    for slot in readers:
+        if not slot.whole and any(slot.margins):
+            padded.setdefault(slot.source, slot)
+    return {
+        slot: padded[slot.source]
+        for slot, by in readers.items()
+        if not slot.whole
+        and not any(slot.margins)
+        and slot.source in padded
+        and all(s.reads_at_offset for s in by)
+    }
 
 
 def build_program(gm: fx.GraphModule, patch, channels: int, dtype, device, backend: str = "torch") -> Program:
@@ -416,11 +454,12 @@ def build_program(gm: fx.GraphModule, patch, channels: int, dtype, device, backe
     fill = patch.fill if patch.positional else patch.fill_tensor(channels, dtype, device)
     ctx = RewriteContext(gm, fill, patch.size, backend, dtype, device)
     steps = [(node, _step(node)) for node in gm.graph.nodes]
+    ctx.shared = _shared_slots([step for _, step in steps])
     for _, step in steps:
         for slot in step.reads:
             ctx.add_base(slot)
     for node, step in steps:
-        ctx.env[node] = step.emit(ctx, *(ctx.bases[slot] for slot in step.reads))
+        ctx.env[node] = step.emit(ctx, *(ctx.base(slot) for slot in step.reads))
     ctx.graph.lint()
     module = fx.GraphModule(gm, ctx.graph, class_name="IncrementalProgram")
     module.graph.eliminate_dead_code()  # e.g. the weight arithmetic behind a constant the base computes

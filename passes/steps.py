@@ -261,7 +261,14 @@ class MergeStep(_BoxedStep):
     """Element-wise op or channel concat over the union box: window each spatial operand."""
 
     def __init__(
-        self, meta: NodePatch, target, windowed: dict[int, int], inside: bool, device, backend="torch"
+        self,
+        meta: NodePatch,
+        target,
+        windowed: dict[int, int | None],
+        inside: bool,
+        device,
+        backend="torch",
+        offsets: tuple[tuple[int, ...], ...] = (),
     ):
         super().__init__(meta.box, device)
         self.target = target
@@ -270,6 +277,9 @@ class MergeStep(_BoxedStep):
         self.windowed = windowed
         self.inside = inside
         self.backend = backend
+        # per base: where the operand's map starts in it (a padded copy that a conv keeps anyway
+        # serves the merge too: kfx.passes.rewrite._shared_slots); zeros for a base as it is
+        self.offsets = [torch.tensor(offset, device=device) if any(offset) else None for offset in offsets]
 
     def forward(self, bases: tuple[torch.Tensor, ...], *args, **kwargs) -> Patches:
         leaves, spec = tree_flatten((args, kwargs))
@@ -278,19 +288,22 @@ class MergeStep(_BoxedStep):
         for leaf_index, base_index in self.windowed.items():
             leaf = leaves[leaf_index]
             if base_index is None:
-                window = leaf.values
-            elif isinstance(leaf, Patches):
+                leaves[leaf_index] = leaf.values
+                continue
+            offset = self.offsets[base_index] if self.offsets else None
+            at = origin if offset is None else origin + offset
+            if isinstance(leaf, Patches):
                 window = kernels.read_windows(
                     self.backend,
                     bases[base_index],
-                    origin,
+                    at,
                     self.size,
                     leaf.values,
                     leaf.origin - origin,
                     inside=self.inside,
                 )
             else:  # a constant spatial operand: its window, unchanged
-                window = kernels.gather_windows(bases[base_index], origin, self.size)
+                window = kernels.gather_windows(bases[base_index], at, self.size)
             leaves[leaf_index] = window
         args, kwargs = tree_unflatten(leaves, spec)
         return Patches(self.target(*args, **kwargs), positions, origin)

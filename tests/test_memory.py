@@ -190,7 +190,7 @@ class Residual(nn.Module):
         return self.head(x + self.branch(x)).flatten(1)
 
 
-def test_a_merge_operand_whose_box_is_the_union_is_read_from_its_change_not_its_base():
+def test_a_merge_reads_the_union_filling_operand_from_its_change_and_the_other_from_a_shared_copy():
     torch.manual_seed(0)
     model = Residual().double().eval()
     shape, patch = (2, 12, 11), kfx.Patch(2, stride=3, fill=-0.5)
@@ -205,3 +205,6 @@ def test_a_merge_operand_whose_box_is_the_union_is_read_from_its_change_not_its_
     identity, branch = add.args
     kept = {slot.source for slot in engine.compiled.slots}
     assert branch.name not in kept and identity.name in kept, (branch.name, identity.name, kept)
+    # the branch's first conv keeps identity's base padded; the add reads that copy at an offset
+    copies = [slot for slot in engine.compiled.slots if slot.source == identity.name]
+    assert len(copies) == 1 and any(copies[0].margins), copies
