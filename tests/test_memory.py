@@ -120,6 +120,17 @@ def test_parse_bytes_rejects(text):
         parse_bytes(text)
 
 
+def exact_engine(model: nn.Module, shape, patch) -> kfx.Engine:
+    """An engine for ``model`` whose outputs equal torch's on the occluded images at every position."""
+    engine = kfx.compile(model, shape, patch, batch_size=7)
+    image = torch.randn(shape, dtype=torch.float64)
+    positions = kfx.grid_positions(shape[1:], patch)
+    with torch.no_grad():
+        expected = torch.cat([model(kfx.occlude(image, p[None], patch)) for p in positions])
+    torch.testing.assert_close(engine.outputs(image, positions), expected, rtol=1e-12, atol=1e-12)
+    return engine
+
+
 class DenseLayer(nn.Module):
     """DenseNet's layer: BatchNorm, ReLU and a 1x1 conv on the concat of all earlier features, then a
     3x3 conv whose output is concatenated again."""
@@ -159,12 +170,7 @@ def test_a_1x1_conv_after_a_concat_keeps_no_base_of_its_input_and_stays_exact():
         for layer in model.layers:  # BatchNorm statistics that matter
             layer.norm.running_mean.uniform_(-1, 1), layer.norm.running_var.uniform_(0.5, 2)
     shape, patch = (2, 11, 13), kfx.Patch(3, stride=2, fill=0.3)
-    engine = kfx.compile(model, shape, patch, batch_size=7)
-    image = torch.randn(shape, dtype=torch.float64)
-    positions = kfx.grid_positions(shape[1:], patch)
-    with torch.no_grad():
-        expected = torch.cat([model(kfx.occlude(image, p[None], patch)) for p in positions])
-    torch.testing.assert_close(engine.outputs(image, positions), expected, rtol=1e-12, atol=1e-12)
+    engine = exact_engine(model, shape, patch)
     covered = [m for m in engine.program.modules() if isinstance(m, CoveredLocalStep)]
     assert len(covered) == 3
     graph = engine.compiled.graph_module.graph
@@ -194,12 +200,7 @@ def test_a_merge_reads_the_union_filling_operand_from_its_change_and_the_other_f
     torch.manual_seed(0)
     model = Residual().double().eval()
     shape, patch = (2, 12, 11), kfx.Patch(2, stride=3, fill=-0.5)
-    engine = kfx.compile(model, shape, patch, batch_size=5)
-    image = torch.randn(shape, dtype=torch.float64)
-    positions = kfx.grid_positions(shape[1:], patch)
-    with torch.no_grad():
-        expected = torch.cat([model(kfx.occlude(image, p[None], patch)) for p in positions])
-    torch.testing.assert_close(engine.outputs(image, positions), expected, rtol=1e-12, atol=1e-12)
+    engine = exact_engine(model, shape, patch)
     graph = engine.compiled.graph_module.graph
     add = next(n for n in graph.nodes if n.target in (operator.add, torch.add))
     identity, branch = add.args

@@ -126,11 +126,8 @@ def test_a_list_or_dict_of_settings_edited_in_place_is_refused_or_followed(plan,
 def test_a_hook_added_after_compiling_is_refused_or_followed(plan, where):
     model = net()
     engine, expected = compiled_and_checked(model, plan)
-    handle = model.get_submodule(where).register_forward_hook(lambda module, args, out: out * 3)
-    try:
+    with model.get_submodule(where).register_forward_hook(lambda module, args, out: out * 3):
         refused_or_followed(model, engine, expected, f"'{where}'.*forward hooks")
-    finally:
-        handle.remove()
     picture = image()  # the hook gone, the engine is exact again
     torch.testing.assert_close(engine.outputs(picture, POSITIONS), expected, rtol=1e-12, atol=1e-12)
 
@@ -139,16 +136,10 @@ def test_a_hook_added_after_compiling_is_refused_or_followed(plan, where):
 def test_a_pre_hook_and_a_global_hook_added_after_compiling_are_refused_or_followed(plan):
     model = net()
     engine, expected = compiled_and_checked(model, plan)
-    handle = model.head.register_forward_pre_hook(lambda module, args: (args[0].flip(-1),))
-    try:
+    with model.head.register_forward_pre_hook(lambda module, args: (args[0].flip(-1),)):
         refused_or_followed(model, engine, expected, "'head'.*forward hooks")
-    finally:
-        handle.remove()
-    handle = register_module_forward_hook(lambda module, args, out: out + 1 if module is model.head else None)
-    try:
+    with register_module_forward_hook(lambda module, args, out: out + 1 if module is model.head else None):
         refused_or_followed(model, engine, expected, "global forward hooks")
-    finally:
-        handle.remove()
 
 
 def test_a_hook_removed_and_another_added_is_refused():
@@ -157,11 +148,8 @@ def test_a_hook_removed_and_another_added_is_refused():
     first = model.head.register_forward_hook(lambda module, args, out: out)
     engine, expected = compiled_and_checked(model, "incremental")
     first.remove()
-    second = model.head.register_forward_hook(lambda module, args, out: out * 3)
-    try:
+    with model.head.register_forward_hook(lambda module, args, out: out * 3):
         refused_or_followed(model, engine, expected, "'head'.*forward hooks")
-    finally:
-        second.remove()
 
 
 def test_an_unchanged_model_runs_and_reassigning_an_equal_setting_is_not_a_change():
@@ -183,11 +171,8 @@ def test_the_captum_drop_in_recompiles_after_a_setting_change():
     occlusion = kfx.captum.Occlusion(model)
     occlusion.attribute(images, **kwargs)
     model.block.scale = -1.5
-    handle = model.head.register_forward_hook(lambda module, args, out: out * 3)
-    try:
+    with model.head.register_forward_hook(lambda module, args, out: out * 3):
         got = occlusion.attribute(images, **kwargs)
         expected = captum_attr.Occlusion(model).attribute(images, **kwargs)
-    finally:
-        handle.remove()
     assert occlusion.last_fallback_reason is None
     torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-5, atol=1e-6)
