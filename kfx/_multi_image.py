@@ -96,4 +96,4 @@ def _full_batches(engine, bases, positions: torch.Tensor, versions: tuple):
             copies.append(occlude(bases[index].image, rows, engine.patch))
         # no_grad per batch, as Engine._batches (grad mode is per thread)
         with torch.no_grad():
-            yield engine._model(torch.cat(copies))
+            yield engine._run_model(torch.cat(copies))

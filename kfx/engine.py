@@ -227,8 +227,17 @@ class Engine(OcclusionRunner):
 
     def _full_inference(self, base: _Base, positions: torch.Tensor) -> torch.Tensor:
         # The caller's model on occluded copies, as kfx.NaiveEngine runs it. Eager, its in-place
-        # ops stay in place, which the functional trace cannot do.
-        return self._model(occlude(base.image, positions, self.patch))
+        # ops stay in place, which the functional trace cannot do. In chunks that hold no more than
+        # the incremental program does for the batch (MemoryEstimate.full_inference_chunk).
+        chunk = self.compiled.memory.full_inference_chunk(positions.shape[0])
+        return torch.cat(
+            [self._model(occlude(base.image, part, self.patch)) for part in positions.split(chunk)]
+        )
+
+    def _run_model(self, copies: torch.Tensor) -> torch.Tensor:
+        """The caller's model on a batch of occluded copies, in the chunks _full_inference uses."""
+        chunk = self.compiled.memory.full_inference_chunk(copies.shape[0])
+        return torch.cat([self._model(part) for part in copies.split(chunk)])
 
     def save(self, path) -> None:
         """Save this engine for :func:`kfx.load`: compile arguments and the model's fingerprint, no weights."""

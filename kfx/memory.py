@@ -18,21 +18,38 @@ from torch import fx
 from kfx.passes.layout import spatial_dims
 from kfx.passes.patch_prop import META_KEY, SHAPE_ROLES, State
 
-__all__ = ["MemoryEstimate", "estimate_memory", "parse_bytes"]
+__all__ = ["MemoryEstimate", "FULL_CHUNK_FLOOR", "estimate_memory", "parse_bytes"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+# Full inference on chunks this large (in live activation bytes) keeps our cores busy: per-call
+# overheads are small next to the work (a 224x224 ResNet-50 chunk of 7 images, a 3-D volume alone).
+FULL_CHUNK_FLOOR = 64 * 2**20
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes of one run: ``per_image`` once (base activations), ``per_position`` for each position
-    of a batch at its peak."""
+    of a batch at its peak; ``full_per_position``: one occluded copy's live activations at the peak
+    of the model's own forward (full inference, the other path a plan may take)."""
 
     per_image: int
     per_position: int
+    full_per_position: int = 0
 
     def batch_bytes(self, batch_size: int) -> int:
         return self.per_image + batch_size * self.per_position
+
+    def full_inference_chunk(self, batch_size: int) -> int:
+        """Occluded copies per forward when a batch of ``batch_size`` positions runs by full
+        inference: as many as fit in what the incremental program holds for the batch (or
+        FULL_CHUNK_FLOOR), so that timing or choosing full inference never raises the engine's peak
+        far above the batch size's (a 3-D volume's forward holds a hundred times a position's box)."""
+        if self.full_per_position <= 0:
+            return batch_size
+        budget = max(batch_size * self.per_position, FULL_CHUNK_FLOOR)
+        return max(1, min(batch_size, budget // self.full_per_position))
 
     def largest_batch(self, max_memory: int) -> int:
         """The largest batch whose estimate fits ``max_memory`` bytes (0 if none does)."""
@@ -104,12 +121,15 @@ def estimate_memory(gm: fx.GraphModule, slot_sources: list[str], itemsize: int) 
         for source in node.all_input_nodes:
             last_use[source] = i
     live: dict[fx.Node, int] = {}
-    peak = 0
+    live_full: dict[fx.Node, int] = {}  # the same walk for the model's own forward on one image
+    peak = peak_full = 0
     for i, node in enumerate(nodes):
         live[node] = _value_numel(node)
+        live_full[node] = 0 if node.op == "get_attr" else _numel_per_image(node)
         peak = max(peak, sum(live.values()) + _scratch_numel(node))
+        peak_full = max(peak_full, sum(live_full.values()))
         for source in [n for n in live if last_use[n] <= i]:
-            del live[source]
+            del live[source], live_full[source]
     by_name = {node.name: node for node in nodes}
     per_image = sum(_numel_per_image(by_name[name]) for name in slot_sources)
-    return MemoryEstimate(per_image * itemsize, peak * itemsize)
+    return MemoryEstimate(per_image * itemsize, peak * itemsize, peak_full * itemsize)

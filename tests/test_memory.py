@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 
 import kfx
+import kfx.memory
 from kfx.memory import parse_bytes
 from tests.zoo import ZOO, build
 
@@ -209,3 +210,42 @@ def test_a_merge_reads_the_union_filling_operand_from_its_change_and_the_other_f
     # the branch's first conv keeps identity's base padded; the add reads that copy at an offset
     copies = [slot for slot in engine.compiled.slots if slot.source == identity.name]
     assert len(copies) == 1 and any(copies[0].margins), copies
+
+
+SEEN_BATCHES: list[int] = []  # what Volume's forward saw, eagerly (a global: not a model setting)
+
+
+class Volume(nn.Module):
+    """Two 3-D convs and a global pool: its forward holds whole volumes, a position only its box."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv3d(1, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        SEEN_BATCHES.append(x.shape[0])
+        return self.head(self.conv2(torch.relu(self.conv1(x))).mean((2, 3, 4)))
+
+
+def test_full_inference_runs_in_chunks_that_hold_no_more_than_the_incremental_batch(monkeypatch):
+    """Timed by plan="auto" (or chosen by it), full inference runs a batch through the model in
+    chunks that hold no more than the incremental program does for the batch, and the outputs are
+    unchanged. (No floor here: a volume small enough for a test is far below the default one.)"""
+    monkeypatch.setattr(kfx.memory, "FULL_CHUNK_FLOOR", 0)
+    torch.manual_seed(0)
+    model = Volume().double().eval()
+    shape, patch = (1, 20, 20, 20), kfx.Patch((4, 4, 4), stride=4)
+    engine = kfx.compile(model, shape, patch, batch_size=16, plan="auto")  # it times full inference
+    memory = engine.compiled.memory
+    chunk = memory.full_inference_chunk(16)
+    assert 1 <= chunk < 16  # else the test shows nothing: a forward of this volume outweighs a box
+    assert chunk * memory.full_per_position <= 16 * memory.per_position
+    image = torch.randn(shape, dtype=torch.float64)
+    positions = kfx.grid_positions(shape[1:], patch)[:64]
+    SEEN_BATCHES.clear()
+    got = engine.outputs(image, positions)
+    assert SEEN_BATCHES and max(SEEN_BATCHES) <= chunk and sum(SEEN_BATCHES) % 16 == 0, SEEN_BATCHES
+    with torch.no_grad():
+        expected = model(kfx.occlude(image, positions, patch))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
