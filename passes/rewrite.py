@@ -328,13 +328,15 @@ def local_step(node: fx.Node) -> Step | None:
     def module_of(ctx: RewriteContext):
         return ctx.modules[node.target] if node.op == "call_module" else None
 
+    def consts(ctx: RewriteContext) -> tuple[fx.Node, ...]:
+        return tuple(ctx.env[n] for n in meta.local.const_nodes)
+
     if tuple(_meta(source).box) == tuple(meta.read):
 
         def emit_covered(ctx: RewriteContext) -> fx.Node:
             offset = (0,) * len(meta.box)
             step = CoveredLocalStep(meta, _meta(source), offset, module_of(ctx), ctx.device, ctx.dtype)
-            consts = tuple(ctx.env[n] for n in meta.local.const_nodes)
-            return ctx.add_step(node.name, step, (ctx.env[source], *consts))
+            return ctx.add_step(node.name, step, (ctx.env[source], *consts(ctx)))
 
         return Step((), emit_covered)
 
@@ -343,8 +345,7 @@ def local_step(node: fx.Node) -> Step | None:
     def emit(ctx: RewriteContext, padded_base: fx.Node) -> fx.Node:
         offset = slot.margins[0::2] or (0,) * len(meta.box)  # the margin before each axis
         step = LocalStep(meta, _meta(source), offset, module_of(ctx), ctx.device, ctx.dtype, ctx.backend)
-        consts = tuple(ctx.env[n] for n in meta.local.const_nodes)
-        return ctx.add_step(node.name, step, (padded_base, ctx.env[source], *consts))
+        return ctx.add_step(node.name, step, (padded_base, ctx.env[source], *consts(ctx)))
 
     return Step((slot,), emit)
 

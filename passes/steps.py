@@ -267,8 +267,8 @@ class MergeStep(_BoxedStep):
         windowed: dict[int, int | None],
         inside: bool,
         device,
-        backend="torch",
-        offsets: tuple[tuple[int, ...], ...] = (),
+        backend: str,
+        offsets: tuple[tuple[int, ...], ...],
     ):
         super().__init__(meta.box, device)
         self.target = target
@@ -290,7 +290,7 @@ class MergeStep(_BoxedStep):
             if base_index is None:
                 leaves[leaf_index] = leaf.values
                 continue
-            offset = self.offsets[base_index] if self.offsets else None
+            offset = self.offsets[base_index]
             at = origin if offset is None else origin + offset
             if isinstance(leaf, Patches):
                 window = kernels.read_windows(
