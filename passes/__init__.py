@@ -9,7 +9,8 @@ from torch import fx, nn
 
 from kfx.passes.check import check_traced
 from kfx.passes.patch_prop import META_KEY, AxisBoxes, NodePatch, State, propagate_patches
-from kfx.passes.rewrite import BaseSlot, Patches, Program, build_base_program, build_program
+from kfx.passes.rewrite import Patches, Program, build_base_program, build_program
+from kfx.passes.slots import BaseSlot
 from kfx.passes.trace import functionalize, propagate_shapes, trace, trusted_check
 
 __all__ = [

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 from kfx.passes.layout import reduction
 from kfx.passes.ops import group_norm_args
 from kfx.passes.patch_prop import META_KEY, NodePatch, State, spatial_size
+from kfx.passes.slots import BaseSlot, composed_slots, shared_slots, unpadded
 from kfx.passes.steps import (
     ChannelStep,
     CoveredLocalStep,
@@ -58,18 +59,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class BaseSlot:
-    """One prepared base activation the program reads: ``source`` node's value, padded by
-    ``margins`` (before, after) per spatial axis in axis order (for images: top, bottom, left,
-    right) with ``pad_value``, as [C, *padded size]."""
-
-    source: str
-    margins: tuple[int, ...]
-    pad_value: float
-    whole: bool = False  # a constant computed from the weights (not a map): read as it is, no batch dim
-
-
 @dataclass
 class Program:
     module: fx.GraphModule
@@ -95,14 +84,9 @@ def _windowed_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if spatial_size(n, axes) == size]
 
 
-def _unpadded(node: fx.Node) -> BaseSlot:
-    """``node``'s base activation as it is."""
-    return BaseSlot(node.name, (), 0.0)
-
-
 def _changed_inputs(node: fx.Node) -> tuple[BaseSlot, ...]:
     """The base activations of the node's incremental operands, which it needs projected to full."""
-    return tuple(_unpadded(n) for n in node.all_input_nodes if _meta(n).state is State.PATCH)
+    return tuple(unpadded(n) for n in node.all_input_nodes if _meta(n).state is State.PATCH)
 
 
 class RewriteContext:
@@ -118,16 +102,25 @@ class RewriteContext:
         self.positions = self.graph.placeholder("positions")
         self.bases: dict[BaseSlot, fx.Node] = {}
         self.shared: dict[BaseSlot, BaseSlot] = {}  # an unpadded slot -> the padded copy serving it
+        self.composed: dict[BaseSlot, tuple[BaseSlot, ...]] = {}  # a concat's slot -> its pieces' slots
         self.env: dict[fx.Node, fx.Node] = {}
         self._projected: dict[fx.Node, fx.Node] = {}
 
-    def add_base(self, slot: BaseSlot) -> None:
-        slot = self.shared.get(slot, slot)
-        if slot not in self.bases:
-            self.bases[slot] = self.graph.placeholder(f"base_{len(self.bases)}")
+    def pieces(self, slot: BaseSlot) -> tuple[BaseSlot, ...]:
+        """The slots whose windows, stacked along channels, are ``slot``'s (itself, or a concat's pieces)."""
+        return self.composed.get(slot, (slot,))
 
-    def base(self, slot: BaseSlot) -> fx.Node:
-        """The placeholder that holds ``slot``'s base activation (a shared padded copy, maybe)."""
+    def add_base(self, slot: BaseSlot) -> None:
+        for piece in self.pieces(slot):
+            piece = self.shared.get(piece, piece)
+            if piece not in self.bases:
+                self.bases[piece] = self.graph.placeholder(f"base_{len(self.bases)}")
+
+    def base(self, slot: BaseSlot) -> fx.Node | tuple[fx.Node, ...]:
+        """The placeholder that holds ``slot``'s base activation (a shared padded copy, maybe), or
+        for a concat read as its pieces (passes/slots.py) a tuple of theirs."""
+        if slot in self.composed:
+            return tuple(self.base(piece) for piece in self.composed[slot])
         return self.bases[self.shared.get(slot, slot)]
 
     def base_offset(self, slot: BaseSlot) -> tuple[int, ...]:
@@ -147,7 +140,7 @@ class RewriteContext:
         if n not in self._projected:
             step = ProjectStep(self.backend, _meta(n).spatial)
             self._projected[n] = self.add_step(
-                f"project_{n.name}", step, (self.bases[_unpadded(n)], self.env[n])
+                f"project_{n.name}", step, (self.bases[unpadded(n)], self.env[n])
             )
         return self._projected[n]
 
@@ -182,7 +175,7 @@ def input_step(node: fx.Node) -> Step | None:
     def emit(ctx: RewriteContext, image: fx.Node) -> fx.Node:
         return ctx.add_step(f"input_{node.name}", InputStep(ctx.fill, ctx.size), (ctx.positions, image))
 
-    return Step((_unpadded(node),), emit)
+    return Step((unpadded(node),), emit)
 
 
 def graph_output(node: fx.Node) -> Step | None:
@@ -229,7 +222,7 @@ def mean_delta_step(node: fx.Node) -> Step | None:
         step = MeanDeltaStep(in_size, tuple(node.meta["tensor_meta"].shape), kind, spatial)
         return ctx.add_step(node.name, step, (base_in, base_out, ctx.env[source]))
 
-    return Step((_unpadded(node.args[0]), _unpadded(node)), emit)
+    return Step((unpadded(node.args[0]), unpadded(node)), emit)
 
 
 def norm_step(node: fx.Node) -> Step | None:
@@ -246,7 +239,7 @@ def norm_step(node: fx.Node) -> Step | None:
         affine = () if module is not None else fx.node.map_arg((weight, bias), ctx.env.__getitem__)
         return ctx.add_step(node.name, step, (base_in, ctx.env[source], *affine))
 
-    return Step((_unpadded(source),), emit)
+    return Step((unpadded(source),), emit)
 
 
 def shape_arith_copy(node: fx.Node) -> Step | None:
@@ -362,7 +355,7 @@ def resample_step(node: fx.Node) -> Step | None:
         step = ResampleStep(meta, _meta(source), ctx.device, ctx.dtype, ctx.backend)
         return ctx.add_step(node.name, step, (base, ctx.env[source]))
 
-    return Step((_unpadded(source),), emit)
+    return Step((unpadded(source),), emit)
 
 
 def transposed_step(node: fx.Node) -> Step | None:
@@ -379,7 +372,7 @@ def transposed_step(node: fx.Node) -> Step | None:
         consts = tuple(ctx.env[n] for n in meta.transposed.const_nodes)
         return ctx.add_step(node.name, step, (base, ctx.env[source], *consts))
 
-    return Step((_unpadded(source),), emit)
+    return Step((unpadded(source),), emit)
 
 
 def merge_step(node: fx.Node) -> Step | None:
@@ -405,13 +398,13 @@ def merge_step(node: fx.Node) -> Step | None:
         }
         changed = [_meta(n).box for n in windowed_nodes if _meta(n).state is State.PATCH]
         inside = all(always_inside(box, meta.box) for box in changed)  # true by Eq. 20's construction
-        offsets = tuple(ctx.base_offset(_unpadded(n)) for n in read)
+        offsets = tuple(tuple(ctx.base_offset(p) for p in ctx.pieces(unpadded(n))) for n in read)
         target = call_target(node, ctx.modules)
         step = MergeStep(meta, target, windowed, inside, ctx.device, ctx.backend, offsets)
         args, kwargs = ctx.mapped(node)
         return ctx.add_step(node.name, step, (bases, *args), kwargs)
 
-    return Step(tuple(_unpadded(n) for n in read), emit, reads_at_offset=True)
+    return Step(tuple(unpadded(n) for n in read), emit, reads_at_offset=True)
 
 
 def _step(node: fx.Node) -> Step:
@@ -421,28 +414,6 @@ def _step(node: fx.Node) -> Step:
             return step
     # patch_prop gives PATCH nodes only the roles above
     raise AssertionError(f"unexpected role {_meta(node).role!r} at {node.format_node()}")  # pragma: no cover
-
-
-def _shared_slots(steps: list[Step]) -> dict[BaseSlot, BaseSlot]:
-    """Unpadded base activations read only through window origins (by merges), where a local step
-    keeps a padded copy of the same value anyway: the merges read that copy at an offset, so one
-    copy is kept instead of two (a ResNet block's output feeds the next conv and the residual add)."""
-    readers: dict[BaseSlot, list[Step]] = {}
-    for step in steps:
-        for slot in step.reads:
-            readers.setdefault(slot, []).append(step)
-    padded: dict[str, BaseSlot] = {}
-    for slot in readers:
-        if not slot.whole and any(slot.margins):
-            padded.setdefault(slot.source, slot)
-    return {
-        slot: padded[slot.source]
-        for slot, by in readers.items()
-        if not slot.whole
-        and not any(slot.margins)
-        and slot.source in padded
-        and all(s.reads_at_offset for s in by)
-    }
 
 
 def build_program(gm: fx.GraphModule, patch, channels: int, dtype, device, backend: str = "torch") -> Program:
@@ -455,7 +426,9 @@ def build_program(gm: fx.GraphModule, patch, channels: int, dtype, device, backe
     fill = patch.fill if patch.positional else patch.fill_tensor(channels, dtype, device)
     ctx = RewriteContext(gm, fill, patch.size, backend, dtype, device)
     steps = [(node, _step(node)) for node in gm.graph.nodes]
-    ctx.shared = _shared_slots([step for _, step in steps])
+    reads = [(slot, step.reads_at_offset) for _, step in steps for slot in step.reads]
+    ctx.composed = composed_slots(gm.graph, reads, len(patch.size))
+    ctx.shared = shared_slots((piece, at) for slot, at in reads for piece in ctx.pieces(slot))
     for _, step in steps:
         for slot in step.reads:
             ctx.add_base(slot)

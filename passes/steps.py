@@ -268,7 +268,7 @@ class MergeStep(_BoxedStep):
         inside: bool,
         device,
         backend: str,
-        offsets: tuple[tuple[int, ...], ...],
+        offsets: tuple[tuple[tuple[int, ...], ...], ...],
     ):
         super().__init__(meta.box, device)
         self.target = target
@@ -277,9 +277,31 @@ class MergeStep(_BoxedStep):
         self.windowed = windowed
         self.inside = inside
         self.backend = backend
-        # per base: where the operand's map starts in it (a padded copy that a conv keeps anyway
-        # serves the merge too: kfx.passes.rewrite._shared_slots); zeros for a base as it is
-        self.offsets = [torch.tensor(offset, device=device) if any(offset) else None for offset in offsets]
+        # per base, per piece: where the piece's map starts in it (a padded copy that a conv keeps
+        # anyway serves the merge too; zeros for a base as it is). A base is one tensor, or the
+        # pieces of a concat whose windows stack to its window (kfx.passes.slots).
+        self.offsets = [
+            [torch.tensor(offset, device=device) if any(offset) else None for offset in pieces]
+            for pieces in offsets
+        ]
+
+    def _window(self, base, base_index: int, origin: torch.Tensor, leaf) -> torch.Tensor:
+        """The operand's window at ``origin``: its base's, with a changed operand's patch pasted."""
+        pieces = base if isinstance(base, (tuple, list)) else (base,)
+        at = [origin if offset is None else origin + offset for offset in self.offsets[base_index]]
+        changed = isinstance(leaf, Patches)
+        if len(pieces) == 1 and changed:
+            rel = leaf.origin - origin
+            return kernels.read_windows(
+                self.backend, pieces[0], at[0], self.size, leaf.values, rel, inside=self.inside
+            )
+        if changed and self.inside and tuple(leaf.values.shape[2:]) == tuple(self.size):
+            return leaf.values  # the patch fills its window (as kernels.gather_paste does)
+        windows = [kernels.gather_windows(piece, a, self.size) for piece, a in zip(pieces, at)]
+        window = windows[0] if len(windows) == 1 else torch.cat(windows, 1)
+        if not changed:  # a constant spatial operand: its window, unchanged
+            return window
+        return kernels.paste(window, origin, leaf.values, leaf.origin, inside=self.inside)
 
     def forward(self, bases: tuple[torch.Tensor, ...], *args, **kwargs) -> Patches:
         leaves, spec = tree_flatten((args, kwargs))
@@ -290,21 +312,7 @@ class MergeStep(_BoxedStep):
             if base_index is None:
                 leaves[leaf_index] = leaf.values
                 continue
-            offset = self.offsets[base_index]
-            at = origin if offset is None else origin + offset
-            if isinstance(leaf, Patches):
-                window = kernels.read_windows(
-                    self.backend,
-                    bases[base_index],
-                    at,
-                    self.size,
-                    leaf.values,
-                    leaf.origin - origin,
-                    inside=self.inside,
-                )
-            else:  # a constant spatial operand: its window, unchanged
-                window = kernels.gather_windows(bases[base_index], at, self.size)
-            leaves[leaf_index] = window
+            leaves[leaf_index] = self._window(bases[base_index], base_index, origin, leaf)
         args, kwargs = tree_unflatten(leaves, spec)
         return Patches(self.target(*args, **kwargs), positions, origin)
 

@@ -182,6 +182,46 @@ def test_a_1x1_conv_after_a_concat_keeps_no_base_of_its_input_and_stays_exact():
     assert grown <= kept  # a 3x3 conv reads around the change: its input's base is kept
 
 
+class NestedDense(nn.Module):
+    """MONAI's dense layer: ``x = cat([x, new], 1)``, so each concat holds the previous one. The
+    stem also feeds a 3x3 conv (a padded copy of it is kept) and the head reads the last concat
+    through a 3x3 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.side = nn.Conv2d(4, 3, 3, padding=1)
+        self.layers = nn.ModuleList([DenseLayer(4), DenseLayer(7), DenseLayer(10)])
+        self.head = nn.Conv2d(13, 3, 3, padding=1)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        stem = self.stem(x)
+        x = stem
+        for layer in self.layers:
+            x = torch.cat([x, layer([x])], 1)
+        return self.out((self.head(x) + self.side(stem)).mean((2, 3)))
+
+
+def test_a_concat_of_a_concat_is_read_as_its_pieces_and_stays_exact():
+    """Each layer's merge reads the previous concat's window: built from the stem's and every new
+    feature's bases, so no concat is kept (keeping them is quadratic in the layers)."""
+    torch.manual_seed(0)
+    model = NestedDense().double().eval()
+    shape, patch = (2, 12, 11), kfx.Patch(3, stride=2, fill=0.3)
+    engine = exact_engine(model, shape, patch)
+    graph = engine.compiled.graph_module.graph
+    cats = [n.name for n in graph.nodes if n.target is torch.cat and len(n.args[0]) == 2]  # not cat([x])
+    grown = [n.name for n in graph.nodes if n.op == "call_module" and n.target.endswith("grow")]
+    kept = [(slot.source, any(slot.margins)) for slot in engine.compiled.slots]
+    assert len(cats) == 3
+    # the last concat only as the head's padded copy; the stem once, padded (for the side conv);
+    # the first two layers' new features as they are (the third is the last concat's own change)
+    assert [k for k in kept if k[0] in cats] == [(cats[-1], True)], kept
+    assert [k for k in kept if k[0] == "stem"] == [("stem", True)], kept
+    assert [k for k in kept if k[0] in grown] == [(grown[0], False), (grown[1], False)], kept
+
+
 class Residual(nn.Module):
     """x + branch(x): the branch's 3x3 convs grow the box beyond x's, so the add's union box is the
     branch's own."""
