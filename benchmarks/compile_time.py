@@ -142,6 +142,16 @@ def save_load(engine, model, image, repeats: int) -> dict:
     return {"save_s": round(save_s, 3), "load_s": round(load_s, 3), "file_kib": size // 1024, "same": same}
 
 
+def fx_trace_seconds(model, repeats: int) -> float | None:
+    """Best time of plain ``torch.fx.symbolic_trace(model)``, the first step of any torch.fx
+    compiler: a floor under kfx.compile. None where plain tracing fails (kfx's tracer keeps some
+    modules as leaves; timm's same-padding convs branch on shapes)."""
+    try:
+        return best_time(lambda: torch.fx.symbolic_trace(model), repeats)
+    except Exception:  # noqa: BLE001 - any trace error means: no floor to report
+        return None
+
+
 def run_model(source: str, name: str, args) -> dict:
     model, side = build(source, name)
     shape, patch = (3, side, side), kfx.Patch(args.patch, stride=args.stride)
@@ -152,6 +162,7 @@ def run_model(source: str, name: str, args) -> dict:
     runs = [timed_compile(model, shape, patch) for _ in range(args.repeats)]
     first_s = runs[0][1]  # what a fresh process (a CLI call) pays, with first-call warm-ups
     engine, compile_s, stages = min(runs, key=lambda run: run[1])
+    fx_s = fx_trace_seconds(model, args.repeats)
     stages["other"] = compile_s - sum(v for k, v in stages.items() if k != "box tables")
     return {
         "model": name,
@@ -162,6 +173,8 @@ def run_model(source: str, name: str, args) -> dict:
         "compile_s": round(compile_s, 3),
         "first_compile_s": round(first_s, 3),
         "ratio": round(compile_s / forward_s, 1),
+        "fx_trace_s": None if fx_s is None else round(fx_s, 3),
+        "fx_trace_ratio": None if fx_s is None else round(fx_s / forward_s, 1),
         "stages_s": {k: round(v, 3) for k, v in stages.items()},
         **save_load(engine, model, image[0], args.repeats),
     }
@@ -190,18 +203,19 @@ def markdown(results: list[dict], args, info: dict) -> str:
         f"commit {info['commit']}. Command: `{info['command']}`. Best of {args.repeats} (forward and compile "
         "each); random weights, float32; torchvision at 224 (Inception v3 at 299), timm at 224. 'First compile' is the "
         "first of the repeats (a fresh process's, after one eager forward). Stage times are the best compile's, in seconds (box tables are part of patches). The goal (issue #19) is "
-        "compile / forward <= about 10. "
+        "compile / forward <= about 10. 'Plain fx trace' is `torch.fx.symbolic_trace(model)` alone (best of the repeats; '-' where it cannot trace the model): the first step of any torch.fx compiler, a floor under kfx.compile. "
         f"Load average (1, 5, 15 min) {info['load_average_before']} before the run and {info['load_average_after']} "
         f"after it on {info['cpus']} CPUs: a machine shared with other jobs gives noisy times.",
         "",
-        "| model | nodes | forward s | compile s | compile / forward | first compile s | "
+        "| model | nodes | forward s | compile s | compile / forward | plain fx trace / forward | first compile s | "
         + " | ".join(STAGE_COLUMNS)
         + (" | save s | load s | load / forward | file KiB | loaded == compiled |" if has_load else " |"),
-        "|---|" + "---|" * (5 + len(STAGE_COLUMNS) + (5 if has_load else 0)),
+        "|---|" + "---|" * (6 + len(STAGE_COLUMNS) + (5 if has_load else 0)),
     ]
     for r in results:
         stages = " | ".join(f"{r['stages_s'].get(k, 0):.2f}" for k in STAGE_COLUMNS)
-        row = f"| {r['model']} | {r['nodes']} | {r['forward_s']:.3f} | {r['compile_s']:.2f} | {r['ratio']:.0f} | {r['first_compile_s']:.2f} | {stages} |"
+        fx = "-" if r.get("fx_trace_ratio") is None else f"{r['fx_trace_ratio']:.1f}"
+        row = f"| {r['model']} | {r['nodes']} | {r['forward_s']:.3f} | {r['compile_s']:.2f} | {r['ratio']:.0f} | {fx} | {r['first_compile_s']:.2f} | {stages} |"
         if has_load:
             load_ratio = f"{r['load_s'] / r['forward_s']:.0f}" if "load_s" in r else "-"
             row += (
