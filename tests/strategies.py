@@ -381,9 +381,28 @@ class ShuffleBlock(nn.Module):
         return torch.transpose(out, 1, 2).contiguous().view(batch, -1, height, width)
 
 
+class DenseLayers(nn.Module):
+    """MONAI's dense layers: ``x = cat([x, grow(relu(squeeze(x)))], 1)`` twice, so the second
+    concat holds the first (kfx reads it as its pieces: passes/slots.py)."""
+
+    def __init__(self, c: int, growth: int, kernel: int):
+        super().__init__()
+        self.squeeze = nn.ModuleList([nn.Conv2d(c, 2, 1), nn.Conv2d(c + growth, 2, 1)])
+        self.grow = nn.ModuleList(nn.Conv2d(2, growth, kernel, padding=kernel // 2) for _ in range(2))
+
+    def forward(self, x):
+        for squeeze, grow in zip(self.squeeze, self.grow):
+            x = torch.cat([x, grow(torch.relu(squeeze(x)))], 1)
+        return x
+
+
 @st.composite
 def dag_block(draw, c: int, size: tuple[int, int]):
-    kind = draw(st.sampled_from(["residual", "branches", "shared", "gate", "se", "shuffle"]), label="block")
+    kinds = ["residual", "branches", "shared", "gate", "se", "shuffle", "dense"]
+    kind = draw(st.sampled_from(kinds), label="block")
+    if kind == "dense":
+        growth = draw(st.integers(1, 2), label="growth")
+        return DenseLayers(c, growth, draw(st.sampled_from([1, 3]), label="dense_kernel")), c + 2 * growth, size
     if kind == "shuffle":
         return (ShuffleBlock(c) if c >= 2 else SpatialGate(c)), c, size
     if kind == "residual":
