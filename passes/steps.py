@@ -295,8 +295,6 @@ class MergeStep(_BoxedStep):
             return kernels.read_windows(
                 self.backend, pieces[0], at[0], self.size, leaf.values, rel, inside=self.inside
             )
-        if changed and self.inside and tuple(leaf.values.shape[2:]) == tuple(self.size):
-            return leaf.values  # the patch fills its window (as kernels.gather_paste does)
         windows = [kernels.gather_windows(piece, a, self.size) for piece, a in zip(pieces, at)]
         window = windows[0] if len(windows) == 1 else torch.cat(windows, 1)
         if not changed:  # a constant spatial operand: its window, unchanged
