@@ -180,11 +180,8 @@ class Engine(OcclusionRunner):
                 ):  # no program reads activations: the plain model
                     output, prepared = self._model(image), []
                 else:
-                    output, activations = self.compiled.base_program(image)
-                    prepared = [
-                        act if slot.whole else kernels.pad_base(act, slot.margins, slot.pad_value)
-                        for act, slot in zip(activations, self.compiled.slots)
-                    ]
+                    output, prepared = self.compiled.base_program(image)  # padded as slots say
+                    prepared = list(prepared)
             self._base_cache = _Base(image.clone(), versions, output, prepared)
             return self._base_cache
 
@@ -477,7 +474,7 @@ def _build(
         graph_module=gm,
         program=program.module,
         slots=tuple(program.slots),
-        base_program=build_base_program(gm, sources),
+        base_program=build_base_program(gm, program.slots),
         cost=static_cost(gm, tau),
         memory=memory,
         plan=chosen,

@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from kfx import kernels
 from kfx.passes.layout import reduction
 from kfx.passes.ops import group_norm_args
 from kfx.passes.patch_prop import META_KEY, NodePatch, State, spatial_size
@@ -441,15 +442,29 @@ def build_program(gm: fx.GraphModule, patch, channels: int, dtype, device, backe
     return Program(module, list(ctx.bases))
 
 
-def build_base_program(gm: fx.GraphModule, sources: Sequence[str]) -> fx.GraphModule:
-    """The base program: a copy of the model that also returns the activations the incremental
-    program reads. ``sources`` names them (``[slot.source for slot in program.slots]``); it returns
-    ``(model outputs, tuple of those activations)``."""
+def build_base_program(gm: fx.GraphModule, slots: Sequence[BaseSlot]) -> fx.GraphModule:
+    """The base program: a copy of the model that also returns the base activations the incremental
+    program reads (``program.slots``), prepared as each slot says: ``(model outputs, tuple of them)``.
+    Each is padded right where the model computes it, so the unpadded value is freed after its last
+    use in the model instead of living to the end of the run beside its padded copy (at most one
+    unpadded copy is alive at a time: the peak of the base run is the model's own plus the padded
+    copies so far, docs/design.md §3.7)."""
     graph = fx.Graph()
     value_map: dict[fx.Node, fx.Node] = {}
-    output = graph.graph_copy(gm.graph, value_map)
-    by_name = {node.name: node for node in gm.graph.nodes}
-    graph.output((output, tuple(value_map[by_name[name]] for name in sources)))
+    waiting: dict[str, list[int]] = {}
+    for index, slot in enumerate(slots):
+        waiting.setdefault(slot.source, []).append(index)
+    prepared: list[fx.Node | None] = [None] * len(slots)
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            graph.output((fx.map_arg(node.args[0], value_map.__getitem__), tuple(prepared)))
+            break
+        value = value_map[node] = graph.node_copy(node, value_map.__getitem__)
+        for index in waiting.get(node.name, ()):
+            slot = slots[index]
+            prepared[index] = (
+                value if slot.whole else graph.call_function(kernels.pad_base, (value, slot.margins, slot.pad_value))
+            )
     return fx.GraphModule(gm, graph, class_name="BaseProgram")
 
 

@@ -3,10 +3,12 @@ incremental program really holds (measured by running it under a torch.fx Interp
 
 import math
 import operator
+import weakref
 
 import pytest
 import torch
 from torch import fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kfx
 import kfx.memory
@@ -289,3 +291,54 @@ def test_full_inference_runs_in_chunks_that_hold_no_more_than_the_incremental_ba
     with torch.no_grad():
         expected = model(kfx.occlude(image, positions, patch))
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+class LiveTensors(TorchDispatchMode):
+    """Records the peak bytes of live tensors made by torch ops while active (every op's outputs,
+    tracked by weak reference and counted once per storage): allocator-independent, unlike RSS."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensors, self.peak = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        outputs = result if isinstance(result, (tuple, list)) else [result]
+        self.tensors += [weakref.ref(t) for t in outputs if isinstance(t, torch.Tensor)]
+        alive = [t for t in (ref() for ref in self.tensors) if t is not None]
+        self.tensors = [weakref.ref(t) for t in alive]
+        self.peak = max(self.peak, storage_bytes(alive))
+        return result
+
+
+def storage_bytes(tensors) -> int:
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def live_peak(run) -> int:
+    with torch.no_grad(), LiveTensors() as tracker:
+        run()
+    return tracker.peak
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_the_base_run_holds_the_model_run_plus_the_padded_copies_and_no_unpadded_ones(name):
+    """Preparing the base activations pads each where the model computes it: its peak is at most the
+    traced model's own run plus the prepared copies (padding after the run would hold every kept
+    activation twice: unpadded to the end of the run, and padded)."""
+    model, shape = build(name), (3, ZOO[name], ZOO[name])
+    engine = kfx.compile(model, shape, kfx.Patch(8, stride=4), plan="incremental")
+    image = engine._check_image(torch.randn(shape, dtype=engine.dtype))  # [1, C, H, W]
+    model_peak = live_peak(lambda: engine.compiled.graph_module(image))
+    prepared = engine._prepare(image).activations
+    engine._base_cache = None
+    base_peak = live_peak(lambda: engine._prepare(image))
+    assert base_peak <= model_peak + storage_bytes(prepared), (base_peak, model_peak, storage_bytes(prepared))
+    # the prepared copies are the model's activations, padded as each slot says
+    model_run = fx.Interpreter(engine.compiled.graph_module, garbage_collect_values=False)
+    with torch.no_grad():
+        model_run.run(image)
+    values = {node.name: value for node, value in model_run.env.items()}
+    for slot, kept in zip(engine.compiled.slots, prepared):
+        if not slot.whole:
+            assert torch.equal(kept, kfx.kernels.pad_base(values[slot.source], slot.margins, slot.pad_value))
