@@ -436,19 +436,20 @@ def build_program(gm: fx.GraphModule, patch, channels: int, dtype, device, backe
     for node, step in steps:
         ctx.env[node] = step.emit(ctx, *(ctx.base(slot) for slot in step.reads))
     ctx.graph.lint()
-    module = fx.GraphModule(gm, ctx.graph, class_name="IncrementalProgram")
-    module.graph.eliminate_dead_code()  # e.g. the weight arithmetic behind a constant the base computes
-    module.recompile()
-    return Program(module, list(ctx.bases))
+    # Dead code (e.g. the weight arithmetic behind a constant the base computes) goes before the
+    # module is built, which generates its Python code once; the steps' purity is looked up in gm,
+    # where add_step registered them.
+    ctx.graph.owning_module = gm
+    ctx.graph.eliminate_dead_code()
+    return Program(fx.GraphModule(gm, ctx.graph, class_name="IncrementalProgram"), list(ctx.bases))
 
 
 def build_base_program(gm: fx.GraphModule, slots: Sequence[BaseSlot]) -> fx.GraphModule:
     """The base program: a copy of the model that also returns the base activations the incremental
     program reads (``program.slots``), prepared as each slot says: ``(model outputs, tuple of them)``.
     Each is padded right where the model computes it, so the unpadded value is freed after its last
-    use in the model instead of living to the end of the run beside its padded copy (at most one
-    unpadded copy is alive at a time: the peak of the base run is the model's own plus the padded
-    copies so far, docs/design.md §3.7)."""
+    use in the model instead of living to the end of the run beside its padded copy: the base run
+    holds at most the model's own live values plus the padded copies (docs/design.md §3.7)."""
     graph = fx.Graph()
     value_map: dict[fx.Node, fx.Node] = {}
     waiting: dict[str, list[int]] = {}
