@@ -240,21 +240,27 @@ def trace(model: nn.Module, leaf_modules: tuple = (), autowrap_functions: tuple 
     while True:
         tracer = _Tracer(leaf_modules, tuple(autowrap_functions))
         try:
-            gm = fx.GraphModule(model, tracer.trace(model), type(model).__name__)
+            graph = tracer.trace(model)
             break
         except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
             leaf = _registered_leaf(tracer.inside, leaf_modules)
             if leaf is None:
                 _raise_trace_error(model, tracer, exc)
             leaf_modules += (leaf,)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         names = ", ".join(n.target for n in placeholders)
         raise ModelError(
             f"kfx explains models with exactly one image input; this forward takes {len(placeholders)} ({names}). "
             "Wrap it in a module whose forward(image) fixes the other arguments"
         )
-    functionalize(gm)
+    # functional before the GraphModule is built, so that it generates its code once
+    functional_modules, changed = _functionalize_graph(graph, model)
+    if changed:
+        graph.lint()
+    gm = fx.GraphModule(model, graph, type(model).__name__)
+    for target, module in functional_modules.items():
+        _set_submodule(gm, target, module)  # the graph's own copies: the caller's modules are untouched
     _record_plain_attributes(model, gm)
     return gm
 
@@ -324,14 +330,15 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, leaf, module)
 
 
-def _make_functional(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Turn an in-place op into its out-of-place twin; True if ``node`` was in place."""
+def _make_functional(node: fx.Node, root: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    """Turn an in-place op into its out-of-place twin; True if ``node`` was in place. An in-place
+    module's out-of-place copy goes into ``modules`` (target -> copy) for the caller to install."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = root.get_submodule(node.target)  # the original: a module called twice is in place twice
         if getattr(module, "inplace", False) is True:
             functional = copy.copy(module)  # the graph's own copy: the caller's module is untouched
             functional.inplace = False
-            _set_submodule(gm, node.target, functional)
+            modules[node.target] = functional
             return True
         return False
     if node.op == "call_function":
@@ -366,28 +373,28 @@ def _make_functional(node: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
-def _is_alias(node: fx.Node, gm: fx.GraphModule) -> bool:
+def _is_alias(node: fx.Node, root: nn.Module) -> bool:
     """True if ``node`` may return a view of (or the very tensor of) its first input."""
     if node.op == "call_method":
         return node.target in _ALIAS_METHODS
     if node.op == "call_function":
         return node.target in _ALIAS_FUNCTIONS
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _ALIAS_MODULES)
+        return isinstance(root.get_submodule(node.target), _ALIAS_MODULES)
     return False
 
 
-def _alias_group(node: fx.Node, gm: fx.GraphModule) -> set[fx.Node]:
+def _alias_group(node: fx.Node, root: nn.Module) -> set[fx.Node]:
     """Every node that may share storage with ``node``: its view ancestors and their view descendants."""
-    root = node
-    while _is_alias(root, gm) and root.args and isinstance(root.args[0], fx.Node):
-        root = root.args[0]
-    group, todo = set(), [root]
+    first = node
+    while _is_alias(first, root) and first.args and isinstance(first.args[0], fx.Node):
+        first = first.args[0]
+    group, todo = set(), [first]
     while todo:
         current = todo.pop()
         if current not in group:
             group.add(current)
-            todo.extend(u for u in current.users if _is_alias(u, gm) and u.args and u.args[0] is current)
+            todo.extend(u for u in current.users if _is_alias(u, root) and u.args and u.args[0] is current)
     return group
 
 
@@ -402,10 +409,23 @@ def functionalize(gm: fx.GraphModule) -> None:
     kfx refuses it with a TraceError naming the node. An in-place op on a parameter or buffer
     (state kept across calls) is refused too.
     """
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    modules, changed = _functionalize_graph(gm.graph, gm)
+    for target, module in modules.items():
+        _set_submodule(gm, target, module)
+    if changed:  # else the code GraphModule generated when it was built is current
+        gm.graph.lint()
+        gm.recompile()
+
+
+def _functionalize_graph(graph: fx.Graph, root: nn.Module) -> tuple[dict[str, nn.Module], bool]:
+    """:func:`functionalize` on ``graph``, whose modules ``root`` holds: rewrites its nodes; returns
+    the out-of-place copies of in-place modules to install (target -> module) and whether any node
+    was in place."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    modules: dict[str, nn.Module] = {}
     changed = False
-    for node in list(gm.graph.nodes):
-        if not _make_functional(node, gm):
+    for node in list(graph.nodes):
+        if not _make_functional(node, root, modules):
             continue
         changed = True
         mutated = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -417,7 +437,7 @@ def functionalize(gm: fx.GraphModule) -> None:
                 "call; kfx needs a forward without side effects"
             )
         position = order[node]
-        aliases = _alias_group(mutated, gm) - {mutated, node}
+        aliases = _alias_group(mutated, root) - {mutated, node}
         # Views made before the op and read after it would see the change in eager mode; views made
         # after it read the rebound result below.
         seen_later = [
@@ -432,9 +452,7 @@ def functionalize(gm: fx.GraphModule) -> None:
         for user in list(mutated.users):
             if user is not node and order[user] > position:
                 user.replace_input_with(mutated, node)
-    if changed:  # else the code GraphModule generated when it was built is current
-        gm.graph.lint()
-        gm.recompile()
+    return modules, changed
 
 
 class _ValueProp(ShapeProp):

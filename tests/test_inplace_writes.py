@@ -84,3 +84,30 @@ def test_a_leaf_that_writes_only_its_own_copy_compiles_and_is_exact():
     with torch.no_grad():
         expected = model(kfx.occlude(image, positions, PATCH))
     torch.testing.assert_close(engine.outputs(image, positions), expected, rtol=0, atol=1e-12)
+
+
+class ReluInPlaceTwice(Head):
+    """One ``nn.ReLU(inplace=True)`` called on two tensors that are read again afterwards: each call
+    changes its input, so the later reads of both see the rectified values in eager mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.act(y)
+        w = y - 0.1
+        self.act(w)
+        return self.head(w + y)
+
+
+def test_an_in_place_module_called_twice_is_rewritten_at_both_calls_and_is_exact():
+    model = ReluInPlaceTwice().double().eval()
+    engine = kfx.compile(model, SHAPE, PATCH, plan="incremental")
+    image = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    positions = kfx.grid_positions(SHAPE[1:], PATCH)
+    with torch.no_grad():
+        expected = model(kfx.occlude(image, positions, PATCH))
+    torch.testing.assert_close(engine.outputs(image, positions), expected, rtol=0, atol=1e-12)
+    assert model.act.inplace  # the caller's module is untouched: the graph runs its own copy
