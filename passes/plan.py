@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from kfx.cost import static_cost
+from kfx.cost import CostReport, static_cost
 from kfx.passes.layout import spatial_dims
 from kfx.passes.patch_prop import META_KEY, SHAPE_ROLES, State, input_axes, propagate_patches
 
@@ -369,16 +369,19 @@ def _reads_full(user: fx.Node, dense: set[str]) -> bool:
     return meta.state is State.DENSE and meta.role not in (*SHAPE_ROLES, "mean_delta")
 
 
-def estimate(gm: fx.GraphModule, forced, rates: Rates, batch_size: int) -> float:
+def estimate(
+    gm: fx.GraphModule, forced, rates: Rates, batch_size: int, costs: CostReport | None = None
+) -> float:
     """Estimated seconds per position of the program with ``forced`` nodes dense (docs/design.md §3.8).
 
     Incremental nodes: box FMAs at the conv rate for their box (:func:`fma_rate`), the box read and
     written at the copy rate, read-in windows gathered and the change pasted into them at the gather
     rate, one step per batch. Projections: the full map copied, the box pasted. Dense nodes: full
     FMAs at the conv rate for their map, the map read and written at the copy rate, one op per batch.
+    ``costs``: ``static_cost(gm)``, if already computed (it does not depend on ``forced``).
     """
     axes = input_axes(gm)
-    fmas = {layer.node: layer for layer in static_cost(gm).layers}
+    fmas = {layer.node: layer for layer in (static_cost(gm) if costs is None else costs).layers}
     dense = dense_under(gm, forced)
     total = 0.0
     for node in gm.graph.nodes:
@@ -477,13 +480,13 @@ def choose_plan(
             for name, s in _threshold_forced(gm, share).items()
         }
         options.append((f"box>={share:.0%}", reasons))
-    candidates, seen = {}, set()
+    candidates, seen, costs = {}, set(), static_cost(gm)
     for name, forced in options:  # a program met before keeps its first name (incremental, full)
         effect = frozenset(dense_under(gm, forced))
         if effect not in seen:
             seen.add(effect)
             candidates[name] = (
-                Candidate(name, tuple(forced), estimate(gm, forced, rates, batch_size)),
+                Candidate(name, tuple(forced), estimate(gm, forced, rates, batch_size, costs)),
                 forced,
             )
     return _cheapest(mode, candidates, rates)
