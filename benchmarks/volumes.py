@@ -546,7 +546,9 @@ def run_memory(name: str, side: int, n_batch: int, args) -> list[dict]:
                 value = queue.get()
                 process.join()
                 if isinstance(value, str):
-                    raise RuntimeError(f"peak memory of {method} on {name} at {side}^3 failed in the child: {value}")
+                    raise RuntimeError(
+                        f"peak memory of {method} on {name} at {side}^3 failed in the child: {value}"
+                    )
                 value.update(allocator=allocator, repeat=repeat)
                 print(json.dumps(value), flush=True)
                 rows.append(value)
@@ -718,7 +720,9 @@ def write_results(tag: str, payload: dict, text: str) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=["densenet121", "resnet18"], help="none: the signal only")
+    parser.add_argument(
+        "--models", nargs="*", default=["densenet121", "resnet18"], help="none: the signal only"
+    )
     parser.add_argument("--sides", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--overlaps", type=float, nargs="+", default=[0.6, 0.8])
     parser.add_argument("--positions", type=int, default=16)
@@ -736,13 +740,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--taus", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.4])
     parser.add_argument("--held-out", type=int, default=2, help="--tau: volumes the tuned tau is checked on")
     parser.add_argument(
-        "--monai-windows", type=int, default=32, help="--tau: MONAI windows timed, at least (0: MONAI on the whole volume)",
+        "--monai-windows",
+        type=int,
+        default=32,
+        help="--tau: MONAI windows timed, at least (0: MONAI on the whole volume)",
     )
     parser.add_argument(
         "--memory-configs", nargs="+", default=["64:16"], help="--memory: side:n_batch, e.g. 64:16 128:4"
     )
     parser.add_argument("--memory-windows", type=int, default=2, help="--memory: batches per call, at least")
-    parser.add_argument("--memory-repeats", type=int, default=3, help="--memory: processes per method and allocator")
+    parser.add_argument(
+        "--memory-repeats", type=int, default=3, help="--memory: processes per method and allocator"
+    )
     parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS))
     args = parser.parse_args(argv)
     info = {**machine(), "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])}

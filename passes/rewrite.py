@@ -464,7 +464,9 @@ def build_base_program(gm: fx.GraphModule, slots: Sequence[BaseSlot]) -> fx.Grap
         for index in waiting.get(node.name, ()):
             slot = slots[index]
             prepared[index] = (
-                value if slot.whole else graph.call_function(kernels.pad_base, (value, slot.margins, slot.pad_value))
+                value
+                if slot.whole
+                else graph.call_function(kernels.pad_base, (value, slot.margins, slot.pad_value))
             )
     return fx.GraphModule(gm, graph, class_name="BaseProgram")
 

@@ -79,7 +79,11 @@ def composed_slots(graph: fx.Graph, reads: Iterable[Read], axes: int) -> dict[Ba
     nodes = {node.name: node for node in graph.nodes}
     composed = {}
     for slot, at_offset in reads:
-        if at_offset and slot == unpadded(nodes[slot.source]) and (split := pieces(nodes[slot.source])) != (slot,):
+        if (
+            at_offset
+            and slot == unpadded(nodes[slot.source])
+            and (split := pieces(nodes[slot.source])) != (slot,)
+        ):
             composed[slot] = split
     return composed
 

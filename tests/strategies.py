@@ -402,7 +402,11 @@ def dag_block(draw, c: int, size: tuple[int, int]):
     kind = draw(st.sampled_from(kinds), label="block")
     if kind == "dense":
         growth = draw(st.integers(1, 2), label="growth")
-        return DenseLayers(c, growth, draw(st.sampled_from([1, 3]), label="dense_kernel")), c + 2 * growth, size
+        return (
+            DenseLayers(c, growth, draw(st.sampled_from([1, 3]), label="dense_kernel")),
+            c + 2 * growth,
+            size,
+        )
     if kind == "shuffle":
         return (ShuffleBlock(c) if c >= 2 else SpatialGate(c)), c, size
     if kind == "residual":
