@@ -33,7 +33,8 @@ Two more measurements, run alone when asked for (results in <tag>_tau and <tag>_
             a dark ball: a map that means something), tau tuned with kfx.tune (SSIM >= 0.9 against
             the exact map), then whole maps at overlap 0.6 on held-out volumes: kfx exact and kfx at
             that tau (their SSIM), vs MONAI's OcclusionSensitivity timed on a b_box subset of its
-            windows and scaled by the window count (one time each: single runs, not best-of).
+            windows and scaled by the window count, or with --monai-windows 0 on the whole volume
+            (one time each: single runs, not best-of).
   --memory  peak RSS growth (VmHWM) of one kfx.monai.OcclusionSensitivity call (exact) vs one of
             MONAI's at the same n_batch, each in a fresh process, --memory-repeats times, with glibc's
             malloc as it is and with a fixed mmap threshold (RSS then follows the live tensors).
@@ -525,13 +526,11 @@ def run_memory(name: str, side: int, n_batch: int, args) -> list[dict]:
     import multiprocessing as mp
     import os
 
-    rows = []
+    rows, ctx, windows = [], mp.get_context("spawn"), args.memory_windows * n_batch
     for allocator in args.allocators:
         for repeat in range(args.memory_repeats):
             for method in ("kfx", "monai"):
-                ctx = mp.get_context("spawn")
                 queue = ctx.Queue()
-                windows = args.memory_windows * n_batch
                 process = ctx.Process(
                     target=memory_child,
                     args=(name, side, method, n_batch, windows, torch.get_num_threads(), queue),
