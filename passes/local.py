@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from kfx.geometry import conv_fmas, effective_kernel, same_padding
+from kfx.kernels.pooling import MAX_POOL_FUNCTIONS, avg_pool, window_max, window_sum
 from kfx.passes.ops import _axes, bind_args, runs_own_forward
 
-__all__ = ["LocalSpec", "local_spec", "avg_pool"]
+__all__ = ["LocalSpec", "local_spec"]
 
 
 @dataclass(frozen=True)
@@ -45,33 +46,11 @@ class LocalSpec:
 # The N-d forms of each local op, by number of spatial axes.
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-MAX_POOL_FUNCTIONS = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 MAX_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 AVG_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 _TORCH_CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _TORCH_MAX_POOL = {torch.max_pool1d: 1, torch.max_pool2d: 2, torch.max_pool3d: 3}
-
-
-def avg_pool(
-    window, kernel, stride, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
-):
-    """``F.avg_pool{1,2,3}d`` by the number of axes of ``kernel``; the 1-d form runs as a 1 x k
-    2-d pool because ``F.avg_pool1d`` has no ``divisor_override``."""
-    axes = len(kernel)
-    if axes == 1:
-        out = F.avg_pool2d(
-            window.unsqueeze(-2),
-            (1, *kernel),
-            (1, *stride),
-            (0, *_axes(padding, "padding", 1)),
-            ceil_mode,
-            count_include_pad,
-            divisor_override,
-        )
-        return out.squeeze(-2)
-    pool = F.avg_pool2d if axes == 2 else F.avg_pool3d
-    return pool(window, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
 
 def _same_padding(kernel_eff: tuple[int, ...]) -> tuple[int, ...]:
@@ -121,8 +100,7 @@ def _pool_spec(kind, kernel_size, stride, padding, dilation, ceil_mode, in_hw, a
     if kind == "max_pool":
         d = _axes(dilation, "dilation", axes)
         kernel = tuple(effective_kernel(size, dil) for size, dil in zip(k, d))
-        pool = MAX_POOL_FUNCTIONS[axes]
-        apply = lambda w: pool(w, k, s, 0, d)
+        apply = lambda w: window_max(w, k, s, d)
         return LocalSpec("max_pool", kernel, s, p, -math.inf, apply)
     count_include_pad, divisor_override = avg_flags
     divisor = _avg_divisor(in_hw, k, s, p, ceil_mode, count_include_pad, divisor_override)
@@ -131,10 +109,10 @@ def _pool_spec(kind, kernel_size, stride, padding, dilation, ceil_mode, in_hw, a
         # One divisor everywhere (Inception's 3x3 pools with count_include_pad): the op divides each
         # window sum by it in one pass, as the full op does; no per-element divisor to gather.
         uniform = int(first)
-        apply = lambda w: avg_pool(w, k, s, 0, False, True, divisor_override=uniform)
+        apply = lambda w: window_sum(w, k, s) / uniform
         return LocalSpec("avg_pool", k, s, p, 0.0, apply)
-    # Sum each window (divisor 1), then divide by the full op's own divisor for that output element.
-    apply = lambda w: avg_pool(w, k, s, 0, False, True, divisor_override=1)
+    # Sum each window, then divide by the full op's own divisor for that output element.
+    apply = lambda w: window_sum(w, k, s)
     return LocalSpec("avg_pool", k, s, p, 0.0, apply, divisor=divisor)
 
 
