@@ -26,13 +26,16 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from kfx import kernels
+from kfx.errors import TraceError
 from kfx.passes.layout import reduction
+from kfx.passes.local import local_spec
 from kfx.passes.ops import group_norm_args
 from kfx.passes.patch_prop import META_KEY, NodePatch, State, spatial_size
 from kfx.passes.slots import BaseSlot, composed_slots, shared_slots, unpadded
 from kfx.passes.steps import (
     ChannelStep,
     CoveredLocalStep,
+    DensePoolStep,
     GroupNormStep,
     InputStep,
     LocalStep,
@@ -266,10 +269,37 @@ def hoisted_constant(node: fx.Node) -> Step | None:
 
 def dense_copy(node: fx.Node) -> Step | None:
     """A constant or dense node: the original op, on full values (an incremental operand is
-    projected to full first, so the node reads its base activation)."""
+    projected to full first, so the node reads its base activation); a pool on CPU runs as
+    :func:`_dense_pool`."""
     if _meta(node).state is State.PATCH:
         return None
-    return Step(_changed_inputs(node), lambda ctx, *_: ctx.graph.node_copy(node, ctx.dense_value))
+    return Step(
+        _changed_inputs(node),
+        lambda ctx, *_: _dense_pool(ctx, node) or ctx.graph.node_copy(node, ctx.dense_value),
+    )
+
+
+def _dense_pool(ctx: RewriteContext, node: fx.Node) -> fx.Node | None:
+    """A dense max- or average-pool (one divisor everywhere) on CPU as a :class:`DensePoolStep`, else
+    None. The padding after each axis is what the traced output size needs (ceil_mode included)."""
+    source = node.args[0] if node.args else None
+    if ctx.device.type != "cpu" or not isinstance(source, fx.Node):
+        return None
+    axes = len(ctx.size)
+    in_hw, out_hw = spatial_size(source, axes), spatial_size(node, axes)
+    try:
+        spec = local_spec(node, ctx.modules, in_hw) if out_hw else None
+    except TraceError:  # pool settings computed at run time: torch's op, as traced
+        return None
+    if spec is None or spec.kind not in ("max_pool", "avg_pool") or spec.divisor is not None:
+        return None
+    pads: list[int] = []
+    for length, out, extent, stride, before in reversed(
+        list(zip(in_hw, out_hw, spec.kernel, spec.stride, spec.padding))
+    ):
+        pads += [before, (out - 1) * stride + extent - before - length]
+    step = DensePoolStep(spec, tuple(pads))
+    return ctx.add_step(f"dense_{node.name}", step, (ctx.dense_value(source),))
 
 
 def channel_getitem(node: fx.Node) -> Step | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -31,6 +32,7 @@ __all__ = [
     "MeanDeltaStep",
     "GroupNormStep",
     "ProjectStep",
+    "DensePoolStep",
 ]
 
 
@@ -459,3 +461,20 @@ class ProjectStep(nn.Module):
             patches.origin,
         ).view(values.shape[0], *base.shape)
         return full if self.spatial is None else full.movedim((-2, -1), self.spatial)
+
+
+class DensePoolStep(nn.Module):
+    """A max- or average-pool with one divisor everywhere, run on full values (past the plan's switch
+    to full, or past a global node) on CPU by kfx's window pools, which are several times faster
+    there than torch's (kfx/kernels/pooling.py): the op's padding goes on first (``pads``, in
+    ``F.pad``'s order; a negative one crops what the op never reads), then the pool runs with none,
+    as a :class:`LocalStep` runs it on its windows."""
+
+    def __init__(self, spec, pads: tuple[int, ...]):
+        super().__init__()
+        self.spec, self.pads = spec, pads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.pads):
+            x = F.pad(x, self.pads, value=self.spec.pad_value)
+        return self.spec.apply(x)

@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+import kfx
 from kfx.kernels.pooling import window_max, window_sum
+from kfx.passes.steps import DensePoolStep
 
 MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}  # the 1-d pool has no divisor_override
@@ -80,3 +83,50 @@ def test_a_window_shorter_than_the_kernel_gets_torchs_error(pool):
     args = ((1, 1),) if pool is window_max else ()
     with pytest.raises(RuntimeError):
         pool(torch.randn(1, 2, 2, 5), (3, 3), (1, 1), *args)
+
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+MAX_POOL_MODULE = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+AVG_POOL_MODULE = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+class GatedPools(nn.Module):
+    """A conv, a squeeze-excitation-style gate (every output cell changes: the exact engine runs
+    densely after it), then pools of every kind kfx runs densely: padded ceil-mode max, dilated max,
+    3x3 stride-1 average (one divisor everywhere) and a ceil-mode average without padding counted
+    (divisors differ at the edge: left to torch's op)."""
+
+    def __init__(self, axes: int):
+        super().__init__()
+        self.axes = axes
+        self.conv = CONV[axes](2, 3, 3, padding=1)
+        self.max = MAX_POOL_MODULE[axes](3, stride=2, padding=1, ceil_mode=True)
+        self.dilated = MAX_POOL_MODULE[axes](2, stride=1, dilation=2)
+        self.avg = AVG_POOL_MODULE[axes](3, stride=1, padding=1)
+        self.edge = AVG_POOL_MODULE[axes](2, stride=2, ceil_mode=True, count_include_pad=False)
+
+    def forward(self, x):
+        x = self.conv(x)
+        spatial = tuple(range(2, 2 + self.axes))
+        x = x * torch.sigmoid(x.mean(spatial, keepdim=True))
+        x = self.avg(self.dilated(self.max(x)))
+        return self.edge(x).flatten(1)
+
+
+@pytest.mark.parametrize("axes", [1, 2, 3])
+def test_pools_run_densely_by_window_pools_equal_full_inference(axes):
+    torch.manual_seed(axes)
+    model = GatedPools(axes).double().eval()
+    # A multiple of 4 along an axis: ceil_mode pads the max-pool one more after than before, and the
+    # edge pool gets an odd length, so its divisors differ.
+    shape = {1: (2, 24), 2: (2, 12, 11), 3: (2, 8, 9, 12)}[axes]
+    engine = kfx.compile(model, shape, kfx.Patch(3, stride=2), plan="incremental")
+    dense = [m for m in engine.program.modules() if isinstance(m, DensePoolStep)]
+    assert len(dense) == 3  # max, dilated max, uniform average; the edge average stays torch's
+    image = torch.randn(shape, dtype=torch.float64)
+    positions = kfx.grid_positions(shape[1:], engine.patch)
+    occluded = image.expand(len(positions), *shape).clone()
+    for i, corner in enumerate(positions.tolist()):
+        occluded[(i, slice(None), *(slice(c, c + 3) for c in corner))] = 0.0
+    expected = model(occluded)
+    torch.testing.assert_close(engine.outputs(image, positions), expected, rtol=1e-12, atol=1e-12)
