@@ -83,6 +83,9 @@ def window_max(window: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:
 def window_sum(window: torch.Tensor, kernel, stride) -> torch.Tensor:
     """The sum of each pooling window: ``F.avg_pool{1,2,3}d(window, kernel, stride, padding=0,
     divisor_override=1)``, up to the order of the additions."""
+    if window.dtype in (torch.float16, torch.bfloat16):
+        # torch's pools add half-precision values in float32; so does this, then rounds once.
+        return window_sum(window.float(), kernel, stride).to(window.dtype)
     ones = (1,) * len(kernel)
     out = None
     if window.device.type == "cpu" and window.shape[2:].numel():

@@ -130,3 +130,15 @@ def test_pools_run_densely_by_window_pools_equal_full_inference(axes):
         occluded[(i, slice(None), *(slice(c, c + 3) for c in corner))] = 0.0
     expected = model(occluded)
     torch.testing.assert_close(engine.outputs(image, positions), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_window_sum_adds_half_precision_in_float32_as_torch_does(dtype):
+    # Values whose float32 sum rounds to another half-precision number than a running half sum does.
+    window = (torch.rand(3, 4, 12, 12, generator=torch.Generator().manual_seed(0)) * 64 + 200).to(dtype)
+    expected = F.avg_pool2d(window, 5, 1, 0, False, True, 1)
+    got = window_sum(window, (5, 5), (1, 1))
+    assert got.dtype == dtype
+    assert (got.float() - expected.float()).abs().max() <= (
+        expected.float().abs().max() * torch.finfo(dtype).eps
+    )
