@@ -58,7 +58,9 @@ def _taps(x: torch.Tensor, dim: int, kernel: int, stride: int, dilation: int) ->
 
 
 def _separable(x, kernel, stride, dilation, combine) -> torch.Tensor | None:
-    lead = x.dim() - len(kernel)
+    """The pool of ``x`` (a new tensor, never a view of ``x``: as torch's pools, it may be written to),
+    or None when an axis is too short for the kernel."""
+    lead, fresh = x.dim() - len(kernel), False
     for axis, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
         taps = _taps(x, lead + axis, k, s, d)
         if taps is None:
@@ -67,9 +69,10 @@ def _separable(x, kernel, stride, dilation, combine) -> torch.Tensor | None:
             x = taps[0]
             continue
         x = combine(taps[0], taps[1], None)  # a new tensor: the in-place steps below never touch the input
+        fresh = True
         for tap in taps[2:]:
             combine(x, tap, x)
-    return x.contiguous()
+    return x.contiguous() if fresh else x.clone(memory_format=torch.contiguous_format)
 
 
 def window_max(window: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:
