@@ -58,8 +58,8 @@ def _taps(x: torch.Tensor, dim: int, kernel: int, stride: int, dilation: int) ->
 
 
 def _separable(x, kernel, stride, dilation, combine) -> torch.Tensor | None:
-    """The pool of ``x`` (a new tensor, never a view of ``x``: as torch's pools, it may be written to),
-    or None when an axis is too short for the kernel."""
+    """The pool of ``x`` (a new dense tensor in ``x``'s layout, never a view of ``x``: as torch's
+    pools, it may be written to), or None when an axis is too short for the kernel."""
     lead, fresh = x.dim() - len(kernel), False
     for axis, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
         taps = _taps(x, lead + axis, k, s, d)
@@ -72,7 +72,9 @@ def _separable(x, kernel, stride, dilation, combine) -> torch.Tensor | None:
         fresh = True
         for tap in taps[2:]:
             combine(x, tap, x)
-    return x.contiguous() if fresh else x.clone(memory_format=torch.contiguous_format)
+    if fresh and (x.is_contiguous() or x.movedim(1, -1).is_contiguous()):
+        return x  # dense, in the input's layout (channels-last stays so)
+    return x.clone(memory_format=torch.preserve_format)
 
 
 def window_max(window: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:

@@ -7,7 +7,7 @@ passes in order; ``build_program`` then rewrites the annotated graph.
 import torch
 from torch import fx, nn
 
-from kfx.passes.check import check_traced
+from kfx.passes.check import check_traced, runs_channels_last
 from kfx.passes.patch_prop import META_KEY, AxisBoxes, NodePatch, State, propagate_patches
 from kfx.passes.rewrite import Patches, Program, build_base_program, build_program
 from kfx.passes.slots import BaseSlot
@@ -15,6 +15,7 @@ from kfx.passes.trace import functionalize, propagate_shapes, trace, trusted_che
 
 __all__ = [
     "annotate",
+    "CHANNELS_LAST_KEY",
     "META_KEY",
     "AxisBoxes",
     "BaseSlot",
@@ -30,6 +31,9 @@ __all__ = [
     "propagate_shapes",
     "trace",
 ]
+
+# gm.meta[CHANNELS_LAST_KEY]: the traced graph runs in the channels-last layout (check.runs_channels_last).
+CHANNELS_LAST_KEY = "kfx_channels_last"
 
 
 def annotate(
@@ -50,7 +54,8 @@ def annotate(
     Runs trace (functional, in-place ops rebound), shape propagation, the check against the eager
     model (a fixed random batch of two; shape propagation's run on its first image is the check's
     batch of one) and patch propagation. Under ``checked_elsewhere`` (kfx.load) the given verifier
-    replaces the check, right after tracing.
+    replaces the check, right after tracing. ``gm.meta[CHANNELS_LAST_KEY]`` says whether the graph
+    runs on a channels-last 2-d image on CPU (one more run of it).
     """
     gm = trace(model, leaf_modules, autowrap_functions)
     verify = trusted_check()
@@ -61,6 +66,7 @@ def annotate(
     alone = propagate_shapes(gm, example[:1].clone())
     if verify is None:
         check_traced(model, gm, example, alone)
+    gm.meta[CHANNELS_LAST_KEY] = runs_channels_last(gm, example[:1], alone)
     propagate_patches(
         gm, tuple(image_shape[1:]), patch_size, tau, concat=concat, global_context=global_context
     )

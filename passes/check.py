@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from kfx.errors import ModelError, TraceError
 
-__all__ = ["check_traced"]
+__all__ = ["check_traced", "runs_channels_last"]
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, allowance: float = 0.0) -> bool:
@@ -112,6 +112,21 @@ def check_traced(
         )
     if not _close(alone, traced[:1]):
         _check_per_example(type(model).__name__, gm, example, traced, alone)
+
+
+def runs_channels_last(gm: fx.GraphModule, image: torch.Tensor, alone: torch.Tensor) -> bool:
+    """Whether ``gm`` runs on ``image`` (a batch of one 2-d image) in the channels-last layout and
+    gives ``alone`` (its output on ``image`` as it is) up to rounding: then kfx runs the 2-d CPU
+    program in that layout (docs/design.md §3.6). A graph that views a map as another shape
+    (``x.view(n, -1)`` on a spatial map) fails there, and keeps the contiguous layout."""
+    if image.dim() != 4 or image.device.type != "cpu" or not image.dtype.is_floating_point:
+        return False
+    try:
+        with torch.no_grad():
+            out = gm(image.contiguous(memory_format=torch.channels_last))
+    except Exception:  # any failure only means: not in this layout
+        return False
+    return isinstance(out, torch.Tensor) and isinstance(alone, torch.Tensor) and _close(out, alone)
 
 
 def _check_deterministic(model: nn.Module, example: torch.Tensor, eager: torch.Tensor) -> None:

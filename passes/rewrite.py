@@ -474,12 +474,16 @@ def build_program(gm: fx.GraphModule, patch, channels: int, dtype, device, backe
     return Program(fx.GraphModule(gm, ctx.graph, class_name="IncrementalProgram"), list(ctx.bases))
 
 
-def build_base_program(gm: fx.GraphModule, slots: Sequence[BaseSlot]) -> fx.GraphModule:
+def build_base_program(
+    gm: fx.GraphModule, slots: Sequence[BaseSlot], channels_last: bool = False
+) -> fx.GraphModule:
     """The base program: a copy of the model that also returns the base activations the incremental
     program reads (``program.slots``), prepared as each slot says: ``(model outputs, tuple of them)``.
     Each is padded right where the model computes it, so the unpadded value is freed after its last
     use in the model instead of living to the end of the run beside its padded copy: the base run
-    holds at most the model's own live values plus the padded copies (docs/design.md §3.7)."""
+    holds at most the model's own live values plus the padded copies (docs/design.md §3.7).
+    ``channels_last``: the image is made channels-last first, so every activation the model computes,
+    and so every base activation and everything the program computes from them, is (§3.6)."""
     graph = fx.Graph()
     value_map: dict[fx.Node, fx.Node] = {}
     waiting: dict[str, list[int]] = {}
@@ -490,7 +494,10 @@ def build_base_program(gm: fx.GraphModule, slots: Sequence[BaseSlot]) -> fx.Grap
         if node.op == "output":
             graph.output((fx.map_arg(node.args[0], value_map.__getitem__), tuple(prepared)))
             break
-        value = value_map[node] = graph.node_copy(node, value_map.__getitem__)
+        value = graph.node_copy(node, value_map.__getitem__)
+        if node.op == "placeholder" and channels_last:
+            value = graph.call_method("contiguous", (value,), {"memory_format": torch.channels_last})
+        value_map[node] = value
         for index in waiting.get(node.name, ()):
             slot = slots[index]
             prepared[index] = (

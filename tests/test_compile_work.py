@@ -60,19 +60,19 @@ def test_tracing_lists_the_models_tensors_once(monkeypatch):
     assert calls.count("named_buffers") <= 2 and calls.count("named_parameters") <= 2
 
 
-def test_compile_runs_the_model_three_times_and_load_once(tmp_path):
+def test_compile_runs_the_model_four_times_and_load_twice(tmp_path):
     torch.manual_seed(0)
     model = FunctionalNorms(blocks=2).double().eval()
     runs = []
     model.convs[0].register_forward_hook(lambda module, args, out: runs.append(args[0].shape[0]))
     engine = kfx.compile(model, SHAPE, kfx.Patch(4, stride=4))
-    # the eager model and the graph on a batch of two, and the graph on one image (shape
-    # propagation, which is also the check's batch of one)
-    assert sorted(runs) == [1, 2, 2]
+    # the eager model and the graph on a batch of two, the graph on one image (shape propagation,
+    # which is also the check's batch of one) and on it in channels-last (the layout check)
+    assert sorted(runs) == [1, 1, 2, 2]
     engine.save(tmp_path / "e.kfx")
     runs.clear()
     kfx.load(tmp_path / "e.kfx", model)
-    assert runs == [1]  # shape propagation only: the saved fingerprint stands for the check
+    assert runs == [1, 1]  # shape propagation and the layout check: the fingerprint stands for the check
 
 
 def naive_local_axis(inp: AxisBoxes, kernel, stride, padding, out_size, tau):

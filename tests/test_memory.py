@@ -329,7 +329,9 @@ def test_the_base_run_holds_the_model_run_plus_the_padded_copies_and_no_unpadded
     model, shape = build(name), (3, ZOO[name], ZOO[name])
     engine = kfx.compile(model, shape, kfx.Patch(8, stride=4), plan="incremental")
     image = engine._check_image(torch.randn(shape, dtype=engine.dtype))  # [1, C, H, W]
-    model_peak = live_peak(lambda: engine.compiled.graph_module(image))
+    # the traced model in the layout the base program runs it in (channels-last on CPU: §3.6)
+    as_run = image.contiguous(memory_format=torch.channels_last) if engine.compiled.channels_last else image
+    model_peak = live_peak(lambda: engine.compiled.graph_module(as_run))
     prepared = engine._prepare(image).activations
     engine._base_cache = None
     base_peak = live_peak(lambda: engine._prepare(image))
@@ -337,7 +339,7 @@ def test_the_base_run_holds_the_model_run_plus_the_padded_copies_and_no_unpadded
     # the prepared copies are the model's activations, padded as each slot says
     model_run = fx.Interpreter(engine.compiled.graph_module, garbage_collect_values=False)
     with torch.no_grad():
-        model_run.run(image)
+        model_run.run(as_run)
     values = {node.name: value for node, value in model_run.env.items()}
     for slot, kept in zip(engine.compiled.slots, prepared):
         if not slot.whole:

@@ -150,3 +150,12 @@ def test_a_one_cell_kernel_returns_a_new_tensor(pool):
     args = ((1, 1),) if pool is window_max else ()
     out = pool(window, (1, 1), (1, 1), *args)
     assert torch.equal(out, window) and out.data_ptr() != window.data_ptr()
+
+
+def test_window_pools_keep_a_channels_last_layout():
+    window = torch.randn(2, 8, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    got_max, got_sum = window_max(window, (3, 3), (2, 2), (1, 1)), window_sum(window, (3, 3), (1, 1))
+    assert torch.equal(got_max, F.max_pool2d(window, 3, 2))
+    torch.testing.assert_close(got_sum, F.avg_pool2d(window, 3, 1, 0, False, True, 1))
+    assert got_max.is_contiguous(memory_format=torch.channels_last)
+    assert got_sum.is_contiguous(memory_format=torch.channels_last)
