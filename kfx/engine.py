@@ -238,13 +238,20 @@ class Engine(OcclusionRunner):
         # the incremental program does for the batch (MemoryEstimate.full_inference_chunk).
         chunk = self.compiled.memory.full_inference_chunk(positions.shape[0])
         return torch.cat(
-            [self._model(occlude(base.image, part, self.patch)) for part in positions.split(chunk)]
+            [self._eager(occlude(base.image, part, self.patch)) for part in positions.split(chunk)]
         )
 
     def _run_model(self, copies: torch.Tensor) -> torch.Tensor:
         """The caller's model on a batch of occluded copies, in the chunks _full_inference uses."""
         chunk = self.compiled.memory.full_inference_chunk(copies.shape[0])
-        return torch.cat([self._model(part) for part in copies.split(chunk)])
+        return torch.cat([self._eager(part) for part in copies.split(chunk)])
+
+    def _eager(self, copies: torch.Tensor) -> torch.Tensor:
+        """The caller's model on occluded copies, channels-last where the program is (its traced
+        graph gave the same output so; oneDNN's convs run up to 1.9x faster: docs/design.md §3.6)."""
+        if self.compiled.channels_last:
+            copies = copies.contiguous(memory_format=torch.channels_last)
+        return self._model(copies)
 
     def save(self, path) -> None:
         """Save this engine for :func:`kfx.load`: compile arguments and the model's fingerprint, no weights."""

@@ -93,3 +93,18 @@ def test_signals_volumes_and_triton_programs_keep_the_contiguous_layout():
     conv3 = nn.Sequential(nn.Conv3d(2, 3, 3), nn.AdaptiveAvgPool3d(1), nn.Flatten()).eval()
     assert not kfx.compile(conv1, (2, 20), kfx.Patch(4)).compiled.channels_last
     assert not kfx.compile(conv3, (2, 8, 8, 8), kfx.Patch(4).for_axes(3)).compiled.channels_last
+
+
+def test_full_inference_runs_the_callers_model_channels_last_where_the_program_does():
+    torch.manual_seed(0)
+    model = Shuffled(shuffle=False).double().eval()
+    layouts = []
+    model.stem.register_forward_pre_hook(lambda module, args: layouts.append(channels_innermost(args[0])))
+    engine = kfx.compile(model, (3, 13, 12), kfx.Patch(4, stride=3), plan="full")
+    image = torch.randn(3, 13, 12, dtype=torch.float64)
+    positions = kfx.grid_positions((13, 12), engine.patch)
+    layouts.clear()
+    got = engine.outputs(image, positions)
+    # every batch of occluded copies channels-last; at most the unoccluded image's run as given
+    assert layouts.count(True) >= 1 and layouts.count(False) <= 1
+    torch.testing.assert_close(got, brute_force(model, image, positions, 4), rtol=1e-12, atol=1e-12)
