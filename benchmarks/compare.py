@@ -115,6 +115,25 @@ def captum_attribute(occlusion, image, patch_size, stride, target, batch_size):
         )
 
 
+def interleaved(runs: dict, repeats: int, reference: str = "full") -> tuple[dict, dict]:
+    """Time ``runs`` ({method: callable returning outputs}) side by side: each runs once to check
+    its outputs, then the methods take turns within each of ``repeats`` rounds (a load change on a
+    shared machine hits all alike). Returns ({method: best seconds}, {method: largest difference from
+    the ``reference`` method's outputs, relative to their largest magnitude})."""
+    outputs = {method: run() for method, run in runs.items()}
+    scale = outputs[reference].abs().max()
+    errors = {
+        method: float((out - outputs[reference]).abs().max() / scale)
+        for method, out in outputs.items()
+        if method != reference
+    }
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for method, run in runs.items():
+            best[method] = min(best[method], best_time(run, 1))
+    return best, errors
+
+
 def best_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):

@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import json
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from compare import RESULTS, best_time, machine  # noqa: E402
+from compare import RESULTS, best_time, interleaved, kfx_outputs, machine  # noqa: E402
 from plan import build_model  # noqa: E402
 
 import kfx  # noqa: E402
@@ -111,13 +110,6 @@ def time_engine(name: str, positions_wanted: int, batch: int, repeats: int) -> d
     naive = kfx.NaiveEngine(model, (3, side, side), patch)
     model_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
 
-    def kfx_run(e):
-        def run():
-            e._base_cache = None  # include the base inference, as a first call would
-            return e.outputs(image, positions, batch_size=batch)
-
-        return run
-
     def full_last():
         outs = []
         with torch.no_grad():
@@ -127,20 +119,12 @@ def time_engine(name: str, positions_wanted: int, batch: int, repeats: int) -> d
         return torch.cat(outs)
 
     runs = {
-        "kfx_channels_last": kfx_run(engine),
-        "kfx_contiguous": kfx_run(contiguous),
+        "kfx_channels_last": lambda: kfx_outputs(engine, image, positions, batch),
+        "kfx_contiguous": lambda: kfx_outputs(contiguous, image, positions, batch),
         "full": lambda: naive.outputs(image, positions, batch_size=batch),
         "full_channels_last": full_last,
     }
-    outputs = {method: run() for method, run in runs.items()}
-    scale = outputs["full"].abs().max()
-    errors = {m: float((o - outputs["full"]).abs().max() / scale) for m, o in outputs.items() if m != "full"}
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(repeats):
-        for method, run in runs.items():
-            start = time.perf_counter()
-            run()
-            best[method] = min(best[method], time.perf_counter() - start)
+    best, errors = interleaved(runs, repeats)
     row = {
         "model": name,
         "image": side,

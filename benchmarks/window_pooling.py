@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from compare import RESULTS, best_time, machine  # noqa: E402
+from compare import RESULTS, best_time, interleaved, kfx_outputs, machine  # noqa: E402
 from plan import MODELS, build_model  # noqa: E402
 
 import kfx  # noqa: E402
@@ -108,8 +108,7 @@ def time_engine(name: str, plan: str, positions_wanted: int, batch: int, repeats
         def run():
             for step in steps:
                 step.spec = specs[step]
-            engine._base_cache = None  # include the base inference, as a first call would
-            return engine.outputs(image, positions, batch_size=batch)
+            return kfx_outputs(engine, image, positions, batch)
 
         return run
 
@@ -118,13 +117,7 @@ def time_engine(name: str, plan: str, positions_wanted: int, batch: int, repeats
         "kfx_window_pools": run_kfx(kfx_specs),
         "kfx_torch_pools": run_kfx(torch_specs),
     }
-    outputs = {method: run() for method, run in runs.items()}
-    scale = outputs["full"].abs().max()
-    errors = {m: float((o - outputs["full"]).abs().max() / scale) for m, o in outputs.items() if m != "full"}
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(repeats):
-        for method, run in runs.items():
-            best[method] = min(best[method], best_time(run, 1))
+    best, errors = interleaved(runs, repeats)
     row = {
         "model": name,
         "image": side,
