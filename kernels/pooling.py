@@ -1,8 +1,7 @@
 """Max- and sum-pooling of read-in windows as one strided slice per kernel tap, one axis at a time.
 
 torch's CPU pooling kernels for contiguous (N, C, ...) tensors loop over every output's whole window
-and, for max-pooling, also compute indices: on our 2-core CPU they ran 3-10x (sum) and 7-40x (max)
-slower than combining the kernel's taps as whole strided slices, one spatial axis after the other
+and, for max-pooling, also compute indices: on our 2-core CPU they ran 2.8-10x slower than combining the kernel's taps as whole strided slices, one spatial axis after the other
 (benchmarks/results/window_pooling.md). Incremental steps pool many small windows, and Inception's
 3x3 stride-1 average pools alone took a sixth of its incremental program's time, so the CPU path
 pools this way. The results are the same: a max is exact in any order, and a window's sum differs
@@ -14,6 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from kfx.geometry import conv_output_size, effective_kernel
 
 __all__ = ["MAX_POOL_FUNCTIONS", "avg_pool", "window_max", "window_sum"]
 
@@ -44,8 +45,9 @@ def avg_pool(
 def _taps(x: torch.Tensor, dim: int, kernel: int, stride: int, dilation: int) -> list[torch.Tensor] | None:
     """For each of the kernel's taps along ``dim``, the input element it reads for every output (views
     of ``x``); None when the axis is shorter than the kernel's extent (no output)."""
-    extent = dilation * (kernel - 1) + 1
-    outputs = (x.shape[dim] - extent) // stride + 1
+    if x.shape[dim] < effective_kernel(kernel, dilation):
+        return None
+    outputs = conv_output_size(x.shape[dim], kernel, stride, dilation=dilation)
     if outputs < 1:
         return None
     span = stride * (outputs - 1) + 1
@@ -77,12 +79,25 @@ def _separable(x, kernel, stride, dilation, combine) -> torch.Tensor | None:
     return x.clone(memory_format=torch.preserve_format)
 
 
+def _by_slices_or(torch_pool, window, kernel, stride, dilation, combine) -> torch.Tensor:
+    """The pool by slices on CPU; torch's own ``torch_pool()`` on other devices, for an empty window, or
+    where an axis is too short for the kernel (which raises torch's own error)."""
+    out = None
+    if window.device.type == "cpu" and window.shape[2:].numel():
+        out = _separable(window, kernel, stride, dilation, combine)
+    return out if out is not None else torch_pool()
+
+
 def window_max(window: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:
     """``F.max_pool{1,2,3}d(window, kernel, stride, padding=0, dilation)`` (NaN wins, as there)."""
-    if window.device.type != "cpu" or window.shape[2:].numel() == 0:
-        return MAX_POOL_FUNCTIONS[len(kernel)](window, kernel, stride, 0, dilation)
-    out = _separable(window, kernel, stride, dilation, lambda a, b, out: torch.maximum(a, b, out=out))
-    return out if out is not None else MAX_POOL_FUNCTIONS[len(kernel)](window, kernel, stride, 0, dilation)
+    return _by_slices_or(
+        lambda: MAX_POOL_FUNCTIONS[len(kernel)](window, kernel, stride, 0, dilation),
+        window,
+        kernel,
+        stride,
+        dilation,
+        lambda a, b, out: torch.maximum(a, b, out=out),
+    )
 
 
 def window_sum(window: torch.Tensor, kernel, stride) -> torch.Tensor:
@@ -91,11 +106,11 @@ def window_sum(window: torch.Tensor, kernel, stride) -> torch.Tensor:
     if window.dtype in (torch.float16, torch.bfloat16):
         # torch's pools add half-precision values in float32; so does this, then rounds once.
         return window_sum(window.float(), kernel, stride).to(window.dtype)
-    ones = (1,) * len(kernel)
-    out = None
-    if window.device.type == "cpu" and window.shape[2:].numel():
-        out = _separable(window, kernel, stride, ones, lambda a, b, out: torch.add(a, b, out=out))
-    if out is None:
-        # torch's kernel: other devices, or an axis too short (which raises torch's own error).
-        out = avg_pool(window, kernel, stride, 0, False, True, divisor_override=1)
-    return out
+    return _by_slices_or(
+        lambda: avg_pool(window, kernel, stride, 0, False, True, divisor_override=1),
+        window,
+        kernel,
+        stride,
+        (1,) * len(kernel),
+        lambda a, b, out: torch.add(a, b, out=out),
+    )

@@ -116,12 +116,12 @@ def gather_paste(
 
 
 def _paste_at(windows: torch.Tensor, patch: torch.Tensor, offset: torch.Tensor, inside: bool) -> torch.Tensor:
-    n, c = windows.shape[:2]
-    window_size, patch_size = tuple(windows.shape[2:]), tuple(patch.shape[2:])
-    window_cells, patch_cells = math.prod(window_size), math.prod(patch_size)
     rows = _rows(windows, 1)
     if rows is not None:
         return _paste_rows(windows, rows, patch, offset, inside)
+    n, c = windows.shape[:2]
+    window_size, patch_size = tuple(windows.shape[2:]), tuple(patch.shape[2:])
+    window_cells, patch_cells = math.prod(window_size), math.prod(patch_size)
     if inside:
         index = _flat_window_index(offset, patch_size, window_size).view(n, 1, patch_cells)
         out = windows.reshape(n, c, window_cells)

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from kfx import kernels
 from kfx.errors import TraceError
+from kfx.geometry import read_in_span
 from kfx.passes.layout import reduction
 from kfx.passes.local import local_spec
 from kfx.passes.ops import group_norm_args
@@ -297,7 +298,8 @@ def _dense_pool(ctx: RewriteContext, node: fx.Node) -> fx.Node | None:
     for length, out, extent, stride, before in reversed(
         list(zip(in_hw, out_hw, spec.kernel, spec.stride, spec.padding))
     ):
-        pads += [before, (out - 1) * stride + extent - before - length]
+        read = read_in_span(0, out, kernel=extent, stride=stride, padding=before)  # every output's window
+        pads += [before, read.start + read.width - length]
     step = DensePoolStep(spec, tuple(pads))
     return ctx.add_step(f"dense_{node.name}", step, (ctx.dense_value(source),))
 
