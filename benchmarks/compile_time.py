@@ -11,10 +11,7 @@ threads, it measures:
             shape propagation, the check against the eager model, patch propagation (of which the
             box tables), rewrite (incremental program), base program, cost and memory models;
   save/load ``engine.save`` and ``kfx.load`` (kfx/persist.py), best of --repeats, and whether the
-            loaded engine's outputs equal the compiled one's on a few positions;
-  collector with --collector-ab: compiles with Python's cyclic garbage collector left running
-            (kfx.common.cyclic_gc_paused replaced by a no-op), alternated with the normal ones, so
-            the ratio of the two is measured side by side.
+            loaded engine's outputs equal the compiled one's on a few positions.
 
 The stride does not change the compile work (box tables cover every patch coordinate). Results:
 JSON and a Markdown table in benchmarks/results/ with the machine, torch, threads, commit and
@@ -155,19 +152,6 @@ def fx_trace_seconds(model, repeats: int) -> float | None:
         return None
 
 
-def collector_running_compile(model, shape, patch) -> float:
-    """Seconds of one ``kfx.compile`` with the cyclic garbage collector left running, as before
-    kfx paused it (the comparison behind kfx.common.cyclic_gc_paused)."""
-    paused = kfx.engine.cyclic_gc_paused
-    kfx.engine.cyclic_gc_paused = contextlib.nullcontext
-    try:
-        start = time.perf_counter()
-        kfx.compile(model, shape, patch)
-        return time.perf_counter() - start
-    finally:
-        kfx.engine.cyclic_gc_paused = paused
-
-
 def run_model(source: str, name: str, args) -> dict:
     model, side = build(source, name)
     shape, patch = (3, side, side), kfx.Patch(args.patch, stride=args.stride)
@@ -175,11 +159,7 @@ def run_model(source: str, name: str, args) -> dict:
     with torch.no_grad():
         model(image)  # warm-up
         forward_s = best_time(lambda: model(image), args.repeats)
-    runs, collector_s = [], []
-    for _ in range(args.repeats):
-        runs.append(timed_compile(model, shape, patch))
-        if args.collector_ab:
-            collector_s.append(collector_running_compile(model, shape, patch))
+    runs = [timed_compile(model, shape, patch) for _ in range(args.repeats)]
     first_s = runs[0][1]  # what a fresh process (a CLI call) pays, with first-call warm-ups
     engine, compile_s, stages = min(runs, key=lambda run: run[1])
     fx_s = fx_trace_seconds(model, args.repeats)
@@ -196,7 +176,6 @@ def run_model(source: str, name: str, args) -> dict:
         "fx_trace_s": None if fx_s is None else round(fx_s, 3),
         "fx_trace_ratio": None if fx_s is None else round(fx_s / forward_s, 1),
         "stages_s": {k: round(v, 3) for k, v in stages.items()},
-        **({"collector_running_s": round(min(collector_s), 3)} if collector_s else {}),
         **save_load(engine, model, image[0], args.repeats),
     }
 
@@ -217,7 +196,6 @@ STAGE_COLUMNS = ("trace", "shapes", "check", "patches", "box tables", "rewrite",
 
 def markdown(results: list[dict], args, info: dict) -> str:
     has_load = any("load_s" in r for r in results)
-    has_ab = any("collector_running_s" in r for r in results)
     lines = [
         f"# Compile time: kfx.compile against one batch-1 forward pass (patch {args.patch}, stride {args.stride})",
         "",
@@ -231,10 +209,8 @@ def markdown(results: list[dict], args, info: dict) -> str:
         "",
         "| model | nodes | forward s | compile s | compile / forward | plain fx trace / forward | first compile s | "
         + " | ".join(STAGE_COLUMNS)
-        + (" | save s | load s | load / forward | file KiB | loaded == compiled" if has_load else "")
-        + (" | compile s, collector running | collector running / paused" if has_ab else "")
-        + " |",
-        "|---|" + "---|" * (6 + len(STAGE_COLUMNS) + (5 if has_load else 0) + (2 if has_ab else 0)),
+        + (" | save s | load s | load / forward | file KiB | loaded == compiled |" if has_load else " |"),
+        "|---|" + "---|" * (6 + len(STAGE_COLUMNS) + (5 if has_load else 0)),
     ]
     for r in results:
         stages = " | ".join(f"{r['stages_s'].get(k, 0):.2f}" for k in STAGE_COLUMNS)
@@ -246,9 +222,6 @@ def markdown(results: list[dict], args, info: dict) -> str:
                 f" {r.get('save_s', '-')} | {r.get('load_s', '-')} | {load_ratio} | {r.get('file_kib', '-')} "
                 f"| {r.get('same', '-')} |"
             )
-        if has_ab:
-            running = r.get("collector_running_s")
-            row += f" {running} | {running / r['compile_s']:.2f} |" if running else " - | - |"
         lines.append(row)
     return "\n".join(lines) + "\n"
 
@@ -266,11 +239,6 @@ def main(argv=None) -> list[dict]:
     )
     parser.add_argument(
         "--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine"
-    )
-    parser.add_argument(
-        "--collector-ab",
-        action="store_true",
-        help="also time each compile with the cyclic garbage collector running (alternated)",
     )
     parser.add_argument("--tag", default="compile_time")
     args = parser.parse_args(argv)

@@ -7,10 +7,7 @@ leaf), and tqdm only when a bar is made, so any part of kfx can import it withou
 
 from __future__ import annotations
 
-import gc
-import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from itertools import chain
 
 import torch
@@ -25,7 +22,6 @@ __all__ = [
     "int_tuple",
     "progress_bar",
     "follow_progress",
-    "cyclic_gc_paused",
 ]
 
 # Patch positions per batch when none is given: large enough to keep the incremental program's
@@ -113,39 +109,3 @@ def follow_progress(steps: Iterable, bar):
     finally:
         bar.close()
     return step
-
-
-# -- Python's cyclic garbage collector, paused while kfx compiles --------------------------------------
-
-_gc_lock = threading.Lock()
-_gc_pauses = 0  # blocks inside cyclic_gc_paused, in every thread
-_gc_was_enabled = False  # the collector's state when the first of them began
-
-
-@contextmanager
-def cyclic_gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector for the block, then put it back as it was.
-
-    Why: tracing and rewriting a graph create tens of thousands of objects that live to the end of
-    the compile (fx nodes, their arguments, module copies). Enough of them reach the oldest
-    generation to set off full collections, and each full collection walks every object of the
-    process (about 400,000 once torch and timm are imported): measured as up to 40% of compiling a
-    small timm model (benchmarks/results/compile_time*.md). Nothing is lost: reference cycles made
-    in the block are collected by the first collection after it.
-
-    Safe across threads and nesting: the first block to begin records the collector's state and
-    the last one to end restores it, so a caller's own ``gc.disable()`` is kept.
-    """
-    global _gc_pauses, _gc_was_enabled
-    with _gc_lock:
-        if _gc_pauses == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_pauses += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pauses -= 1
-            if _gc_pauses == 0 and _gc_was_enabled:
-                gc.enable()

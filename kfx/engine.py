@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from kfx import kernels
-from kfx.common import DEFAULT_BATCH_SIZE, cyclic_gc_paused, model_dtype_device
+from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device
 from kfx.cost import CostReport, static_cost
 from kfx.errors import InputError, ModelError, PatchError
 from kfx.measured_plan import PathTimer
@@ -397,9 +397,9 @@ def compile(
     plan = DEFAULT_PLAN if plan is None else plan
     _check_plan(plan, plan_rates, float(tau), global_context)
     options = dict(global_context=global_context, trace_hooks=trace_hooks, plan=plan, plan_rates=plan_rates)
-    with cyclic_gc_paused():
-        compiled = _build(model, shape, patch, batch_size, dtype, backend, max_memory, float(tau), **options)
-    return Engine(model, compiled)
+    return Engine(
+        model, _build(model, shape, patch, batch_size, dtype, backend, max_memory, float(tau), **options)
+    )
 
 
 def _check_plan(plan, plan_rates, tau: float, global_context: str) -> None:

@@ -1,8 +1,6 @@
 """kfx.common: the helpers several parts of kfx share (batch size, model dtype/device, pairs, progress)."""
 
-import gc
 import io
-import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,14 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfx.common import (
-    DEFAULT_BATCH_SIZE,
-    cyclic_gc_paused,
-    follow_progress,
-    int_pair,
-    model_dtype_device,
-    progress_bar,
-)
+from kfx.common import DEFAULT_BATCH_SIZE, follow_progress, int_pair, model_dtype_device, progress_bar
 from kfx.errors import InputError, PatchError
 
 
@@ -107,80 +98,3 @@ def test_follow_progress_closes_the_bar_when_the_stream_fails():
     with pytest.raises(RuntimeError, match="the model failed"):
         follow_progress(failing(), bar)
     assert bar.disable  # tqdm's close() disables the bar
-
-
-# -- the cyclic garbage collector during a compile --------------------------------------------------
-
-_collector_seen: list[bool] = []  # gc.isenabled() each time GcProbe ran (outside the module: no state)
-
-
-class GcProbe(nn.Module):
-    """A small CNN that notes whether the cyclic collector runs while its forward is called."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3)
-
-    def forward(self, x):
-        _collector_seen.append(gc.isenabled())
-        return self.conv(x).mean((2, 3))
-
-
-@pytest.fixture
-def collector_on():
-    was = gc.isenabled()
-    gc.enable()
-    _collector_seen.clear()
-    yield
-    gc.enable() if was else gc.disable()
-
-
-def test_compile_pauses_the_collector_and_turns_it_back_on(collector_on):
-    import kfx
-
-    kfx.compile(GcProbe().eval(), (1, 8, 8), kfx.Patch(3))
-    assert _collector_seen and not any(_collector_seen)  # the compile's own forward runs, paused
-    assert gc.isenabled()
-
-
-def test_compile_keeps_a_collector_the_caller_turned_off(collector_on):
-    import kfx
-
-    gc.disable()
-    kfx.compile(GcProbe().eval(), (1, 8, 8), kfx.Patch(3))
-    assert not gc.isenabled()
-
-
-class Untraceable(GcProbe):
-    def forward(self, x):
-        _collector_seen.append(gc.isenabled())
-        if x.sum() > 0:  # control flow on a value: torch.fx cannot trace it
-            x = -x
-        return self.conv(x).mean((2, 3))
-
-
-def test_a_failed_compile_turns_the_collector_back_on(collector_on):
-    import kfx
-
-    with pytest.raises(kfx.KfxError, match="trace"):
-        kfx.compile(Untraceable().eval(), (1, 8, 8), kfx.Patch(3))
-    assert _collector_seen == [False]  # it failed inside the paused block
-    assert gc.isenabled()
-
-
-def test_the_collector_stays_paused_until_the_last_of_overlapping_blocks_ends(collector_on):
-    inside, release = threading.Event(), threading.Event()
-
-    def other_compile():
-        with cyclic_gc_paused():
-            inside.set()
-            release.wait(10)
-
-    with cyclic_gc_paused():
-        worker = threading.Thread(target=other_compile)
-        worker.start()
-        assert inside.wait(10)
-    assert not gc.isenabled()  # this block ended, the other thread's has not
-    release.set()
-    worker.join(10)
-    assert gc.isenabled()
