@@ -55,7 +55,8 @@ def annotate(
     model (a fixed random batch of two; shape propagation's run on its first image is the check's
     batch of one) and patch propagation. Under ``checked_elsewhere`` (kfx.load) the given verifier
     replaces the check, right after tracing. ``gm.meta[CHANNELS_LAST_KEY]`` says whether the graph
-    runs on a channels-last 2-d image on CPU (one more run of it).
+    runs on a channels-last 2-d image on CPU (the check's run of the graph tries that layout first;
+    under kfx.load, one more run of it).
     """
     gm = trace(model, leaf_modules, autowrap_functions)
     verify = trusted_check()
@@ -65,8 +66,9 @@ def annotate(
     example = example.to(dtype=dtype, device=device)
     alone = propagate_shapes(gm, example[:1].clone())
     if verify is None:
-        check_traced(model, gm, example, alone)
-    gm.meta[CHANNELS_LAST_KEY] = runs_channels_last(gm, example[:1], alone)
+        gm.meta[CHANNELS_LAST_KEY] = check_traced(model, gm, example, alone, try_channels_last=True)
+    else:
+        gm.meta[CHANNELS_LAST_KEY] = runs_channels_last(gm, example[:1], alone)
     propagate_patches(
         gm, tuple(image_shape[1:]), patch_size, tau, concat=concat, global_context=global_context
     )

@@ -68,8 +68,13 @@ def _check_output(output, model: nn.Module, batch: int) -> None:
 
 
 def check_traced(
-    model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, alone: torch.Tensor | None = None
-) -> None:
+    model: nn.Module,
+    gm: fx.GraphModule,
+    example: torch.Tensor,
+    alone: torch.Tensor | None = None,
+    *,
+    try_channels_last: bool = False,
+) -> bool:
     """Check on ``example`` (a batch of at least two images) that ``gm`` computes what ``model`` does.
 
     The safety net under every graph rewrite: a traced graph that computes another function (an
@@ -78,6 +83,11 @@ def check_traced(
     ModelError, since kfx evaluates many patch positions per batch. Inputs are cloned: an eager
     forward may change them.
     ``alone``: ``gm``'s output for ``example[:1]`` if already computed (shape propagation runs it).
+
+    Returns whether the graph also runs channels-last (:func:`runs_channels_last`), asked only with
+    ``try_channels_last``: the graph's run on the batch is then tried in that layout first, and
+    where it gives the model's outputs and ``alone`` it has passed both checks in one run (compile
+    time, issue #19); anywhere else the check runs again contiguous, as without it, and says False.
     """
     try:
         with torch.no_grad():
@@ -89,6 +99,8 @@ def check_traced(
             "accept any batch size (e.g. x.view(x.size(0), -1) instead of x.view(1, -1))"
         ) from exc
     _check_output(eager, model, example.shape[0])
+    if try_channels_last and alone is not None and _channels_last_matches(gm, example, eager, alone):
+        return True
     try:
         with torch.no_grad():
             traced = gm(example.clone())
@@ -112,21 +124,38 @@ def check_traced(
         )
     if not _close(alone, traced[:1]):
         _check_per_example(type(model).__name__, gm, example, traced, alone)
+    return False
 
 
 def runs_channels_last(gm: fx.GraphModule, image: torch.Tensor, alone: torch.Tensor) -> bool:
     """Whether ``gm`` runs on ``image`` (a batch of one 2-d image) in the channels-last layout and
     gives ``alone`` (its output on ``image`` as it is) up to rounding: then kfx runs the 2-d CPU
     program in that layout (docs/design.md §3.6). A graph that views a map as another shape
-    (``x.view(n, -1)`` on a spatial map) fails there, and keeps the contiguous layout."""
-    if image.dim() != 4 or image.device.type != "cpu" or not image.dtype.is_floating_point:
-        return False
+    (``x.view(n, -1)`` on a spatial map) fails there, and keeps the contiguous layout. kfx.load
+    asks this; kfx.compile learns it from :func:`check_traced`'s run."""
+    out = _run_channels_last(gm, image)
+    return out is not None and isinstance(alone, torch.Tensor) and _close(out, alone)
+
+
+def _channels_last_matches(gm: fx.GraphModule, example, eager, alone) -> bool:
+    """``gm`` on the batch ``example`` in the channels-last layout gives the eager model's outputs
+    ``eager`` (so the graph computes the model), and its first image's output matches ``alone``
+    (its output on that image alone, contiguous: the layout and the batch change nothing)."""
+    out = _run_channels_last(gm, example)
+    return out is not None and _close(out, eager) and _close(alone, out[:1])
+
+
+def _run_channels_last(gm: fx.GraphModule, images: torch.Tensor) -> torch.Tensor | None:
+    """``gm``'s output on ``images`` (2-d, CPU, floating point) converted to channels-last, or None
+    where it cannot say: another input, a failure (only meaning: not in this layout), not a tensor."""
+    if images.dim() != 4 or images.device.type != "cpu" or not images.dtype.is_floating_point:
+        return None
     try:
         with torch.no_grad():
-            out = gm(image.contiguous(memory_format=torch.channels_last))
+            out = gm(images.contiguous(memory_format=torch.channels_last))
     except Exception:  # any failure only means: not in this layout
-        return False
-    return isinstance(out, torch.Tensor) and isinstance(alone, torch.Tensor) and _close(out, alone)
+        return None
+    return out if isinstance(out, torch.Tensor) else None
 
 
 def _check_deterministic(model: nn.Module, example: torch.Tensor, eager: torch.Tensor) -> None:

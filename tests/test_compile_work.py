@@ -60,15 +60,23 @@ def test_tracing_lists_the_models_tensors_once(monkeypatch):
     assert calls.count("named_buffers") <= 2 and calls.count("named_parameters") <= 2
 
 
-def test_compile_runs_the_model_four_times_and_load_twice(tmp_path):
+def test_compile_runs_the_model_three_times_and_load_twice(tmp_path):
     torch.manual_seed(0)
     model = FunctionalNorms(blocks=2).double().eval()
     runs = []
-    model.convs[0].register_forward_hook(lambda module, args, out: runs.append(args[0].shape[0]))
+    layouts = []
+    model.convs[0].register_forward_hook(
+        lambda module, args, out: (
+            runs.append(args[0].shape[0])
+            or layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+    )
     engine = kfx.compile(model, SHAPE, kfx.Patch(4, stride=4))
-    # the eager model and the graph on a batch of two, the graph on one image (shape propagation,
-    # which is also the check's batch of one) and on it in channels-last (the layout check)
-    assert sorted(runs) == [1, 1, 2, 2]
+    # the graph on one image (shape propagation, which is also the check's batch of one), the eager
+    # model on a batch of two, and the graph on that batch in channels-last: the check and the
+    # layout check in one run
+    assert sorted(runs) == [1, 2, 2]
+    assert layouts.count(True) == 1 and engine.compiled.channels_last
     engine.save(tmp_path / "e.kfx")
     runs.clear()
     kfx.load(tmp_path / "e.kfx", model)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfx
+from kfx.passes.check import check_traced, runs_channels_last
 
 
 class Shuffled(nn.Module):
@@ -44,6 +45,20 @@ class Flattened(nn.Module):
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.conv(x)), 2)
         return self.head(x.view(x.size(0), -1))
+
+
+class RawOrder(nn.Module):
+    """Reads a map in its storage order (``as_strided``): channels-last gives other values without
+    an error, so only comparing outputs can refuse that layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        raw = torch.as_strided(y, (y.shape[0], 8), (y.stride(0), 1))
+        return raw + y.mean((2, 3)).sum(1, keepdim=True)
 
 
 def brute_force(model, image, positions, size):
@@ -86,6 +101,24 @@ def test_a_graph_that_cannot_run_channels_last_keeps_the_contiguous_layout():
     torch.testing.assert_close(
         engine.outputs(image, positions), brute_force(model, image, positions, 3), rtol=1e-12, atol=1e-12
     )
+
+
+@pytest.mark.parametrize(
+    "model, runs",
+    [(Shuffled(False), True), (Shuffled(True), True), (Flattened(), False), (RawOrder(), False)],
+)
+def test_the_compile_checks_layout_answer_is_the_one_load_gets(model, runs):
+    """kfx.compile learns the layout from the check's run of the graph on its batch, kfx.load from a
+    run on one image: the same answer, and the check passes either way."""
+    torch.manual_seed(0)
+    model = model.double().eval()
+    gm = torch.fx.symbolic_trace(model)
+    example = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        alone = gm(example[:1].clone())
+    assert check_traced(model, gm, example, alone, try_channels_last=True) is runs
+    assert check_traced(model, gm, example, alone) is False  # not asked: contiguous only
+    assert runs_channels_last(gm, example[:1], alone) is runs
 
 
 def test_signals_volumes_and_triton_programs_keep_the_contiguous_layout():
