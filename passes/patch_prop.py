@@ -470,7 +470,16 @@ def propagate_patches(
         raise ValueError(f"global_context must be one of {GLOBAL_CONTEXT_MODES}, got {global_context!r}")
     modules = dict(gm.named_modules())
     axes = len(image_size)
+    # A node's answer depends only on the node, its inputs' answers and these settings, so after a
+    # propagation with the same settings and nothing forced (annotate's), forcing nodes dense changes
+    # only them and what they feed: the rest keeps its answer (the plan's second pass, compile time).
+    settings = (tuple(image_size), tuple(patch_size), tau, concat, global_context)
+    reuse = bool(force_dense) and gm.meta.get(_PROPAGATED_KEY) == settings
+    redone: set[fx.Node] = set()
     for node in gm.graph.nodes:
+        if reuse and node.name not in force_dense and redone.isdisjoint(node.all_input_nodes):
+            continue
+        redone.add(node)
         if node.op == "placeholder":
             box = tuple(
                 AxisBoxes(patch_size[a], tuple(range(image_size[a] - patch_size[a] + 1))) for a in range(axes)
@@ -489,6 +498,11 @@ def propagate_patches(
                     f"kfx cannot analyse node {node.format_node()} ({type(exc).__name__}: {exc}); please report "
                     "it with the model, and meanwhile compute that op out of the model's forward"
                 ) from exc
+    gm.meta[_PROPAGATED_KEY] = None if force_dense else settings
+
+
+# gm.meta: the settings of the last propagation that forced nothing dense (see propagate_patches).
+_PROPAGATED_KEY = "kfx_patches_propagated_with"
 
 
 # The pass's table of contents: how a call node is classified, first match wins. The order matters:

@@ -16,7 +16,7 @@ from torch import nn
 
 import kfx
 from kfx.passes import plan as planning
-from kfx.passes.patch_prop import META_KEY, SHAPE_ROLES, State
+from kfx.passes.patch_prop import META_KEY, SHAPE_ROLES, State, propagate_patches
 from tests.strategies import cnn, dag_cnn, painted, patch_for, positions_for
 
 # Convs free, gathering free, copying full maps and dense ops dear: incremental is cheapest.
@@ -88,6 +88,13 @@ def test_any_forced_set_is_exact_and_is_what_the_plan_modelled(case):
     assert planning.estimate(before, set(forced), rates, 8) == pytest.approx(
         planning.estimate(after, set(), rates, 8)
     )
+
+    # The plan's pass re-classified only the forced nodes and what they feed: a propagation from
+    # scratch with the same nodes forced gives every node the same answer.
+    kept = {n.name: (geometry(n), n.meta[META_KEY].reason) for n in after.graph.nodes}
+    reasons = {name: f"plan: test forces {name}" for name in forced}
+    propagate_patches(after, tuple(shape[1:]), patch.size, force_dense=reasons or None)
+    assert {n.name: (geometry(n), n.meta[META_KEY].reason) for n in after.graph.nodes} == kept
 
 
 @settings(max_examples=8)
