@@ -466,6 +466,7 @@ def _build(
         global_context=global_context,
         leaf_modules=leaves,
         autowrap_functions=functions,
+        try_channels_last=backend == "torch",  # the Triton kernels read contiguous maps
     )
     approximate = tau < 1 or global_context != "exact"
     rates = plan_rates or (machine_rates(device, dtype) if plan == "auto" and not approximate else None)

@@ -48,6 +48,7 @@ def annotate(
     global_context: str = "exact",
     leaf_modules: tuple = (),
     autowrap_functions: tuple = (),
+    try_channels_last: bool = True,
 ) -> fx.GraphModule:
     """The traced graph of ``model``, checked against it, with shapes and changed boxes on every node.
 
@@ -56,7 +57,8 @@ def annotate(
     batch of one) and patch propagation. Under ``checked_elsewhere`` (kfx.load) the given verifier
     replaces the check, right after tracing. ``gm.meta[CHANNELS_LAST_KEY]`` says whether the graph
     runs on a channels-last 2-d image on CPU (the check's run of the graph tries that layout first;
-    under kfx.load, one more run of it).
+    under kfx.load, one more run of it); ``try_channels_last`` False (a backend that never runs that
+    layout) keeps the check's run contiguous and answers False.
     """
     gm = trace(model, leaf_modules, autowrap_functions)
     verify = trusted_check()
@@ -66,9 +68,10 @@ def annotate(
     example = example.to(dtype=dtype, device=device)
     alone = propagate_shapes(gm, example[:1].clone())
     if verify is None:
-        gm.meta[CHANNELS_LAST_KEY] = check_traced(model, gm, example, alone, try_channels_last=True)
+        layout = check_traced(model, gm, example, alone, try_channels_last=try_channels_last)
     else:
-        gm.meta[CHANNELS_LAST_KEY] = runs_channels_last(gm, example[:1], alone)
+        layout = try_channels_last and runs_channels_last(gm, example[:1], alone)
+    gm.meta[CHANNELS_LAST_KEY] = layout
     propagate_patches(
         gm, tuple(image_shape[1:]), patch_size, tau, concat=concat, global_context=global_context
     )

@@ -473,12 +473,15 @@ def propagate_patches(
     # A node's answer depends only on the node, its inputs' answers and these settings, so after a
     # propagation with the same settings and nothing forced (annotate's), forcing nodes dense changes
     # only them and what they feed: the rest keeps its answer (the plan's second pass, compile time).
-    settings = (tuple(image_size), tuple(patch_size), tau, concat, global_context)
+    # A cheap guard that it is the same graph (kfx edits no graph between its two propagations).
+    graph = (id(gm.graph), len(gm.graph.nodes))
+    settings = (*graph, tuple(image_size), tuple(patch_size), tau, concat, global_context)
     reuse = bool(force_dense) and gm.meta.get(_PROPAGATED_KEY) == settings
     redone: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        if reuse and node.name not in force_dense and redone.isdisjoint(node.all_input_nodes):
-            continue
+        if reuse and META_KEY in node.meta and node.name not in force_dense:
+            if redone.isdisjoint(node.all_input_nodes):
+                continue
         redone.add(node)
         if node.op == "placeholder":
             box = tuple(
