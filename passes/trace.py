@@ -4,7 +4,7 @@ Requires: an nn.Module in eval mode with one tensor input.
 Ensures: a GraphModule with no in-place ops (so cached base activations can never be overwritten)
 that computes what the model computes (kfx.passes.check checks it on a random batch), that shares
 the caller's parameters but not its containers, with
-``node.meta["tensor_meta"]`` on every tensor-valued node (torch.fx's ShapeProp) and
+``node.meta["tensor_meta"]`` on every tensor-valued node (torch.fx's TensorMetadata) and
 ``node.meta["kfx_value"]`` on every node whose value is not a tensor (sizes, shapes, dtypes: static
 for a fixed image shape, so later passes may read them as constants).
 """
@@ -21,7 +21,7 @@ from contextvars import ContextVar
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from kfx.errors import ModelError, TraceError
 from kfx.passes.ops import INPLACE_TO_FUNCTIONAL
@@ -455,17 +455,34 @@ def _functionalize_graph(graph: fx.Graph, root: nn.Module) -> tuple[dict[str, nn
     return modules, changed
 
 
-class _ValueProp(ShapeProp):
-    """ShapeProp that also keeps the values of non-tensor nodes (x.size(), x.shape[2], x.dim())."""
+class _ValueProp(fx.Interpreter):
+    """Runs the graph once and records on each node what torch.fx's ShapeProp records and kfx reads
+    (``node.meta["tensor_meta"]``: shape and dtype, as a TensorMetadata or an aggregate of them),
+    plus the values of non-tensor nodes (x.size(), x.shape[2], x.dim()), and refuses a node that
+    writes a tensor it reads. Not ShapeProp itself: it asks every tensor its contiguity in three
+    layouts and prints a traceback for a failing node before raising (kfx raises its own error),
+    which made shape propagation cost about twice the interpreter's own run on small models."""
 
     def run_node(self, n: fx.Node):
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        read = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        versions = [t._version for t in read]
-        result = super().run_node(n)
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            read = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            versions = [t._version for t in read]
+            result = getattr(self, n.op)(n.target, args, kwargs)
         if any(t._version != v for t, v in zip(read, versions)):
             raise _mutation_error(n)
-        if not isinstance(result, torch.Tensor) and _is_static(result):
+        found = []
+
+        def tensor_meta(value):  # a tensor's metadata, without the contiguity queries kfx never reads
+            if not isinstance(value, torch.Tensor):
+                return value
+            found.append(value)
+            return _extract_tensor_metadata(value, include_contiguity=False)
+
+        meta = fx.node.map_aggregate(result, tensor_meta)
+        if found:
+            n.meta["tensor_meta"] = meta
+        elif _is_static(result):
             n.meta[VALUE_KEY] = result
         return result
 
@@ -495,7 +512,7 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor):
     """
     try:
         with torch.no_grad():
-            return _ValueProp(gm).propagate(example)
+            return _ValueProp(gm).run(example)
     except TraceError:
         raise
     except Exception as exc:
