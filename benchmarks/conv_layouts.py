@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from compare import RESULTS, best_time, interleaved, kfx_outputs, machine  # noqa: E402
+from compare import best_time, interleaved, kfx_outputs, machine, save_results  # noqa: E402
 from plan import build_model  # noqa: E402
 
 import kfx  # noqa: E402
@@ -221,14 +220,10 @@ def main(argv=None) -> None:
         engines = [
             time_engine(name, args.positions, args.batch, args.repeats) for name in args.engines or ENGINES
         ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(
-        json.dumps({"machine": info, "rows": rows, "engines": engines}, indent=1)
-    )
     table = markdown(rows, info, args.repeats) + (
         "\n".join(engines_markdown(engines, args)) + "\n" if engines else ""
     )
-    (RESULTS / f"{args.out}.md").write_text(table)
+    save_results(args.out, {"machine": info, "rows": rows, "engines": engines}, table)
     print(table)
 
 

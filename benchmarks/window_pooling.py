@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 from functools import partial
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from compare import RESULTS, best_time, interleaved, kfx_outputs, machine  # noqa: E402
+from compare import best_time, interleaved, kfx_outputs, machine, save_results  # noqa: E402
 from plan import MODELS, build_model  # noqa: E402
 
 import kfx  # noqa: E402
@@ -196,12 +195,8 @@ def main(argv=None) -> None:
     for pair in args.engines:
         name, plan = pair.split(":")
         engines.append(time_engine(name, plan, args.positions, args.batch, args.repeats))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(
-        json.dumps({"machine": info, "ops": ops, "engines": engines}, indent=1)
-    )
     table = markdown(ops, engines, args, info)
-    (RESULTS / f"{args.out}.md").write_text(table)
+    save_results(args.out, {"machine": info, "ops": ops, "engines": engines}, table)
     print(table)
 
 

@@ -476,9 +476,9 @@ def _build(
         chosen = chosen.alternative
     apply_plan(gm, chosen, tuple(image_shape[1:]), patch.size, tau, global_context=global_context)
     program = build_program(gm, patch, image_shape[0], dtype, device, backend)
-    # Channels-last where the graph runs so (2-d images on CPU): oneDNN's convs run 1.5-2.3x faster
-    # in it on our CPU; the Triton kernels read contiguous maps.
-    channels_last = backend == "torch" and gm.meta.get(CHANNELS_LAST_KEY, False)
+    # Channels-last where the graph runs so (2-d images on CPU, torch backend: annotate asked only
+    # then): oneDNN's convs run 1.5-2.3x faster in it on our CPU.
+    channels_last = gm.meta.get(CHANNELS_LAST_KEY, False)
     sources = [slot.source for slot in program.slots]
     memory = estimate_memory(gm, sources, torch.empty((), dtype=dtype).element_size())
     if max_memory is not None:

@@ -47,6 +47,8 @@ def test_triton_backend_equals_torch_backend_and_full_inference(dtype, tolerance
     triton_engine = kfx.compile(model, (3, 11, 10), patch, backend="triton", batch_size=5)
     torch_engine = kfx.compile(model, (3, 11, 10), patch, backend="torch")
     assert triton_engine.backend == "triton" and torch_engine.backend == "torch"
+    # the Triton kernels read contiguous maps; the torch engine of the same graph runs channels-last
+    assert not triton_engine.compiled.channels_last and torch_engine.compiled.channels_last
     image = torch.randn(3, 11, 10, dtype=dtype, generator=torch.Generator().manual_seed(2))
     positions = torch.tensor([[0, 0], [0, 6], [8, 0], [8, 6], [4, 3], [5, 1], [2, 5]])
     with torch.no_grad():
