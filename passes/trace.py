@@ -1,6 +1,7 @@
 """Pass 1: trace a model into a functional torch.fx graph and record every node's shape.
 
-Requires: an nn.Module in eval mode with one tensor input.
+Requires: an nn.Module in eval mode with one tensor input (other arguments keep their defaults:
+kfx.passes.signature).
 Ensures: a GraphModule with no in-place ops (so cached base activations can never be overwritten)
 that computes what the model computes (kfx.passes.check checks it on a random batch), that shares
 the caller's parameters but not its containers, with
@@ -25,6 +26,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from kfx.errors import ModelError, TraceError
 from kfx.passes.ops import INPLACE_TO_FUNCTIONAL
+from kfx.passes.signature import defaulted_arguments, keep_image_input
 
 __all__ = [
     "require_eval_module",
@@ -236,24 +238,18 @@ def trace(model: nn.Module, leaf_modules: tuple = (), autowrap_functions: tuple 
     """
     require_eval_module(model, "kfx.compile")
     require_traceable_module(model, "kfx.compile")
-    leaf_modules = tuple(leaf_modules)
+    leaf_modules, defaulted = tuple(leaf_modules), defaulted_arguments(model)
     while True:
         tracer = _Tracer(leaf_modules, tuple(autowrap_functions))
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=defaulted or None)
             break
         except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
             leaf = _registered_leaf(tracer.inside, leaf_modules)
             if leaf is None:
                 _raise_trace_error(model, tracer, exc)
             leaf_modules += (leaf,)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        names = ", ".join(n.target for n in placeholders)
-        raise ModelError(
-            f"kfx explains models with exactly one image input; this forward takes {len(placeholders)} ({names}). "
-            "Wrap it in a module whose forward(image) fixes the other arguments"
-        )
+    keep_image_input(graph, defaulted)  # optional arguments traced with their defaults
     # functional before the GraphModule is built, so that it generates its code once
     functional_modules, changed = _functionalize_graph(graph, model)
     if changed:

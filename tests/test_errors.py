@@ -98,6 +98,43 @@ def test_two_inputs_refused():
         kfx.compile(TwoInputs().eval(), (3, 8, 8), kfx.Patch(3))
 
 
+class OptionalArguments(nn.Module):
+    """forward(x, mask=None, scale=2.0, *, gated=False), as timm's VisionTransformer takes
+    (x, attn_mask=None, is_causal=False): called with the image alone, the defaults choose the branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x, mask=None, scale: float = 2.0, *, gated: bool = False):
+        y = self.conv(x) * scale
+        if mask is not None:
+            y = y * mask
+        if gated:
+            y = y * torch.sigmoid(y.mean())
+        return self.head(torch.relu(y).mean((2, 3)))
+
+
+def test_optional_arguments_keep_their_defaults():
+    torch.manual_seed(0)
+    model = OptionalArguments().double().eval()
+    patch = kfx.Patch(3, stride=2)
+    image = torch.randn(3, 9, 9, dtype=torch.float64)
+    heatmap = kfx.compile(model, (3, 9, 9), patch)(image, 1)
+    brute = kfx.NaiveEngine(model, (3, 9, 9), patch)(image, 1)  # the eager model, defaults and all
+    torch.testing.assert_close(heatmap.values, brute.values, rtol=1e-12, atol=1e-12)
+
+
+def test_an_argument_without_a_default_is_a_second_input():
+    class ImageAndMask(nn.Module):
+        def forward(self, x, mask, scale: float = 2.0):
+            return (x * mask * scale).mean((2, 3))
+
+    with pytest.raises(kfx.ModelError, match=r"exactly one image input.*\(x, mask\)"):
+        kfx.compile(ImageAndMask().eval(), (3, 8, 8), kfx.Patch(3))
+
+
 def test_model_that_rejects_image_shape(capfd):
     with pytest.raises(kfx.ModelError, match=r"failed on an input of shape.*cannot be multiplied"):
         kfx.compile(small_model(), (3, 9, 9), kfx.Patch(3))
