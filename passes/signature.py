@@ -5,8 +5,9 @@ Many real models take optional arguments beside the image (timm's VisionTransfor
 library calls it, such a forward runs with those defaults, so kfx traces it with them: torch.fx's
 ``concrete_args`` specialises the forward to the default values (the branches they choose are the
 ones traced), and the placeholders torch.fx still makes for them, with only its own assertions of
-the specialised value as users, are dropped. An argument without a default is a second input,
-which kfx refuses: it explains models of one image.
+the specialised value as users, are dropped, as are ``*args`` and ``**kwargs`` the forward never
+reads. An argument without a default (or ``*args``/``**kwargs`` it reads) is a second input, which
+kfx refuses: it explains models of one image.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def keep_image_input(graph: fx.Graph, defaulted: dict) -> None:
     values), leaving the image as the one input; refuse a graph with any other input."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     image, others = placeholders[:1], placeholders[1:]
-    specialised = [n for n in others if _specialised_name(n.target, defaulted)]
+    specialised = [n for n in others if _specialised_name(n.target, defaulted) or _unused_star(n)]
     reached = _reached_from(graph, specialised)
     if len(placeholders) - len(specialised) != 1 or any(n.op == "output" for n in reached):
         names = ", ".join(n.target for n in image + [n for n in others if n not in specialised])
@@ -53,6 +54,11 @@ def keep_image_input(graph: fx.Graph, defaulted: dict) -> None:
 def _specialised_name(target: str, defaulted: dict) -> bool:
     name, _, count = target.rpartition("_")  # fx names a concrete argument's placeholder f"{name}_{k}"
     return name in defaulted and count.isdigit()
+
+
+def _unused_star(placeholder: fx.Node) -> bool:
+    """``*args`` or ``**kwargs`` that the forward never reads: empty when called with the image alone."""
+    return placeholder.target.startswith("*") and not placeholder.users
 
 
 def _reached_from(graph: fx.Graph, roots: list[fx.Node]) -> set[fx.Node]:

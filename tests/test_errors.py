@@ -116,9 +116,17 @@ class OptionalArguments(nn.Module):
         return self.head(torch.relu(y).mean((2, 3)))
 
 
-def test_optional_arguments_keep_their_defaults():
+class StarArguments(OptionalArguments):
+    """forward(x, *args, **kwargs) that reads neither (wrappers often pass them on to nothing)."""
+
+    def forward(self, x, *args, **kwargs):
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("model_class", [OptionalArguments, StarArguments])
+def test_optional_arguments_keep_their_defaults(model_class):
     torch.manual_seed(0)
-    model = OptionalArguments().double().eval()
+    model = model_class().double().eval()
     patch = kfx.Patch(3, stride=2)
     image = torch.randn(3, 9, 9, dtype=torch.float64)
     heatmap = kfx.compile(model, (3, 9, 9), patch)(image, 1)
@@ -133,6 +141,13 @@ def test_an_argument_without_a_default_is_a_second_input():
 
     with pytest.raises(kfx.ModelError, match=r"exactly one image input.*\(x, mask\)"):
         kfx.compile(ImageAndMask().eval(), (3, 8, 8), kfx.Patch(3))
+
+    class ReadsArgs(nn.Module):
+        def forward(self, x, *args):
+            return torch.stack(args).sum() * x.mean((1, 2, 3))[:, None]  # a second input, read
+
+    with pytest.raises(kfx.ModelError, match=r"exactly one image input.*\(x, \*args\)"):
+        kfx.compile(ReadsArgs().eval(), (3, 8, 8), kfx.Patch(3))
 
 
 def test_model_that_rejects_image_shape(capfd):
