@@ -174,11 +174,10 @@ def main(argv=None) -> list[dict]:
     if args.child:
         print("ROW " + json.dumps(survey_one(args.child)), flush=True)
         return []
-    rows = []
+    rows, info = [], machine()  # the commit the survey starts at (children import kfx as it is then)
     for name in args.models:
         rows.append(run_child(name, args.threads, args.limit))
         print(json.dumps(rows[-1]), flush=True)
-    info = machine()
     command = "python benchmarks/timm_field.py " + " ".join(argv if argv is not None else sys.argv[1:])
     save_results(
         args.tag,
