@@ -38,6 +38,7 @@ from torch import fx
 
 import kfx
 from kfx.errors import InputError, PatchError
+from kfx.fills import Blur, MeanImage, MeanPatch, Multiply, PositionalFill
 from kfx.patch import Patch
 from kfx.results import Tuning
 
@@ -141,17 +142,41 @@ def _mismatch(saved: dict, now: dict) -> str | None:
 
 # -- the file ------------------------------------------------------------------------------------
 def _patch_record(patch: Patch) -> dict:
-    fill = patch.fill
     return {
         "size": list(patch.size),
         "stride": list(patch.stride),
-        "fill": fill if isinstance(fill, (float, torch.Tensor)) else list(fill),
+        "fill": _fill_record(patch.fill),
         "same_on_every_axis": list(patch.same_on_every_axis),
     }
 
 
+# kfx's own position-dependent fills: dataclasses of numbers and tensors, so stored as data (their
+# class name and fields). A fill of any other class is code, which an engine file never holds.
+_POSITIONAL_FILLS = {cls.__name__: cls for cls in (MeanPatch, MeanImage, Blur, Multiply)}
+
+
+def _fill_record(fill):
+    if isinstance(fill, PositionalFill):
+        kind = type(fill).__name__
+        if _POSITIONAL_FILLS.get(kind) is not type(fill):
+            raise PatchError(
+                f"engine.save cannot store the fill {fill.name()}: an engine file holds data, not code, and "
+                f"only kfx's own fills ({', '.join(_POSITIONAL_FILLS)}) are data; compile the engine "
+                "where it is needed instead"
+            )
+        fields = {f.name: getattr(fill, f.name) for f in dataclasses.fields(fill)}
+        return {"positional": kind, "fields": fields}
+    return fill if isinstance(fill, (float, torch.Tensor)) else list(fill)
+
+
+def _fill_from(record):
+    if isinstance(record, dict):
+        return _POSITIONAL_FILLS[record["positional"]](**record["fields"])
+    return record
+
+
 def _patch_from(record: dict) -> Patch:
-    size, stride, fill = tuple(record["size"]), tuple(record["stride"]), record["fill"]
+    size, stride, fill = tuple(record["size"]), tuple(record["stride"]), _fill_from(record["fill"])
     same_size, same_stride = record["same_on_every_axis"]
     patch = Patch(size[0] if same_size else size, stride[0] if same_stride else stride, fill=fill)
     if patch.size != size or patch.stride != stride:

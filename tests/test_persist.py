@@ -78,6 +78,10 @@ def saved(tmp_path):
         {"tau": 0.6},
         {"patch": kfx.Patch((4, 6), stride=(2, 5), fill=(0.5, -1.0, 2.0))},
         {"patch": kfx.Patch(5, stride=3, fill=torch.arange(75.0).view(3, 5, 5) / 75)},
+        {"patch": kfx.Patch(6, stride=3, fill="mean_patch")},  # kfx's own position-dependent fills
+        {"patch": kfx.Patch(6, stride=3, fill=kfx.fills.MeanImage(per_channel=False))},
+        {"patch": kfx.Patch(6, stride=3, fill=kfx.fills.Blur(sigma=1.5, truncate=3.0))},
+        {"patch": kfx.Patch(6, stride=3, fill=kfx.fills.Multiply.gaussian((6, 6)))},
         {"plan": "full"},
         {"plan": "auto", "plan_rates": DENSE_IS_SLOW},
         {"plan": "auto", "plan_rates": STATIC_CPU_RATES},
@@ -106,6 +110,17 @@ def test_loaded_engine_equals_compiled_engine_and_brute_force(tmp_path, options)
     torch.testing.assert_close(loaded.outputs(img, positions), occluded, rtol=0, atol=1e-12)
     if options.get("tau", 1.0) == 1.0:
         torch.testing.assert_close(got.values, brute_force(model, img, patch), rtol=0, atol=1e-12)
+
+
+def test_a_custom_fill_is_code_and_is_not_saved(tmp_path):
+    class HalfBright(kfx.fills.PositionalFill):
+        def content(self, image, positions, size):
+            return kfx.fills.windows(image, positions, size) * 0.5
+
+    engine = kfx.compile(net(), SHAPE, kfx.Patch(6, stride=3, fill=HalfBright()))
+    with pytest.raises(kfx.PatchError, match=r"cannot store the fill .*HalfBright\(\)"):
+        engine.save(tmp_path / "e.kfx")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
 def test_loading_skips_the_eager_check_but_compiling_runs_it(saved, monkeypatch):
