@@ -30,7 +30,6 @@ per reason and object; ``last_fallback_reason`` says why), or, without captum in
 - ``forward_func`` is not an ``nn.Module`` with every submodule in eval mode     (ModelError)
 - ``additional_forward_args`` is given                                           (InputError)
 - the window does not span all channels (Captum then slides it across channels)  (PatchError)
-- the baseline varies over space (e.g. a blurred image): no fixed patch fill     (InputError)
 - the inputs' dtype or device differs from the model's parameters               (InputError)
 - ``target`` does not pick one value per example from the model's output         (InputError)
 - ``kfx.compile`` cannot handle the model (TraceError, ModelError, PatchError)  (that error)
@@ -63,13 +62,14 @@ from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device, progress_bar
 from kfx.dropin import NotAccelerated, NotAcceleratedWarning, fall_back, weights_version
 from kfx.engine import Engine, compile
 from kfx.errors import InputError, KfxError, ModelError, PatchError
+from kfx.fills import Baseline
 from kfx.geometry import captum_heatmap_size
 from kfx.passes.trace import require_eval_module
 from kfx.patch import Patch
 
 __all__ = ["Occlusion", "NotAcceleratedWarning"]
 
-Fill = float | tuple[float, ...]
+Fill = float | tuple[float, ...] | Baseline
 
 
 # -- geometry ------------------------------------------------------------------------------------
@@ -166,11 +166,12 @@ def _spread_over_pixels(drops: torch.Tensor, windows: _Windows, image_hw: tuple[
 
 
 def _fills_per_example(baselines, inputs: torch.Tensor) -> list[Fill]:
-    """Each example's patch fill: Captum's baseline, if it is constant over space per channel.
+    """Each example's patch fill: Captum's baseline, broadcast to the inputs' shape.
 
-    Captum paints ``baseline * mask`` with the baseline reshaped to (1, *shape) and broadcast over
-    (perturbations, N, C, H, W); so a tensor baseline may vary per example and per channel, not over
-    space. A fill whose channels agree is a single float, so such examples share engines.
+    Captum paints ``baseline * mask`` with the baseline broadcast to the inputs. One constant over
+    space is a float (channels agree) or one value per channel, so such examples share engines; one
+    that varies over space (a blurred image, a mean image) is a :class:`kfx.fills.Baseline`, whose
+    engine serves that example only and is dropped after the call.
     """
     if isinstance(baselines, tuple):
         if len(baselines) != 1:
@@ -197,17 +198,14 @@ def _fills_per_example(baselines, inputs: torch.Tensor) -> list[Fill]:
         raise NotAccelerated(
             f"baseline shape {list(baselines.shape)} does not broadcast to the inputs {list(inputs.shape)}"
         ) from None
+    if not torch.isfinite(full).all():
+        raise NotAccelerated("the baseline holds NaN or infinite values")
     corner = full[:, :, :1, :1]
-    if not torch.equal(full, corner.expand_as(full)):
-        raise NotAccelerated(
-            "the baseline varies over space (e.g. a blurred image); a kfx patch needs one fill value "
-            "per channel"
-        )
+    if not torch.equal(full, corner.expand_as(full)):  # e.g. a blurred image: each window shows its part
+        return [Baseline(full[i].to(inputs.dtype)) for i in range(n)]
     fills: list[Fill] = []
     for values in corner.reshape(n, -1).tolist():
         fills.append(values[0] if len(set(values)) == 1 else tuple(values))
-    if not all(torch.isfinite(torch.tensor(f, dtype=torch.float64)).all() for f in fills):
-        raise NotAccelerated("the baseline holds NaN or infinite values")
     return fills
 
 
@@ -459,6 +457,8 @@ class Occlusion:
                 per_example.append(_spread_over_pixels(drops, windows, (height, width)))
         finally:
             progress.close()
+            for key in [key for key in self._engines if isinstance(key[-1], Baseline)]:
+                del self._engines[key]  # one example's baseline: not worth keeping across calls
         every_window = torch.ones(len(windows.rows), len(windows.cols), dtype=torch.float64)
         counts = _spread_over_pixels(every_window, windows, (height, width))
         # Captum 0.9 returns ``total.float() / weights`` with weights in torch's default dtype.

@@ -2,8 +2,9 @@
 
 A constant fill paints the same values wherever the patch goes. The fills here compute the window's
 content from the image and the position: the covered region's mean (:class:`MeanPatch`), the image's
-mean (:class:`MeanImage`), a Gaussian-blurred copy of the region (:class:`Blur`) or the region times
-a mask (:class:`Multiply`, e.g. MONAI's Gaussian occlusion). Only the window changes, whatever the
+mean (:class:`MeanImage`), a Gaussian-blurred copy of the region (:class:`Blur`), the region times
+a mask (:class:`Multiply`, e.g. MONAI's Gaussian occlusion) or the same region of a reference image
+(:class:`Baseline`, e.g. Captum's baseline tensors). Only the window changes, whatever the
 fill, so an incremental engine stays exact.
 
 >>> import torch
@@ -32,7 +33,16 @@ import torch.nn.functional as F
 
 from kfx.errors import InputError, PatchError
 
-__all__ = ["PositionalFill", "MeanPatch", "MeanImage", "Blur", "Multiply", "resolve_fill", "windows"]
+__all__ = [
+    "PositionalFill",
+    "MeanPatch",
+    "MeanImage",
+    "Blur",
+    "Multiply",
+    "Baseline",
+    "resolve_fill",
+    "windows",
+]
 
 # The fill names kfx.Patch(fill=...) accepts as strings, and the objects they stand for.
 FILL_NAMES = ("mean_patch", "mean_image", "blur")
@@ -358,6 +368,57 @@ class Multiply(PositionalFill):
 
     def name(self) -> str:
         return f"multiply(mask {list(self.mask.shape)})"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Baseline(PositionalFill):
+    """The window of a reference image: the occluded image shows ``baseline`` where the patch is.
+
+    ``baseline`` has the shape of the images explained, [C, *S]: a blurred copy of the image, a
+    dataset's mean image, or Captum's ``baselines`` tensor (``kfx.captum`` uses this fill for a
+    baseline that varies over space). It is kept on the CPU in its own dtype and cast to the
+    image's dtype and device for each batch of windows.
+
+    >>> fill = Baseline(torch.arange(16.0).reshape(1, 4, 4))
+    >>> fill.content(torch.zeros(1, 4, 4), torch.tensor([[1, 2]]), (2, 2))[0, 0]
+    tensor([[ 6.,  7.],
+            [10., 11.]])
+    """
+
+    baseline: torch.Tensor
+
+    def __post_init__(self):
+        baseline = self.baseline
+        if not isinstance(baseline, torch.Tensor) or baseline.dim() < 2:
+            raise PatchError(
+                f"Baseline needs a tensor [C, *spatial] of the images' shape, got {_describe(baseline)}"
+            )
+        if not baseline.dtype.is_floating_point or not torch.isfinite(baseline).all():
+            raise PatchError("the Baseline image must hold finite floating-point values")
+        object.__setattr__(self, "baseline", baseline.detach().to("cpu").clone())
+
+    def __eq__(self, other):
+        if not isinstance(other, Baseline):
+            return NotImplemented
+        b, o = self.baseline, other.baseline
+        return b.shape == o.shape and b.dtype == o.dtype and torch.equal(b, o)
+
+    def __hash__(self):
+        return hash((tuple(self.baseline.shape), self.baseline.numpy().tobytes()))
+
+    def __repr__(self):
+        return f"Baseline(image of shape {list(self.baseline.shape)})"
+
+    def content(self, image, positions, size):
+        if tuple(self.baseline.shape) != tuple(image.shape):
+            raise InputError(
+                f"the Baseline fill holds an image of shape {list(self.baseline.shape)} but the image explained "
+                f"has shape {list(image.shape)}; give a baseline of the image's shape"
+            )
+        return windows(self.baseline.to(dtype=image.dtype, device=image.device), positions, size)
+
+    def name(self) -> str:
+        return f"baseline(image {list(self.baseline.shape)})"
 
 
 def _impulse_response(extent: int, sigma: float) -> torch.Tensor:

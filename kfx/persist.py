@@ -38,7 +38,7 @@ from torch import fx
 
 import kfx
 from kfx.errors import InputError, PatchError
-from kfx.fills import Blur, MeanImage, MeanPatch, Multiply, PositionalFill
+from kfx.fills import Baseline, Blur, MeanImage, MeanPatch, Multiply, PositionalFill
 from kfx.patch import Patch
 from kfx.results import Tuning
 
@@ -152,7 +152,7 @@ def _patch_record(patch: Patch) -> dict:
 
 # kfx's own position-dependent fills: dataclasses of numbers and tensors, so stored as data (their
 # class name and fields). A fill of any other class is code, which an engine file never holds.
-_POSITIONAL_FILLS = {cls.__name__: cls for cls in (MeanPatch, MeanImage, Blur, Multiply)}
+_POSITIONAL_FILLS = {cls.__name__: cls for cls in (MeanPatch, MeanImage, Blur, Multiply, Baseline)}
 
 
 def _fill_record(fill):

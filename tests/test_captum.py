@@ -118,10 +118,22 @@ def test_default_stride_is_one():
     assert_matches_captum(ours, theirs, torch.float64)
 
 
+def spatial_baseline():
+    return images(seed=7)[0] * 0.1
+
+
 @pytest.mark.parametrize(
     "baselines",
-    [0.5, -1, torch.tensor([0.1, -0.2, 0.3]).view(C, 1, 1), torch.tensor([[[[0.1]], [[0.2]], [[0.7]]]])],
-    ids=["float", "int", "per-channel", "per-channel-4d"],
+    [
+        0.5,
+        -1,
+        torch.tensor([0.1, -0.2, 0.3]).view(C, 1, 1),
+        torch.tensor([[[[0.1]], [[0.2]], [[0.7]]]]),
+        spatial_baseline(),  # one image [C, H, W] for every example (e.g. a dataset's mean image)
+        images(2, seed=8) * 0.1,  # one per example (e.g. each image blurred)
+        torch.linspace(-1, 1, W).view(1, 1, 1, W),  # varies along one axis only, alike in every channel
+    ],
+    ids=["float", "int", "per-channel", "per-channel-4d", "image", "per-example-images", "ramp"],
 )
 def test_baselines_match_captum(baselines):
     if isinstance(baselines, torch.Tensor):
@@ -131,6 +143,8 @@ def test_baselines_match_captum(baselines):
     )
     assert occlusion.last_fallback_reason is None
     assert_matches_captum(ours, theirs, torch.float64)
+    # an engine for one example's baseline image is not kept after the call
+    assert not any(isinstance(key[-1], kfx.fills.Baseline) for key in occlusion._engines)
 
 
 @pytest.mark.parametrize(
@@ -292,15 +306,10 @@ def test_any_window_matches_captum(call, seed):
 # -- fallbacks -----------------------------------------------------------------------------------
 
 
-def spatial_baseline():
-    return images(seed=7)[0] * 0.1
-
-
 @pytest.mark.parametrize(
     "make_model, kwargs, reason",
     [
         (lambda: lambda x: small_cnn()(x), {}, "nn.Module"),
-        (small_cnn, {"baselines": spatial_baseline()}, "varies over space"),
         (small_cnn, {"sliding_window_shapes": (1, 6, 6), "strides": (1, 4, 4)}, "channels"),
         (lambda: small_cnn().train(), {}, "training mode"),
         (lambda: DataDependent().eval(), {}, "could not trace"),
@@ -308,7 +317,6 @@ def spatial_baseline():
     ],
     ids=[
         "lambda",
-        "spatial-baseline",
         "window-not-spanning-channels",
         "train-mode",
         "untraceable",
@@ -349,7 +357,7 @@ def test_additional_forward_args_fall_back():
 def test_fast_path_after_a_fallback_clears_the_reason():
     occlusion = kfx.captum.Occlusion(small_cnn())
     with pytest.warns(kfx.captum.NotAcceleratedWarning):
-        occlusion.attribute(images(), (C, 6, 6), strides=4, target=1, baselines=spatial_baseline())
+        occlusion.attribute(images(), (1, 6, 6), strides=(1, 4, 4), target=1)
     assert occlusion.last_fallback_reason is not None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -360,8 +368,8 @@ def test_fast_path_after_a_fallback_clears_the_reason():
 def test_without_captum_a_fallback_raises_a_kfx_error(monkeypatch):
     monkeypatch.setattr(kfx.captum, "_captum_occlusion", lambda: None)
     occlusion = kfx.captum.Occlusion(small_cnn())
-    with pytest.raises(kfx.InputError, match="varies over space.*pip install captum"):
-        occlusion.attribute(images(), (C, 6, 6), strides=4, target=1, baselines=spatial_baseline())
+    with pytest.raises(kfx.PatchError, match="channels.*pip install captum"):
+        occlusion.attribute(images(), (1, 6, 6), strides=(1, 4, 4), target=1)
     with pytest.raises(kfx.ModelError, match="not installed"):
         kfx.captum.Occlusion(lambda x: x.sum((1, 2, 3))).attribute(images(), (C, 6, 6), strides=4)
     # The fast path needs no captum at all.

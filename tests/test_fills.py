@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import kfx.fills
 from kfx.errors import InputError, PatchError
-from kfx.fills import Blur, MeanImage, MeanPatch, Multiply, PositionalFill, resolve_fill, windows
+from kfx.fills import Baseline, Blur, MeanImage, MeanPatch, Multiply, PositionalFill, resolve_fill, windows
 
 # MONAI 1.6.1 indexes with lists of slices, which torch deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")
@@ -110,6 +110,24 @@ def test_multiply_scales_each_window_by_one_minus_the_mask(case, seed):
         np.testing.assert_allclose(got.numpy(), region * (1 - mask.numpy()), rtol=1e-14)
 
 
+@given(images_and_windows(), st.integers(0, 2**16))
+def test_baseline_shows_the_reference_images_windows(case, seed):
+    image, positions, size = case
+    reference = torch.randn(image.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ours = Baseline(reference).content(image, positions, size)
+    assert ours.shape == (len(positions), image.shape[0], *size) and ours.dtype == image.dtype
+    for got, expected in zip(ours, numpy_windows(reference, positions, size)):
+        np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_baseline_takes_the_images_dtype_and_keeps_its_own_copy():
+    reference = torch.arange(8.0, dtype=torch.float64).view(1, 2, 4)
+    fill = Baseline(reference)
+    reference += 1
+    got = fill.content(torch.zeros(1, 2, 4), torch.tensor([[0, 1]]), (2, 2))
+    assert got.dtype == torch.float32 and got[0, 0].tolist() == [[1.0, 2.0], [5.0, 6.0]]
+
+
 def test_multiply_takes_a_mask_per_channel():
     image = torch.randn(2, 6, 6, dtype=torch.float64)
     mask = torch.stack([torch.zeros(3, 3), torch.ones(3, 3)]).double()
@@ -150,6 +168,10 @@ def test_fills_are_values():
     assert Multiply(torch.ones(1, 2, 2)) != Multiply(torch.ones(2, 2))
     assert Multiply.gaussian((4, 4)) == Multiply.gaussian((4, 4)) != Multiply.gaussian((4, 4), sigma=0.5)
     assert len({MeanPatch(), MeanPatch(), Blur(), Blur(sigma=None)}) == 2
+    assert Baseline(torch.ones(1, 2, 2)) == Baseline(torch.ones(1, 2, 2))
+    assert hash(Baseline(torch.ones(1, 2, 2))) == hash(Baseline(torch.ones(1, 2, 2)))
+    assert Baseline(torch.ones(1, 2, 2)) != Baseline(torch.zeros(1, 2, 2))
+    assert Baseline(torch.ones(1, 2, 2)) != Baseline(torch.ones(1, 2, 2, dtype=torch.float64))
 
 
 def test_multiply_keeps_its_own_copy_of_the_mask():
@@ -166,6 +188,7 @@ def test_names():
     assert "per_channel=False" in MeanPatch(per_channel=False).name()
     assert "sigma=2.0" in Blur(sigma=2.0).name()
     assert Multiply(torch.zeros(1, 3, 3)).name() == "multiply(mask [1, 3, 3])"
+    assert Baseline(torch.zeros(3, 4, 5)).name() == "baseline(image [3, 4, 5])"
 
 
 def test_resolve_fill():
@@ -223,6 +246,10 @@ def test_user_fills_compare_by_their_parameters_or_else_by_identity():
         (lambda: Multiply.gaussian(16), "one positive int per spatial axis"),
         (lambda: Multiply.gaussian((4, 0)), "one positive int per spatial axis"),
         (lambda: Multiply.gaussian((4, 4), sigma=0), "sigma"),
+        (lambda: Baseline("blurred.png"), "tensor"),
+        (lambda: Baseline(torch.zeros(4)), "tensor"),
+        (lambda: Baseline(torch.full((1, 2, 2), float("inf"))), "finite"),
+        (lambda: Baseline(torch.zeros(1, 2, 2, dtype=torch.long)), "floating"),
     ],
 )
 def test_bad_parameters_raise_patch_errors(make, match):
@@ -240,6 +267,13 @@ def test_bad_parameters_raise_patch_errors(make, match):
         (MeanPatch(), torch.tensor([[0.0, 0.0]]), (2, 2), InputError, "integers"),
         (Blur(sigma=(1.0, 2.0, 3.0)), torch.tensor([[0, 0]]), (2, 2), PatchError, "3 sigmas"),
         (Multiply(torch.zeros(3, 3)), torch.tensor([[0, 0]]), (2, 2), PatchError, "does not broadcast"),
+        (
+            Baseline(torch.zeros(2, 6, 5)),
+            torch.tensor([[0, 0]]),
+            (2, 2),
+            InputError,
+            r"\[2, 6, 5\].*\[2, 6, 6\]",
+        ),
     ],
 )
 def test_bad_calls_raise_kfx_errors(fill, positions, size, error, match):

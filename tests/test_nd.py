@@ -360,11 +360,11 @@ def test_cost_model_boxes_hold_every_changed_output_and_count_full_fmas(axes):
 
 
 @pytest.mark.parametrize("axes", [1, 2, 3])
-@pytest.mark.parametrize("fill", ["mean_patch", "mean_image", "blur", "gaussian"])
+@pytest.mark.parametrize("fill", ["mean_patch", "mean_image", "blur", "gaussian", "baseline"])
 def test_position_dependent_fills_stay_exact_and_incremental(axes, fill):
     """The window's content depends on the position; only the window changes, so the engine stays
-    exact and incremental. mean_patch has a hand-written oracle; the others go through kfx.occlude,
-    whose content tests/test_fills.py checks against independent oracles."""
+    exact and incremental. mean_patch and baseline have hand-written oracles; the others go through
+    kfx.occlude, whose content tests/test_fills.py checks against independent oracles."""
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[axes]
     model = seeded(
         nn.Sequential(
@@ -378,16 +378,20 @@ def test_position_dependent_fills_stay_exact_and_incremental(axes, fill):
         9,
     )
     shape = (2, *{1: (24,), 2: (12, 12), 3: (9, 9, 9)}[axes])
-    spec = kfx.fills.Multiply.gaussian((4,) * axes) if fill == "gaussian" else fill
-    engine = kfx.compile(model, shape, kfx.Patch(4, stride=2, fill=spec))
+    reference = torch.randn(shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    spec = {"gaussian": kfx.fills.Multiply.gaussian((4,) * axes), "baseline": kfx.fills.Baseline(reference)}
+    engine = kfx.compile(model, shape, kfx.Patch(4, stride=2, fill=spec.get(fill, fill)))
     assert engine.patch.positional and "local" in engine.roles().values()
     signal = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     corners = torch.randint(0, shape[1] - 4 + 1, (7, axes), generator=torch.Generator().manual_seed(5))
-    if fill == "mean_patch":
+    if fill in ("mean_patch", "baseline"):
         occluded = signal.expand(len(corners), *shape).clone()
         for i, corner in enumerate(corners.tolist()):
             window = (i, slice(None), *(slice(c, c + 4) for c in corner))
-            occluded[window] = signal[window[1:]].mean(dim=tuple(range(1, axes + 1)), keepdim=True)
+            if fill == "mean_patch":
+                occluded[window] = signal[window[1:]].mean(dim=tuple(range(1, axes + 1)), keepdim=True)
+            else:
+                occluded[window] = reference[window[1:]]
     else:
         occluded = kfx.occlude(signal, corners, engine.patch)
     assert relative_error(engine.outputs(signal, corners), model(occluded)) < 1e-10

@@ -82,6 +82,7 @@ def saved(tmp_path):
         {"patch": kfx.Patch(6, stride=3, fill=kfx.fills.MeanImage(per_channel=False))},
         {"patch": kfx.Patch(6, stride=3, fill=kfx.fills.Blur(sigma=1.5, truncate=3.0))},
         {"patch": kfx.Patch(6, stride=3, fill=kfx.fills.Multiply.gaussian((6, 6)))},
+        {"patch": kfx.Patch(6, stride=3, fill=kfx.fills.Baseline(torch.linspace(-1, 1, 1200).view(SHAPE)))},
         {"plan": "full"},
         {"plan": "auto", "plan_rates": DENSE_IS_SLOW},
         {"plan": "auto", "plan_rates": STATIC_CPU_RATES},
