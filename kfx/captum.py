@@ -50,8 +50,10 @@ anyway, pass ``Occlusion(model, batch_size=...)``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +64,7 @@ from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device, progress_bar
 from kfx.dropin import NotAccelerated, NotAcceleratedWarning, fall_back, weights_version
 from kfx.engine import Engine, compile
 from kfx.errors import InputError, KfxError, ModelError, PatchError
-from kfx.fills import Baseline
+from kfx.fills import Baseline, PositionalFill, windows
 from kfx.geometry import captum_heatmap_size
 from kfx.passes.trace import require_eval_module
 from kfx.patch import Patch
@@ -170,8 +172,8 @@ def _fills_per_example(baselines, inputs: torch.Tensor) -> list[Fill]:
 
     Captum paints ``baseline * mask`` with the baseline broadcast to the inputs. One constant over
     space is a float (channels agree) or one value per channel, so such examples share engines; one
-    that varies over space (a blurred image, a mean image) is a :class:`kfx.fills.Baseline`, whose
-    engine serves that example only and is dropped after the call.
+    that varies over space (a blurred image, a mean image) is a :class:`kfx.fills.Baseline`, run
+    through one engine for every example (:class:`_ExampleBaseline`).
     """
     if isinstance(baselines, tuple):
         if len(baselines) != 1:
@@ -207,6 +209,36 @@ def _fills_per_example(baselines, inputs: torch.Tensor) -> list[Fill]:
     for values in corner.reshape(n, -1).tolist():
         fills.append(values[0] if len(set(values)) == 1 else tuple(values))
     return fills
+
+
+class _ExampleBaseline(PositionalFill):
+    """The window of the baseline of the example being explained now: Occlusion sets it around each
+    example's engine calls (:meth:`showing`), so one compiled engine per window shape serves every
+    example's spatially varying baseline instead of a compile per example. Per context (a
+    ``ContextVar``), so threads sharing an Occlusion object each see their own example's baseline.
+    The unoccluded image's activations do not depend on the fill, so the engine's cache stays valid."""
+
+    def __init__(self):
+        object.__setattr__(self, "_current", contextvars.ContextVar("kfx_captum_baseline"))
+
+    @contextlib.contextmanager
+    def showing(self, baseline: torch.Tensor | None) -> Iterator[None]:
+        token = self._current.set(baseline)
+        try:
+            yield
+        finally:
+            self._current.reset(token)
+
+    def content(self, image, positions, size):
+        baseline = self._current.get(None)
+        if baseline is None:  # an engine of this fill used outside Occlusion.attribute
+            raise InputError(
+                "this engine shows the baseline kfx.captum.Occlusion sets per example; use it there"
+            )
+        return windows(baseline.to(dtype=image.dtype, device=image.device), positions, size)
+
+    def name(self) -> str:
+        return "the example's baseline"
 
 
 def _is_index(value) -> bool:
@@ -315,6 +347,7 @@ class Occlusion:
         self._engines: dict[tuple, Engine] = {}
         self._engines_version: tuple | None = None
         self._warned: set[str] = set()
+        self._example_baseline = _ExampleBaseline()  # the fill of every spatially varying baseline
 
     def attribute(
         self,
@@ -444,10 +477,15 @@ class Occlusion:
         try:
             for i in range(n):
                 drops = torch.zeros(len(windows.rows), len(windows.cols), dtype=torch.float64)
+                fill = plan.fills[i]
+                baseline = fill.baseline if isinstance(fill, Baseline) else None
+                if baseline is not None:  # one engine for all examples, each showing its own baseline
+                    fill = self._example_baseline
                 for size, cells in groups.items():
-                    engine = self._engine(plan, size, plan.fills[i])
+                    engine = self._engine(plan, size, fill)
                     corners = torch.tensor([(windows.rows[r][0], windows.cols[c][0]) for r, c in cells])
-                    outputs = engine.outputs(images[i], corners, batch_size=plan.batch_size)
+                    with self._example_baseline.showing(baseline):
+                        outputs = engine.outputs(images[i], corners, batch_size=plan.batch_size)
                     # Subtract in the output's dtype, as Captum does. Captum then sums in that dtype
                     # too; kfx sums in float64, so float32 models may differ in the last bits.
                     drop = plan.initial[i] - _select(outputs, plan.indices[i])
@@ -457,8 +495,6 @@ class Occlusion:
                 per_example.append(_spread_over_pixels(drops, windows, (height, width)))
         finally:
             progress.close()
-            for key in [key for key in self._engines if isinstance(key[-1], Baseline)]:
-                del self._engines[key]  # one example's baseline: not worth keeping across calls
         every_window = torch.ones(len(windows.rows), len(windows.cols), dtype=torch.float64)
         counts = _spread_over_pixels(every_window, windows, (height, width))
         # Captum 0.9 returns ``total.float() / weights`` with weights in torch's default dtype.

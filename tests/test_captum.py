@@ -6,6 +6,7 @@ compare at float32 resolution: both sides round the same float64 totals, so they
 
 import doctest
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -143,8 +144,21 @@ def test_baselines_match_captum(baselines):
     )
     assert occlusion.last_fallback_reason is None
     assert_matches_captum(ours, theirs, torch.float64)
-    # an engine for one example's baseline image is not kept after the call
-    assert not any(isinstance(key[-1], kfx.fills.Baseline) for key in occlusion._engines)
+
+
+def test_spatial_baselines_share_one_engine_per_window_shape_across_examples_and_threads():
+    occlusion = kfx.captum.Occlusion(small_cnn())
+    arguments = dict(sliding_window_shapes=(C, 6, 6), strides=4, target=3)
+    calls = [images(2, seed=8 + k) * 0.1 for k in range(4)]  # each example its own baseline image
+    with ThreadPoolExecutor(2) as pool:  # threads sharing the object each see their own baselines
+        results = list(pool.map(lambda b: occlusion.attribute(images(2), baselines=b, **arguments), calls))
+    for ours, baselines in zip(results, calls):
+        theirs = captum_attr.Occlusion(occlusion.forward_func).attribute(
+            images(2), baselines=baselines, **arguments
+        )
+        assert_matches_captum(ours, theirs, torch.float64)
+    # windows at 0, 4, 8, 12 and 16 (clipped to 4) per axis: four shapes, one engine each
+    assert sorted(key[3] for key in occlusion._engines) == [(4, 4), (4, 6), (6, 4), (6, 6)]
 
 
 @pytest.mark.parametrize(
