@@ -67,7 +67,7 @@ class NodePatch:
     local: LocalSpec | None = None
     resample: ResampleSpec | None = None
     transposed: TransposedSpec | None = None
-    spatial: tuple[int, int] | None = None  # the (H, W) dims of a channels-last 2-d map; None: the last ones
+    spatial: tuple[int, ...] | None = None  # the spatial dims of a channels-last map; None: the last ones
     batch_free: bool = False  # shape roles: the value does not involve the batch size (x.dtype, x.shape[1])
     reason: str = ""  # dense nodes fed by incremental ones: why the incremental path stops here
 

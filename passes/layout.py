@@ -2,10 +2,11 @@
 permutes to channels-last and back, and the per-position layer ops that may run there
 (docs/design.md §2.2, §2.9).
 
-ConvNeXt-style blocks permute NCHW to NHWC, normalise over channels (``LayerNorm``), apply ``Linear``
-layers to the channel dim, and permute back. Each of those ops acts on one spatial position at a
-time, so the changed box stays where it is; only the dims that hold H and W move. A node's
-``spatial`` is that pair of dims in its own tensor; ``None`` means the usual last two.
+ConvNeXt-style blocks permute NCHW to NHWC (or NCL to NLC, NCDHW to NDHWC; by ``permute``,
+``transpose`` or ``.mT``), normalise over channels (``LayerNorm``), apply ``Linear`` layers to the
+channel dim, and permute back. Each of those ops acts on one spatial position at a time, so the
+changed box stays where it is; only the dims that hold the spatial axes move. A node's ``spatial``
+is that tuple of dims in its own tensor; ``None`` means the usual last ones.
 """
 
 from __future__ import annotations
@@ -29,32 +30,54 @@ __all__ = [
 ]
 
 PERMUTE_FUNCTIONS = (torch.permute,)
+TRANSPOSE_FUNCTIONS = (torch.transpose, torch.swapaxes, torch.swapdims)
+TRANSPOSE_METHODS = ("transpose", "swapaxes", "swapdims")
 
 
 def spatial_dims(spatial: tuple[int, ...] | None, rank: int, axes: int = 2) -> tuple[int, ...]:
     """The spatial dims of a rank-``rank`` map with ``axes`` spatial axes whose layout is
-    ``spatial`` (None: the last ``axes`` dims; channels-last layouts exist for 2-d maps only)."""
+    ``spatial`` (None: the last ``axes`` dims, the usual channels-first layout)."""
     return tuple(range(rank - axes, rank)) if spatial is None else spatial
 
 
-def permuted_spatial(node: fx.Node, spatial: tuple[int, int] | None, rank: int):
-    """For ``x.permute(dims)`` that keeps the batch dim first: the new (H, W) dims, or None for the
-    usual last two. ``False`` if the node is not such a permute."""
+def _permutation(node: fx.Node, rank: int) -> tuple[int, ...] | None:
+    """The dims of a permute, or of a transpose of two dims (``transpose``/``swapaxes``/``.mT``), as
+    one permutation of ``range(rank)``; None for any other node or non-constant dims."""
     if node.op == "call_method" and node.target == "permute":
         args = node.args[1:]
+        dims = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
     elif node.op == "call_function" and node.target in PERMUTE_FUNCTIONS:
-        args = node.args[1:] or (node.kwargs.get("dims"),)
+        dims = tuple(node.args[1] if len(node.args) > 1 else node.kwargs.get("dims", ()))
+    elif node.op == "call_function" and node.target is getattr and node.args[1:] == ("mT",):
+        dims = (*range(rank - 2), rank - 1, rank - 2)
     else:
-        return False
-    dims = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
+        if node.op == "call_method" and node.target in TRANSPOSE_METHODS:
+            pair = node.args[1:]
+        elif node.op == "call_function" and node.target in TRANSPOSE_FUNCTIONS:
+            pair = node.args[1:]
+        else:
+            return None
+        if len(pair) != 2 or not all(isinstance(d, int) for d in pair):
+            return None
+        a, b = (d % rank for d in pair)
+        dims = list(range(rank))
+        dims[a], dims[b] = b, a
+        dims = tuple(dims)
     if len(dims) != rank or not all(isinstance(d, int) for d in dims):
-        return False
+        return None
     dims = tuple(d % rank for d in dims)
-    if dims[0] != 0 or sorted(dims) != list(range(rank)):
+    return dims if sorted(dims) == list(range(rank)) else None
+
+
+def permuted_spatial(node: fx.Node, spatial: tuple[int, ...] | None, rank: int, axes: int = 2):
+    """For a permute or transpose that keeps the batch dim first: the dims that now hold the
+    ``axes`` spatial axes (in order), or None for the usual last ones. ``False`` if the node is not
+    such a permute."""
+    dims = _permutation(node, rank)
+    if dims is None or dims[0] != 0:
         return False
-    h, w = spatial_dims(spatial, rank)
-    moved = (dims.index(h), dims.index(w))
-    return None if moved == (rank - 2, rank - 1) else moved
+    moved = tuple(dims.index(d) for d in spatial_dims(spatial, rank, axes))
+    return None if moved == tuple(range(rank - axes, rank)) else moved
 
 
 def acting_dims(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, ...] | None:

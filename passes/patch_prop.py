@@ -209,8 +209,8 @@ def channel_op(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
         return None
     source = ctx.changed[0]
     meta, shape = source.meta[META_KEY], shape_of(source)
-    if ctx.axes == 2 and shape is not None and len(shape) >= 4 and shape[0] == 1:
-        moved = permuted_spatial(node, meta.spatial, len(shape))
+    if shape is not None and len(shape) >= ctx.axes + 2 and shape[0] == 1:
+        moved = permuted_spatial(node, meta.spatial, len(shape), ctx.axes)
         if moved is not False:
             return NodePatch(State.PATCH, "channel", box=meta.box, spatial=moved)
     piece_of_split = meta.role == "channel" and shape is None

@@ -441,26 +441,27 @@ class GroupNormStep(nn.Module):
 
 class ProjectStep(nn.Module):
     """Projection to full: paint the changes into N copies of the base (docs/design.md §2.6). A
-    channels-last map (``spatial``: its (H, W) dims) has them moved to the end for the kernel and back."""
+    channels-last map (``spatial``: its spatial dims) has them moved to the end for the kernel and back."""
 
-    def __init__(self, backend: str = "torch", spatial: tuple[int, int] | None = None):
+    def __init__(self, backend: str = "torch", spatial: tuple[int, ...] | None = None):
         super().__init__()
         self.backend = backend
         self.spatial = spatial
 
     def forward(self, base: torch.Tensor, patches: Patches) -> torch.Tensor:
         values = patches.values  # [N, *channel dims, *box]: channel dims flatten to one for the kernel
-        if self.spatial is not None:  # the base has no batch dim: its (H, W) dims are one lower
-            values = values.movedim(self.spatial, (-2, -1))
-            base = base.movedim(tuple(d - 1 for d in self.spatial), (-2, -1))
         axes = patches.origin.shape[1]
+        tail = tuple(range(-axes, 0))
+        if self.spatial is not None:  # the base has no batch dim: its spatial dims are one lower
+            values = values.movedim(self.spatial, tail)
+            base = base.movedim(tuple(d - 1 for d in self.spatial), tail)
         full = kernels.project_to_full(
             self.backend,
             base.reshape(-1, *base.shape[-axes:]),
             values.reshape(values.shape[0], -1, *values.shape[-axes:]),
             patches.origin,
         ).view(values.shape[0], *base.shape)
-        return full if self.spatial is None else full.movedim((-2, -1), self.spatial)
+        return full if self.spatial is None else full.movedim(tail, self.spatial)
 
 
 class DensePoolStep(nn.Module):

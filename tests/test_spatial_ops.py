@@ -406,6 +406,9 @@ def _nchw(y):
 
 CHANNELS_LAST = {
     "ConvNeXt block": lambda s, y: _nchw(s.linear(s.norm(_nhwc(y))).relu()) + y,
+    "ConvNeXt block by transpose(1, 3)": lambda s, y: (
+        s.linear(s.norm(y.transpose(1, 3))).relu().transpose(1, 3) + y
+    ),
     "positional embedding [H, W, C]": lambda s, y: _nchw(_nhwc(y) + s.pos),
     "Linear over W": lambda s, y: s.over_w(y),
     "Linear over H after a permute": lambda s, y: s.over_h(y.permute(0, 3, 1, 2)),
@@ -421,6 +424,45 @@ CHANNELS_LAST = {
 @pytest.mark.parametrize("name", CHANNELS_LAST)
 def test_channels_last_regions_are_exact(name):
     assert_exact(ChannelsLast(CHANNELS_LAST[name]))
+
+
+class ChannelsLastND(nn.Module):
+    """The ConvNeXt block on a signal or a volume: to channels-last by ``permute``, ``transpose`` or
+    ``.mT``, LayerNorm and Linear over channels, and back; then a conv, so the box must come back
+    to where it was."""
+
+    def __init__(self, axes: int, to_last, to_first):
+        super().__init__()
+        conv = {1: nn.Conv1d, 3: nn.Conv3d}[axes]
+        self.conv, self.after = conv(2, 4, 3, padding=1), conv(4, 3, 3, padding=1)
+        self.norm, self.linear = nn.LayerNorm(4), nn.Linear(4, 4)
+        self.to_last, self.to_first = to_last, to_first
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = self.to_first(self.linear(self.norm(self.to_last(y))).relu()) + y
+        return self.after(y).flatten(1)
+
+
+ND_CHANNELS_LAST = {
+    "signal, permute": (1, lambda y: y.permute(0, 2, 1), lambda y: y.permute(0, 2, 1)),
+    "signal, transpose": (1, lambda y: y.transpose(1, 2), lambda y: y.transpose(-1, -2)),
+    "signal, mT": (1, lambda y: y.mT, lambda y: y.mT),
+    "signal, swapaxes": (1, lambda y: torch.swapaxes(y, 1, 2), lambda y: y.swapdims(2, 1)),
+    "volume, permute": (3, lambda y: y.permute(0, 2, 3, 4, 1), lambda y: y.permute(0, 4, 1, 2, 3)),
+    "volume, W and C swapped": (3, lambda y: y.transpose(1, 4), lambda y: y.transpose(1, 4)),
+}
+
+
+@pytest.mark.parametrize("name", ND_CHANNELS_LAST)
+def test_channels_last_blocks_of_signals_and_volumes_are_exact_and_incremental(name):
+    axes, to_last, to_first = ND_CHANNELS_LAST[name]
+    shape, patch = (
+        ((2, 12), kfx.Patch(3, stride=1, fill=0.5)) if axes == 1 else ((2, 4, 5, 6), kfx.Patch(2, fill=0.5))
+    )
+    engine = assert_exact(ChannelsLastND(axes, to_last, to_first), shape, patch)
+    # incremental through the block, the conv after it, up to the flatten of the tail
+    assert [node.node for node in engine.dense_nodes] == ["flatten"]
 
 
 class PerChannelOnChannelsLast(nn.Module):
