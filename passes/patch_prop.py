@@ -203,8 +203,9 @@ def _query_is_batch_free(node: fx.Node) -> bool:
 
 def channel_op(node: fx.Node, ctx: ClassifyContext) -> NodePatch | None:
     """A reshape/transpose/chunk/split that moves channels only (channel shuffle, branch splits), a
-    getitem picking one of its pieces, or a permute keeping the batch first (to channels-last and
-    back, §2.9): the spatial box is unchanged, though a permute moves the dims that hold it."""
+    getitem picking one of its pieces, or a permute or transpose keeping the batch first (to
+    channels-last and back, any rank, §2.9): the spatial box is unchanged, though a permute moves the
+    dims that hold it."""
     if not changes_first_arg(node, ctx):
         return None
     source = ctx.changed[0]
