@@ -32,6 +32,7 @@ __all__ = [
 PERMUTE_FUNCTIONS = (torch.permute,)
 TRANSPOSE_FUNCTIONS = (torch.transpose, torch.swapaxes, torch.swapdims)
 TRANSPOSE_METHODS = ("transpose", "swapaxes", "swapdims")
+_TRANSPOSE_KEYWORDS = ("dim0", "dim1", "axis0", "axis1")  # transpose/swapdims, swapaxes
 
 
 def spatial_dims(spatial: tuple[int, ...] | None, rank: int, axes: int = 2) -> tuple[int, ...]:
@@ -51,12 +52,12 @@ def _permutation(node: fx.Node, rank: int) -> tuple[int, ...] | None:
     elif node.op == "call_function" and node.target is getattr and node.args[1:] == ("mT",):
         dims = (*range(rank - 2), rank - 1, rank - 2)
     else:
-        if node.op == "call_method" and node.target in TRANSPOSE_METHODS:
-            pair = node.args[1:]
-        elif node.op == "call_function" and node.target in TRANSPOSE_FUNCTIONS:
-            pair = node.args[1:]
-        else:
+        transposes = (node.op == "call_method" and node.target in TRANSPOSE_METHODS) or (
+            node.op == "call_function" and node.target in TRANSPOSE_FUNCTIONS
+        )
+        if not transposes:
             return None
+        pair = (*node.args[1:], *(node.kwargs[k] for k in _TRANSPOSE_KEYWORDS if k in node.kwargs))
         if len(pair) != 2 or not all(isinstance(d, int) for d in pair):
             return None
         a, b = (d % rank for d in pair)

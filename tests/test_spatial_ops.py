@@ -449,6 +449,7 @@ ND_CHANNELS_LAST = {
     "signal, transpose": (1, lambda y: y.transpose(1, 2), lambda y: y.transpose(-1, -2)),
     "signal, mT": (1, lambda y: y.mT, lambda y: y.mT),
     "signal, swapaxes": (1, lambda y: torch.swapaxes(y, 1, 2), lambda y: y.swapdims(2, 1)),
+    "signal, keywords": (1, lambda y: y.transpose(1, dim1=2), lambda y: torch.transpose(y, dim0=2, dim1=1)),
     "volume, permute": (3, lambda y: y.permute(0, 2, 3, 4, 1), lambda y: y.permute(0, 4, 1, 2, 3)),
     "volume, W and C swapped": (3, lambda y: y.transpose(1, 4), lambda y: y.transpose(1, 4)),
 }
