@@ -1,10 +1,11 @@
 """Max- and sum-pooling of read-in windows as one strided slice per kernel tap, one axis at a time.
 
 torch's CPU pooling kernels for contiguous (N, C, ...) tensors loop over every output's whole window
-and, for max-pooling, also compute indices: on our 2-core CPU they ran 2.8-10x slower than combining the kernel's taps as whole strided slices, one spatial axis after the other
-(benchmarks/results/window_pooling.md). Incremental steps pool many small windows, and Inception's
-3x3 stride-1 average pools alone took a sixth of its incremental program's time, so the CPU path
-pools this way. The results are the same: a max is exact in any order, and a window's sum differs
+and, for max-pooling, also compute indices: on our 2-core CPU they ran 2.8-10x slower than
+combining the kernel's taps as whole strided slices, one spatial axis after the other
+(benchmarks/results/window_pooling.md). Incremental steps pool many small windows, and
+Inception's 3x3 stride-1 average pools alone took a sixth of its incremental program's time, so
+the CPU path pools this way. The results are the same: a max is exact in any order, and a window's sum differs
 from torch's only in the order of its additions (float rounding). Other devices keep torch's
 kernels (cuDNN's pools are fast, and one launch per tap would cost more than it saves there).
 """
@@ -47,9 +48,7 @@ def _taps(x: torch.Tensor, dim: int, kernel: int, stride: int, dilation: int) ->
     of ``x``); None when the axis is shorter than the kernel's extent (no output)."""
     if x.shape[dim] < effective_kernel(kernel, dilation):
         return None
-    outputs = conv_output_size(x.shape[dim], kernel, stride, dilation=dilation)
-    if outputs < 1:
-        return None
+    outputs = conv_output_size(x.shape[dim], kernel, stride, dilation=dilation)  # >= 1 here
     span = stride * (outputs - 1) + 1
     index = [slice(None)] * x.dim()
     taps = []

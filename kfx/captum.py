@@ -64,7 +64,7 @@ from kfx.common import DEFAULT_BATCH_SIZE, model_dtype_device, progress_bar
 from kfx.dropin import NotAccelerated, NotAcceleratedWarning, fall_back, weights_version
 from kfx.engine import Engine, compile
 from kfx.errors import InputError, KfxError, ModelError, PatchError
-from kfx.fills import Baseline, PositionalFill, windows
+from kfx.fills import Baseline, PositionalFill
 from kfx.geometry import captum_heatmap_size
 from kfx.passes.trace import require_eval_module
 from kfx.patch import Patch
@@ -222,7 +222,7 @@ class _ExampleBaseline(PositionalFill):
         object.__setattr__(self, "_current", contextvars.ContextVar("kfx_captum_baseline"))
 
     @contextlib.contextmanager
-    def showing(self, baseline: torch.Tensor | None) -> Iterator[None]:
+    def showing(self, baseline: Baseline | None) -> Iterator[None]:
         token = self._current.set(baseline)
         try:
             yield
@@ -235,7 +235,7 @@ class _ExampleBaseline(PositionalFill):
             raise InputError(
                 "this engine shows the baseline kfx.captum.Occlusion sets per example; use it there"
             )
-        return windows(baseline.to(dtype=image.dtype, device=image.device), positions, size)
+        return baseline.content(image, positions, size)
 
     def name(self) -> str:
         return "the example's baseline"
@@ -478,7 +478,7 @@ class Occlusion:
             for i in range(n):
                 drops = torch.zeros(len(windows.rows), len(windows.cols), dtype=torch.float64)
                 fill = plan.fills[i]
-                baseline = fill.baseline if isinstance(fill, Baseline) else None
+                baseline = fill if isinstance(fill, Baseline) else None
                 if baseline is not None:  # one engine for all examples, each showing its own baseline
                     fill = self._example_baseline
                 for size, cells in groups.items():
